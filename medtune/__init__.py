@@ -1,0 +1,23 @@
+"""medtune: QLoRA fine-tuning of Llama 4 (and small Llama-architecture models) on medical reasoning.
+
+The notebooks in ``notebooks/`` tell the walkthrough's story; this package holds the logic they call.
+Modules, one per stage: ``config`` (run settings), ``runs`` (the run directory), ``auth``, ``modeling``
+(quantized load), ``hardware`` (GPU check), ``data`` (prompt templates, held-out split), ``train`` (LoRA SFT),
+``evaluate``, ``hub`` (push), ``pipeline`` (headless papermill runs), ``llama4`` (what is Llama 4 specific) and
+``compat`` (every workaround for a library bug, in one place).
+"""
+
+import os as _os
+import warnings as _warnings
+
+__version__ = "0.1.0"
+
+# Progress bars: live in JupyterLab they are text bars (no ipywidgets, so the executed copy shows text too, not a
+# widget placeholder). In headless runs (the pipeline sets MEDTUNE_HEADLESS=1) the libraries' per-file bars would
+# leave hundreds of lines in the report, so they are switched off there; medtune's own bars and the Trainer's
+# progress table remain.
+_warnings.filterwarnings("ignore", message="IProgress not found")
+if _os.environ.get("MEDTUNE_HEADLESS") == "1":
+    _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    _os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    _os.environ.setdefault("TQDM_MININTERVAL", "30")

@@ -1,0 +1,159 @@
+"""Workarounds for library bugs, all in one place. Each names the versions it was seen with and how to tell it is
+no longer needed (tests/test_compat.py holds a test per workaround that fails once upstream fixes the bug).
+
+TRL 1.16 ``SFTTrainer`` + Llama 4 (seen 2026-11-29 with transformers 5.23.0, trl 1.16.0)
+=========================================================================================
+``SFTTrainer`` patches the model with ``trl.trainer.utils.add_fused_lm_head``: its forward runs
+``model.base_model(...)``, reads ``.last_hidden_state`` and projects it through the LM head in tiles. Two
+assumptions in that path do not hold for Llama 4:
+
+(a) ``model.base_model`` is the decoder backbone. transformers' ``PreTrainedModel.base_model`` is
+    ``getattr(self, self.base_model_prefix, self)``. ``Llama4ForCausalLM.base_model_prefix`` is
+    ``"language_model"`` (so that it loads the text weights out of the multimodal checkpoint's
+    ``language_model.*`` keys) while its backbone attribute is ``model``; ``Llama4ForConditionalGeneration``'s
+    prefix is ``"model"`` but it has no such attribute (every other transformers 5 VLM has a ``XModel`` there that
+    merges image features and runs the decoder). Both fall back to the model itself, whose output has logits and
+    no ``last_hidden_state`` -> ``AttributeError: 'MoeCausalLMOutputWithPast' object has no attribute
+    'last_hidden_state'`` (``Llama4CausalLMOutputWithPast`` for the multimodal class) at the first step.
+    Fix, per model instance: give ``base_model`` the backbone the convention expects (the text decoder for
+    ``Llama4ForCausalLM``; for ``Llama4ForConditionalGeneration`` a small callable that does the model's own
+    image-feature merge and then runs the text decoder). The class attribute is left alone, so loading is
+    unchanged.
+(b) ``config.num_experts``. TRL's MoE load-balancing loss (on by default: Llama 4's config has
+    ``router_aux_loss_coef=0.001``) reads ``text_config.num_experts``; Llama 4 calls it ``num_local_experts`` and,
+    unlike Mixtral's config, declares no ``attribute_map`` alias -> ``AttributeError: 'Llama4TextConfig' object
+    has no attribute 'num_experts'``. Fix: add the alias Mixtral already has (``num_experts`` ->
+    ``num_local_experts``) to ``Llama4TextConfig.attribute_map``. Class-wide, read-only alias, nothing is
+    serialized.
+
+Upstream: no issue or PR for either Llama 4 case was found (searched the GitHub issues corpus, 2026-11-29).
+TRL's own code carries the same ``num_experts`` workaround for GPT-OSS (trl issue #5754), which is how (b) was
+recognised.
+
+Note on the loss: with (b) fixed, TRL adds Mixtral's softmax load-balancing loss x 0.001 to the SFT loss of a
+Llama 4 model (whose router is a sigmoid top-1). transformers' own ``Llama4ForCausalLM.forward`` adds no
+auxiliary loss, nor did the walkthrough's trainer. Pass ``SFTConfig(router_aux_loss_coef=0.0)`` to train on the
+language-model loss alone.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llama4TextConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_llama4_trl_fixes", "Llama4MultimodalBackbone"]
+
+# Llama4TextConfig.attribute_map as transformers ships it, kept so that tests can show the bug without the fix.
+ORIGINAL_LLAMA4_TEXT_ATTRIBUTE_MAP: dict[str, str] = dict(Llama4TextConfig.attribute_map)
+_BACKBONE_ATTR = "_medtune_backbone"
+
+
+class Llama4MultimodalBackbone:
+    """What ``Llama4ForConditionalGeneration.base_model`` should be: the multimodal backbone without the LM head.
+
+    Calling it does what ``Llama4ForConditionalGeneration.forward`` does before its LM head (transformers 5.23,
+    modeling_llama4.py): embed ``input_ids``, encode ``pixel_values`` with the vision tower, project them and
+    scatter them into the image-placeholder positions, then run the text decoder (``language_model.model``).
+
+    It is deliberately not an ``nn.Module``: it owns no weights (it holds a reference to the model), so it adds
+    nothing to ``state_dict``, ``parameters()`` or ``modules()``.
+
+    Returns (from ``__call__``): ``MoeModelOutputWithPast`` with ``last_hidden_state`` (batch, seq, hidden) in the
+    model's dtype, and ``router_logits`` when called with ``output_router_logits=True``.
+
+    Raises:
+        ValueError: neither or both of ``input_ids`` and ``inputs_embeds`` given; image features and image tokens
+            do not match (raised by transformers' ``get_placeholder_mask``).
+    """
+
+    _tp_plan = None  # read by PreTrainedModel.supports_tp_plan through base_model
+    _pp_plan = None
+
+    def __init__(self, model: Llama4ForConditionalGeneration):
+        self.model = model
+
+    def get_image_features(self, *args, **kwargs):
+        """The model's own ``get_image_features`` (generation looks it up on ``base_model``)."""
+        return self.model.get_image_features(*args, **kwargs)
+
+    def get_decoder(self):
+        """The text decoder, ``language_model.model`` (a ``Llama4TextModel``)."""
+        return self.model.language_model.model
+
+    def get_input_embeddings(self):
+        """The token embedding of the text decoder."""
+        return self.model.get_input_embeddings()
+
+    def __call__(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_encoder_outputs: dict | None = None,
+        vision_feature_select_strategy: str | None = None,  # accepted and ignored, like the model's forward
+        **kwargs,
+    ):
+        model = self.model
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = model.get_input_embeddings()(input_ids)
+        image = (mm_encoder_outputs or {}).get("image")
+        if image is None and pixel_values is not None:
+            image = model.get_image_features(pixel_values=pixel_values, return_dict=True)
+        if image is not None:
+            features = image.last_hidden_state
+            projected = model.multi_modal_projector(features.view(-1, features.size(-1)))
+            projected = projected.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = model.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=projected)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, projected)
+        for key in ("output_attentions", "output_hidden_states", "return_dict"):
+            if kwargs.get(key) is None:
+                kwargs.pop(key, None)
+        return model.language_model.model(inputs_embeds=inputs_embeds, **kwargs)
+
+    forward = __call__
+
+
+def _unwrap(model):
+    """The transformers model under PEFT / accelerate wrappers."""
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return getattr(model, "module", model)  # DDP
+
+
+def apply_llama4_trl_fixes(model):
+    """Make a Llama 4 model train under TRL 1.16 ``SFTTrainer`` (fixes (a) and (b) of this module's docstring).
+
+    Call it before ``SFTTrainer(...)`` (or any time before ``train()``). Idempotent; a no-op (one log line) for
+    models that are not Llama 4.
+
+    Args:
+        model: ``Llama4ForCausalLM`` or ``Llama4ForConditionalGeneration``, bare or wrapped by PEFT.
+
+    Returns:
+        The same ``model`` object.
+
+    Effects: (a) on the model instance only: ``Llama4ForCausalLM`` gets ``base_model_prefix = "model"`` (so
+    ``base_model`` is its ``Llama4TextModel``); ``Llama4ForConditionalGeneration`` gets a
+    :class:`Llama4MultimodalBackbone` as ``base_model``. (b) process-wide: ``Llama4TextConfig.attribute_map``
+    gains ``num_experts -> num_local_experts``.
+    """
+    inner = _unwrap(model)
+    if not isinstance(inner, (Llama4ForCausalLM, Llama4ForConditionalGeneration)):
+        logger.info("apply_llama4_trl_fixes: %s is not a Llama 4 model; nothing to do", type(inner).__name__)
+        return model
+    if "num_experts" not in Llama4TextConfig.attribute_map:
+        Llama4TextConfig.attribute_map = {**Llama4TextConfig.attribute_map, "num_experts": "num_local_experts"}
+    if isinstance(inner, Llama4ForCausalLM):
+        inner.base_model_prefix = "model"
+    else:
+        if not isinstance(getattr(inner, _BACKBONE_ATTR, None), Llama4MultimodalBackbone):
+            # A plain attribute, not a registered submodule: no weights, nothing in state_dict.
+            object.__setattr__(inner, _BACKBONE_ATTR, Llama4MultimodalBackbone(inner))
+        inner.base_model_prefix = _BACKBONE_ATTR
+    return model

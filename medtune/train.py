@@ -1,0 +1,135 @@
+"""LoRA SFT (the walkthrough's step 05): PEFT LoRA on the 4-bit model, trained with TRL's SFTTrainer.
+
+The walkthrough's arguments live in the profile's ``lora`` and ``sft`` sections and go to ``LoraConfig`` and
+``SFTConfig`` unchanged. What this module adds: CPU fallbacks for CUDA-only options, resuming from the run's last
+checkpoint, the Llama 4 fixes from :mod:`medtune.compat`, and the figures users pay for (tokens/s, peak GiB).
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from medtune import config as _config
+from medtune import data as _data
+
+GIB = 2**30
+
+
+def _derived_args(cfg: _config.RunConfig, model) -> dict:
+    """SFTConfig values that depend on the machine: CUDA-only optimizers and bf16 fall back on CPU, with a note."""
+    extra = {}
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if on_cpu:
+        extra["use_cpu"] = True
+        optim = str(cfg.sft.get("optim", ""))
+        if optim.startswith("paged_"):
+            extra["optim"] = "adamw_torch"
+            print(f"note: optim '{optim}' needs CUDA (bitsandbytes paged optimizer); using 'adamw_torch' on CPU.")
+    return extra
+
+
+def last_checkpoint(run) -> str | None:
+    """The newest ``checkpoint-N`` folder of the run, or None (fresh start)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = run.checkpoints_dir
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def build_trainer(cfg: _config.RunConfig, run, model, tokenizer):
+    """An SFTTrainer over the run's formatted training data, with LoRA from ``cfg.lora``.
+
+    Returns:
+        :class:`trl.SFTTrainer`; the model inside is the PEFT-wrapped model.
+
+    Raises:
+        FileNotFoundError: notebook 03 has not written the training data. ConfigError: bad sft/lora settings.
+    """
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from medtune import compat
+
+    train_pairs, _ = _data.read_split(run)
+    dataset = Dataset.from_list([{"prompt": p["prompt"], "completion": p["completion"]} for p in train_pairs])
+    args = _config.sft_config(cfg, run.checkpoints_dir, **_derived_args(cfg, model))
+    compat.apply_llama4_trl_fixes(model)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=_config.lora_config(cfg)
+    )
+    return trainer
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts of a PEFT model (4-bit weights counted unpacked)."""
+    trainable, total = model.get_nb_trainable_parameters()
+    return int(trainable), int(total)
+
+
+def train(trainer, run) -> dict:
+    """Train (resuming from the run's last checkpoint if there is one), save adapter, tokenizer and log.
+
+    Returns:
+        ``{"train_loss", "steps", "epochs", "runtime_s", "tokens", "tokens_per_s", "peak_gib", "resumed_from",
+        "trainable_params"}``. ``tokens`` counts the non-padding tokens seen in training (all epochs);
+        ``peak_gib`` is ``torch.cuda.max_memory_allocated`` summed over GPUs, or the process's peak resident
+        memory on CPU (``ru_maxrss``).
+    """
+    resume = last_checkpoint(run)
+    if resume:
+        print(f"resuming from {resume}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    runtime = time.perf_counter() - start
+    trainer.save_model(str(run.adapter_dir))
+    trainer.processing_class.save_pretrained(str(run.adapter_dir))
+    history = trainer.state.log_history
+    run.train_log_path.write_text(json.dumps(history, indent=2), encoding="utf-8")
+    epochs = float(trainer.state.epoch or 0)
+    tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
+    tokens = int(tokens_per_epoch * epochs)
+    if torch.cuda.is_available():
+        peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / GIB
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024) / GIB
+    trainable, _ = trainable_parameters(trainer.model)
+    return {
+        "train_loss": float(result.training_loss),
+        "steps": int(trainer.state.global_step),
+        "epochs": epochs,
+        "runtime_s": round(runtime, 1),
+        "tokens": tokens,
+        "tokens_per_s": round(tokens / runtime, 1) if runtime > 0 else None,
+        "peak_gib": round(peak, 2),
+        "resumed_from": Path(resume).name if resume else None,
+        "trainable_params": trainable,
+    }
+
+
+def loss_curve(run):
+    """Plot the training loss from ``train_log.json`` and save it to ``loss_curve.png``; returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    history = json.loads(run.train_log_path.read_text(encoding="utf-8"))
+    points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    if points:
+        ax.plot(*zip(*points), marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("LoRA SFT training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run.loss_curve_path, dpi=120)
+    return fig
