@@ -13,6 +13,7 @@ Model sources (``RunConfig.model``):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -129,12 +130,15 @@ def device_map(cfg: _config.RunConfig):
     return "auto"
 
 
-def is_llama4(model_path: str, revision: str | None = None) -> bool:
-    """True when the checkpoint's config is a Llama 4 model (``model_type`` llama4 or llama4_text)."""
+def _model_type(model_path: str, revision: str | None = None) -> str:
     from transformers import AutoConfig
 
-    conf = AutoConfig.from_pretrained(model_path, revision=revision, token=_token())
-    return getattr(conf, "model_type", "").startswith("llama4")
+    return getattr(AutoConfig.from_pretrained(model_path, revision=revision, token=_token()), "model_type", "")
+
+
+def is_llama4(model_path: str, revision: str | None = None) -> bool:
+    """True when the checkpoint's config is a Llama 4 model (``model_type`` llama4 or llama4_text)."""
+    return _model_type(model_path, revision).startswith("llama4")
 
 
 def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
@@ -159,15 +163,15 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
     tokenizer = load_tokenizer(path, cfg.model_revision)
     bnb = _config.bnb_config(cfg)
     dtype = bnb.bnb_4bit_compute_dtype if bnb is not None and bnb.bnb_4bit_compute_dtype else torch.bfloat16
-    if is_llama4(path, cfg.model_revision):
-        from medtune import llama4
-
-        model = llama4.load_llama4_qlora(
-            path, bnb, device=device_map(cfg), sparse_moe=cfg.llama4_fast, quantize_experts=cfg.llama4_fast,
-            torch_dtype=dtype,
-        )
-    else:
-        model = AutoModelForCausalLM.from_pretrained(
+    if is_llama4(path, cfg.model_revision) and cfg.llama4_fast:
+        model = _load_llama4_fast(cfg, path, bnb, dtype)
+    else:  # every other model, and Llama 4 on the walkthrough's path (llama4_fast: false)
+        # Scout's checkpoint is multimodal: load it with the class the walkthrough uses, as the fast path does,
+        # so adapters from both paths have the same keys (AutoModelForCausalLM would pick Llama4ForCausalLM).
+        cls = AutoModelForCausalLM
+        if _model_type(path, cfg.model_revision) == "llama4":
+            from transformers import Llama4ForConditionalGeneration as cls
+        model = cls.from_pretrained(
             path, quantization_config=bnb, device_map=device_map(cfg), dtype=dtype, revision=cfg.model_revision,
             token=_token(),
         )
@@ -179,6 +183,37 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return model, tokenizer
+
+
+def nf4_experts_cache(cfg: _config.RunConfig, double_quant: bool) -> Path:
+    """Folder of the NF4 routed experts quantized from ``cfg.model`` (one per model, revision and double_quant)."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", f"{cfg.model}@{cfg.model_revision or 'main'}")
+    return cache_dir() / "nf4-experts" / f"{name}-dq{int(double_quant)}"
+
+
+def _load_llama4_fast(cfg: _config.RunConfig, path: str, bnb, dtype):
+    """Llama 4 with NF4 routed experts and sparse dispatch on one device (:func:`medtune.llama4.load_llama4_qlora`).
+
+    The first load quantizes the routed experts from the bf16 shards, one tensor at a time on the device, and saves
+    them under :func:`nf4_experts_cache`; later loads (notebooks 04-06, later runs) read them from there.
+    """
+    from medtune import llama4
+
+    dmap = device_map(cfg)
+    device = "cpu" if dmap == {"": "cpu"} else "cuda"
+    double_quant = bool(bnb is not None and bnb.bnb_4bit_use_double_quant)
+    cached = nf4_experts_cache(cfg, double_quant) / llama4.EXPERTS_FILE
+    model = llama4.load_llama4_qlora(
+        path, bnb, device=device, sparse_moe=True, quantize_experts=True, double_quant=double_quant,
+        torch_dtype=dtype, experts_file=cached if cached.is_file() else None,
+    )
+    if not cached.is_file():
+        tmp = llama4.save_quantized(model, cached.parent.with_name(cached.parent.name + f".partial-{os.getpid()}"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp.replace(cached)
+        shutil.rmtree(tmp.parent, ignore_errors=True)
+        print(f"NF4 routed experts saved for reuse: {cached}")
+    return model
 
 
 def quantization_report(model) -> dict:

@@ -1,0 +1,872 @@
+"""What is Llama 4 specific: sparse top-k expert dispatch, NF4 routed experts, and a loader that fits Scout on one GPU.
+
+Why (../shared/notes/FIELD-NOTES.md, measured on one H200):
+
+- transformers' ``Llama4TextMoe.forward`` runs every token through all 16 routed experts and zeroes the
+  unselected ones: with Scout's top-1 routing, 15/16 of the expert FLOPs are wasted (51.8 ms vs 7.6 ms per
+  layer's expert block, forward + backward, 4,096 tokens). :class:`Llama4SparseMoe` sends each token only
+  through its top-k experts; same function, same gradients.
+- The routed experts are fused 3-D ``nn.Parameter``s (``gate_up_proj`` (E, H, 2I), ``down_proj`` (E, I, H)), not
+  ``nn.Linear``, so bitsandbytes' 4-bit loading leaves them in bf16: ~96.6B of Scout's ~109B parameters,
+  3.75 GiB per decoder layer (bitsandbytes issue #1849). :class:`Llama4NF4Experts` stores them packed NF4 with
+  bitsandbytes' own ``quantize_4bit`` (0.94 GiB per layer) and dequantizes one expert at a time, just in time.
+- :func:`load_llama4_qlora` loads a checkpoint in the Scout layout with the walkthrough's ``BitsAndBytesConfig``
+  for every ``nn.Linear`` while the routed experts never exist in bf16 on the GPU as a whole: transformers loads
+  everything else; the expert tensors are then read one at a time from the safetensors shards and quantized.
+
+Routing math (transformers 5.23 ``modeling_llama4.py``, ``Llama4Router`` and ``Llama4TextMoe``): router logits
+``x @ W_r^T`` (T, E); top-k logits per token; score = sigmoid(top-k logit) (computed in fp32, cast back); the
+expert's *input* is scaled by the score, ``expert_e(x * s_e)``; outputs summed over the selected experts and added
+to the shared expert's output. The MoE returns ``(out (T, H), router_logits (T, E))``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from transformers import Llama4TextConfig
+from transformers.activations import ACT2FN
+from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block; the same as BitsAndBytesConfig's
+NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantized absmax (functional.quantize_4bit)
+EXPERTS_FILE = "experts-nf4.safetensors"
+ROUTED_EXPERT_PARAMETERS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
+
+# Llama 4 Scout (meta-llama/Llama-4-Scout-17B-16E-Instruct) text model, as in FIELD-NOTES.md.
+SCOUT_TEXT_DIMS = dict(
+    vocab_size=202048,
+    hidden_size=5120,
+    intermediate_size=8192,
+    intermediate_size_mlp=16384,
+    num_hidden_layers=48,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    head_dim=128,
+    num_local_experts=16,
+    num_experts_per_tok=1,
+    interleave_moe_layer_step=1,
+)
+
+__all__ = [
+    "Llama4NF4Experts",
+    "Llama4SparseExperts",
+    "Llama4SparseMoe",
+    "check_lora_config",
+    "is_llama4",
+    "load_llama4_qlora",
+    "prepare_llama4_for_qlora",
+    "prepare_moe",
+    "save_quantized",
+    "scout_text_config",
+    "weights_gib",
+]
+
+
+def scout_text_config(**overrides) -> Llama4TextConfig:
+    """Llama 4 Scout's text config (dimensions in ``SCOUT_TEXT_DIMS``), with ``overrides`` applied.
+
+    Used by the benchmark (Scout-shaped random models) and by tests (tiny models: pass small dims).
+    """
+    return Llama4TextConfig(**{**SCOUT_TEXT_DIMS, **overrides})
+
+
+def _unwrap(model):
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
+    return model
+
+
+def is_llama4(model_or_config) -> bool:
+    """True for a Llama 4 model (bare or PEFT-wrapped) or config (``model_type`` llama4 or llama4_text)."""
+    config = getattr(_unwrap(model_or_config), "config", model_or_config)
+    return getattr(config, "model_type", None) in ("llama4", "llama4_text")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sparse dispatch
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def _host_counts(counts: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    """``counts`` as a tuple of Python ints (a device tensor costs one host sync here)."""
+    return tuple(int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts))
+
+
+def _offsets(counts: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """End row of each expert's group, (E,) int32 on ``device``, as ``torch._grouped_mm``'s ``offs`` wants.
+    From a device tensor: no host sync."""
+    if isinstance(counts, torch.Tensor):
+        return counts.to(device).cumsum(0, dtype=torch.int32)
+    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+class Llama4SparseExperts(Llama4TextExperts):
+    """transformers' ``Llama4TextExperts`` (same parameters, same state_dict) that also runs sparsely.
+
+    ``forward(x)`` is transformers' dense forward. ``forward(x, counts)`` takes the routed tokens sorted by expert,
+    x (N, H), and ``counts`` (E ints, sum N; a Python sequence or an (E,) integer tensor, e.g. on the GPU): rows
+    ``[sum(counts[:e]), sum(counts[:e+1]))`` go through expert e only. Returns (N, H) in x's dtype. Experts with 0
+    tokens are skipped. On CUDA with bf16 (sm90+) it uses ``torch._grouped_mm`` (one kernel per projection; a
+    tensor ``counts`` then costs no host sync), elsewhere a per-expert loop. Plain autograd: gradients reach the
+    weights too, so PEFT ``target_parameters`` LoRA on ``gate_up_proj`` / ``down_proj`` works.
+
+    Raises:
+        ValueError: ``len(counts) != num_experts``, or (sequence ``counts``) ``sum(counts) != x.shape[0]``.
+    """
+
+    use_grouped_mm = True
+
+    def forward(self, hidden_states: torch.Tensor, counts: Sequence[int] | torch.Tensor | None = None) -> torch.Tensor:
+        if counts is None:
+            return super().forward(hidden_states)
+        _check_counts(hidden_states, counts, self.num_experts)
+        gate_up, down = self.gate_up_proj, self.down_proj  # read once: PEFT parametrizations return W + dW
+        if self.use_grouped_mm and _grouped_mm_ok(hidden_states) and gate_up.dtype == torch.bfloat16:
+            offs = _offsets(counts, hidden_states.device)
+            gu = torch._grouped_mm(hidden_states, gate_up, offs=offs)
+            g, u = gu.chunk(2, dim=-1)
+            return torch._grouped_mm(self.act_fn(g) * u, down, offs=offs)
+        outs, start = [], 0
+        for e, n in enumerate(_host_counts(counts)):
+            if n:
+                g, u = (hidden_states[start : start + n] @ gate_up[e]).chunk(2, dim=-1)
+                outs.append((self.act_fn(g) * u) @ down[e])
+                start += n
+        return torch.cat(outs) if outs else hidden_states.new_zeros(0, self.hidden_size)
+
+
+def _check_counts(x: torch.Tensor, counts: Sequence[int] | torch.Tensor, num_experts: int) -> None:
+    """Validate routing counts. A tensor is checked for its length only (its sum would cost a host sync)."""
+    if isinstance(counts, torch.Tensor):
+        ok = counts.shape == (num_experts,)
+    else:
+        ok = len(counts) == num_experts and sum(counts) == x.shape[0]
+    if not ok:
+        shown = tuple(counts.shape) if isinstance(counts, torch.Tensor) else list(counts)
+        raise ValueError(f"counts must hold {num_experts} token counts summing to {x.shape[0]} rows, got {shown}")
+
+
+def _in_checkpoint_recompute() -> bool:
+    """True while ``torch.utils.checkpoint`` (non-reentrant) re-runs a forward to rebuild saved tensors.
+
+    Read from the innermost saved-tensor hooks, which that recompute pushes (``_recomputation_hook``, torch 2.x);
+    False when unknown (other torch internals, reentrant checkpoint, other hooks on top), which is always safe.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    try:
+        hooks = top(False) if top is not None else None
+    except Exception:  # noqa: BLE001 - a torch internal; any failure means "don't know"
+        return False
+    return hooks is not None and getattr(hooks[0], "__qualname__", "").startswith("_recomputation_hook.")
+
+
+def _note_layer_checkpointing(layer: nn.Module, args) -> None:
+    """Forward pre-hook on a decoder layer: tell its :class:`Llama4SparseMoe` whether this call is checkpointed
+    layer by layer (transformers ``GradientCheckpointingLayer``: ``gradient_checkpointing`` and training)."""
+    moe = getattr(layer, "feed_forward", None)
+    if isinstance(moe, Llama4SparseMoe):
+        moe._layer_checkpointed = bool(getattr(layer, "gradient_checkpointing", False) and layer.training)
+
+
+class Llama4SparseMoe(Llama4TextMoe):
+    """transformers' ``Llama4TextMoe`` (same submodules, same state_dict) with top-k sparse dispatch.
+
+    forward(hidden_states (..., H)) -> (out (T, H), router_logits (T, E)), T = tokens, exactly the contract of
+    ``Llama4TextMoe.forward``. The router module is called as in transformers, so ``output_router_logits``
+    capture keeps working. Tokens are sorted by expert and the experts module is called as ``experts(x, counts)``
+    with ``counts`` an (E,) int64 tensor on x's device (see :class:`Llama4SparseExperts` /
+    :class:`Llama4NF4Experts`); a PEFT ``ParamWrapper`` around it passes the extra argument through. No host
+    sync on the GPU path (``torch.bincount`` would sync, hence ``scatter_add_``). Equal to the dense forward up
+    to floating-point summation order (top_k > 1).
+
+    Gradient checkpointing: with NF4 experts, when transformers checkpoints the enclosing decoder layer on its
+    own (``gradient_checkpointing_enable``, non-reentrant) and ``skip_recompute`` is True, the recompute that
+    precedes the layer's backward does not run the routed experts: their output only feeds
+    ``index_add`` and the residual add, which save nothing of it, and their backward
+    (:class:`_NF4ExpertsFunction`) needs only their input, which is still saved. Saves one NF4 dequantization
+    and the expert forward matmuls per layer and step; gradients are unchanged (tests/test_llama4.py).
+    The decoder-layer flag is set by a forward pre-hook that :func:`prepare_llama4_for_qlora` registers;
+    without it (MoE used on its own) the recompute runs in full.
+    """
+
+    skip_recompute = True
+    _layer_checkpointed = False
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = hidden_states.reshape(-1, self.hidden_dim)
+        router_scores, router_logits = self.router(x)  # (T, E) sigmoid scores, 0 where not selected; (T, E)
+        top_idx = torch.topk(router_logits, self.top_k, dim=1).indices  # (T, k), as Llama4Router selects
+        top_scores = router_scores.gather(1, top_idx)  # (T, k): gradient reaches the router like the dense path
+        flat = top_idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        token = order // self.top_k  # (T*k,) source token of each sorted row
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))  # (E,) tokens per expert, stays on the device
+        routed_in = x[token] * top_scores.reshape(-1, 1)[order]  # expert input scaled by its score
+        if isinstance(self.experts, Llama4NF4Experts):
+            skip = self.skip_recompute and self._layer_checkpointed and _in_checkpoint_recompute()
+            routed_out = self.experts(routed_in, counts, output_needed=not skip)
+        else:
+            routed_out = self.experts(routed_in, counts)
+        out = self.shared_expert(x)
+        return out.index_add(0, token, routed_out.to(out.dtype)), router_logits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NF4 routed experts
+# --------------------------------------------------------------------------------------------------------------
+
+_NF4_CODE: dict[torch.device, torch.Tensor] = {}
+
+
+def _nf4_code(device: torch.device) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    if device not in _NF4_CODE:
+        _NF4_CODE[device] = bnbf.get_4bit_type("nf4", device=device)
+    return _NF4_CODE[device]
+
+
+_TRITON_DEQUANT = {}  # the compiled kernel, built on first use
+
+
+def _triton_nf4_kernel():
+    """Build (once) the Triton NF4 dequantize kernel, or return None when Triton is not importable."""
+    if "kernel" not in _TRITON_DEQUANT:
+        try:
+            import triton
+            import triton.language as tl
+        except ImportError:
+            _TRITON_DEQUANT["kernel"] = None
+            return None
+
+        @triton.jit
+        def nf4_dequantize(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes,
+                           BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr):
+            pid = tl.program_id(0).to(tl.int64)
+            offs = pid * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < n_bytes
+            byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(absmax_ptr + offs // BYTES_PER_ABSMAX, mask=mask, other=0.0)
+            hi = tl.load(code_ptr + (byte >> 4)) * scale  # element 2i: high nibble, as bitsandbytes packs
+            lo = tl.load(code_ptr + (byte & 15)) * scale  # element 2i + 1: low nibble
+            vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
+            out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+            tl.store(out_ptr + out_offs, vals, mask=out_offs < 2 * n_bytes)
+
+        _TRITON_DEQUANT["kernel"] = (nf4_dequantize, triton.cdiv)
+    return _TRITON_DEQUANT["kernel"]
+
+
+def _nf4_dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...],
+                           dtype: torch.dtype) -> torch.Tensor | None:
+    """NF4 -> ``dtype`` in one pass on the GPU: packed uint8 (n/2,) (two 4-bit codes per byte, high nibble first),
+    absmax float32 (n/64,), returns (``shape``) with n elements, or None when Triton is unavailable.
+
+    Same arithmetic as bitsandbytes' CUDA ``kDequantizeBlockwise`` for NF4 (float32 ``code[q] * absmax``, rounded
+    to ``dtype`` once), so the result is bit-identical (checked on the GPU by scripts/device/perf_moe.py); it
+    exists because that kernel reaches ~2.2 TB/s on an H200 on these sizes, this one closer to the copy bandwidth.
+    """
+    built = _triton_nf4_kernel()
+    if built is None:
+        return None
+    kernel, cdiv = built
+    out = torch.empty(shape, dtype=dtype, device=packed.device)
+    n_bytes, block = packed.numel(), 2048
+    kernel[(cdiv(n_bytes, block),)](packed, absmax, _nf4_code(packed.device), out, n_bytes, BLOCK=block,
+                                    BYTES_PER_ABSMAX=NF4_BLOCKSIZE // 2, num_warps=8)
+    return out
+
+
+class _NF4ExpertsFunction(torch.autograd.Function):
+    """Routed experts on NF4 weights, forward and backward w.r.t. the input; the weights are frozen.
+
+    apply(x (N, H) compute dtype, experts, counts (E,) int tensor or E ints, compute: bool) -> (N, H).
+    Saves only the (sorted, score-scaled) input x. Forward: dequantize all experts' gate_up (one bitsandbytes call
+    per group of ``experts.dequant_group`` experts), project, free it; then down likewise. Backward dequantizes
+    again (down first, then gate_up, so at most one projection of one group is alive) and recomputes the gate/up
+    projection: no dequantized weight and no (N, 2I) activation outlives the call. ``compute=False`` (checkpoint
+    recompute, see :class:`Llama4SparseMoe`) saves x and returns zeros without touching the weights.
+    Gradient formulas: y = (act(g) * u) @ W2, [g|u] = x @ W1 ->
+    da = dy @ W2^T; dg = act'(g) * u * da; du = act(g) * da; dx = [dg|du] @ W1^T.
+    """
+
+    @staticmethod
+    def forward(ctx, x, experts, counts, compute):
+        ctx.save_for_backward(x)
+        ctx.experts, ctx.counts = experts, counts
+        if not compute:
+            return x.new_zeros(x.shape[0], experts.hidden_size)
+        parts = []
+        for rows, group, mm in experts._groups(x, counts):
+            g, u = mm(x[rows], experts.dequantize_experts("gate_up", *group)).chunk(2, dim=-1)
+            h = experts.act_fn(g) * u
+            del g, u
+            parts.append((rows, mm(h, experts.dequantize_experts("down", *group))))
+        return _assemble(parts, lambda: x.new_zeros(x.shape[0], experts.hidden_size))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        experts = ctx.experts
+        dy = grad_out.to(x.dtype)
+        parts = []
+        for rows, group, mm in experts._groups(x, ctx.counts):
+            da = mm(dy[rows], experts.dequantize_experts("down", *group).transpose(-2, -1))
+            w1 = experts.dequantize_experts("gate_up", *group)
+            g, u = mm(x[rows], w1).chunk(2, dim=-1)
+            with torch.enable_grad():
+                g = g.detach().requires_grad_(True)
+                a = experts.act_fn(g)
+                (dg,) = torch.autograd.grad(a, g, da * u)
+            dgu = torch.cat([dg, da * a.detach()], dim=-1)
+            del g, u, a, da, dg
+            parts.append((rows, mm(dgu, w1.transpose(-2, -1))))
+            del w1, dgu
+        return _assemble(parts, lambda: torch.zeros_like(x)), None, None, None
+
+
+def _assemble(parts: list[tuple[slice, torch.Tensor]], zeros) -> torch.Tensor:
+    """One (N, H) tensor from per-group row blocks: a single block of all rows as it is (no copy), else the
+    blocks written into ``zeros()`` (rows of groups without tokens stay 0)."""
+    if len(parts) == 1 and parts[0][0] == slice(None):
+        return parts[0][1]
+    out = zeros()
+    for rows, block in parts:
+        out[rows] = block
+    return out
+
+
+def _loop_mm(counts: Sequence[int]):
+    """(rows sorted by expert (n, K), weights (G, K, M)) -> (n, M): expert i of the group takes counts[i] rows."""
+
+    def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        outs, start = [], 0
+        for i, n in enumerate(counts):
+            if n:
+                outs.append(a[start : start + n] @ w[i])
+                start += n
+        return torch.cat(outs) if outs else a.new_zeros(0, w.shape[-1])
+
+    return mm
+
+
+class Llama4NF4Experts(nn.Module):
+    """Llama 4 routed experts stored as packed NF4, one bitsandbytes 4-bit tensor per expert and projection.
+
+    Replaces ``Llama4TextExperts`` (``gate_up_proj`` (E, H, 2I), ``down_proj`` (E, I, H)). Each expert's matrix is
+    quantized with ``bitsandbytes.functional.quantize_4bit(W_e, blocksize=64, quant_type="nf4",
+    compress_statistics=double_quant)``. Since every expert matrix is a whole number of 64-weight blocks, the
+    packed data and absmax of consecutive experts are one valid NF4 tensor, so ``forward`` dequantizes
+    ``dequant_group`` experts (default: all) with ONE ``dequantize_4bit`` call per projection, just in time, and
+    frees the result right after use; the backward re-dequantizes (:class:`_NF4ExpertsFunction`). On CUDA with bf16
+    (sm90+) the experts' matmuls are ``torch._grouped_mm`` over the sorted tokens (no host sync when ``counts`` is a
+    device tensor and ``dequant_group`` covers all experts); elsewhere (CPU, fp32) a per-expert loop.
+    Transient memory: one projection of ``dequant_group`` experts in ``compute_dtype`` (Scout, all 16: gate_up
+    2.5 GiB, down 1.25 GiB, never both at once) plus the (N, 2I) activations.
+    The weights are frozen (no LoRA on them: see :func:`check_lora_config`). Works on CPU and CUDA
+    (bitsandbytes 0.50.2).
+
+    Buffers per projection ``p`` in {gate_up, down} (n = elements per expert matrix, b = n / 64):
+    ``p_packed`` uint8 (E, n/2); ``p_absmax`` float32 (E, b), or with double quant uint8 (E, b) plus
+    ``p_absmax2`` float32 (E, ceil(b/256)) and ``p_offset`` float32 (E,); with double quant also ``dq_code``
+    float32 (256,), bitsandbytes' 8-bit dynamic map. Size: ~0.5 byte per weight + 4 bytes per 64 weights
+    (0.56 bytes/weight; 0.94 GiB per Scout layer vs 3.75 GiB bf16).
+
+    forward(x (N, H), counts (E ints, or an (E,) integer tensor) | None, output_needed=True) -> (N, H) in x's
+    dtype, computed in ``compute_dtype``. ``counts`` as in :class:`Llama4SparseExperts`; None means transformers'
+    dense layout (N = E * T, every token through every expert). ``output_needed=False`` (used by
+    :class:`Llama4SparseMoe` inside a gradient-checkpoint recompute) returns zeros but keeps what backward needs.
+    """
+
+    dequant_group: int | None = None  # experts per dequantize call; None = all (fewest calls, most memory)
+    triton_dequant: bool = os.environ.get("MEDTUNE_NF4_TRITON", "1") != "0"  # CUDA: Triton kernel, else bitsandbytes
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        hidden_act: str = "silu",
+        *,
+        double_quant: bool = False,
+        compute_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.expert_dim = intermediate_size
+        self.hidden_act = hidden_act
+        self.act_fn = ACT2FN[hidden_act]
+        self.double_quant = double_quant
+        self.compute_dtype = compute_dtype
+        self.shapes = {"gate_up": (hidden_size, 2 * intermediate_size), "down": (intermediate_size, hidden_size)}
+        for name, (k, n_out) in self.shapes.items():
+            n = k * n_out
+            if n % NF4_BLOCKSIZE:
+                raise ValueError(f"{name}: {k}x{n_out} is not a multiple of the NF4 block ({NF4_BLOCKSIZE})")
+            blocks = n // NF4_BLOCKSIZE
+            self.register_buffer(f"{name}_packed", torch.empty(num_experts, n // 2, dtype=torch.uint8, device=device))
+            absmax_dtype = torch.uint8 if double_quant else torch.float32
+            self.register_buffer(f"{name}_absmax", torch.empty(num_experts, blocks, dtype=absmax_dtype, device=device))
+            if double_quant:
+                nested = math.ceil(blocks / NESTED_BLOCKSIZE)
+                self.register_buffer(f"{name}_absmax2", torch.empty(num_experts, nested, device=device))
+                self.register_buffer(f"{name}_offset", torch.empty(num_experts, device=device))
+        if double_quant:
+            self.register_buffer("dq_code", torch.empty(256, device=device))
+
+    @classmethod
+    def from_experts(
+        cls, experts: Llama4TextExperts, *, double_quant: bool = False, compute_dtype: torch.dtype = torch.bfloat16
+    ) -> Llama4NF4Experts:
+        """Quantize a transformers ``Llama4TextExperts`` (on its own device) into a new module."""
+        gate_up = experts.gate_up_proj
+        num_experts, hidden, two_i = gate_up.shape
+        act = next((k for k, v in ACT2FN.items() if type(v) is type(experts.act_fn)), "silu")
+        module = cls(num_experts, hidden, two_i // 2, act, double_quant=double_quant, compute_dtype=compute_dtype,
+                     device=gate_up.device)
+        module.quantize_("gate_up", gate_up.detach())
+        module.quantize_("down", experts.down_proj.detach())
+        return module
+
+    @torch.no_grad()
+    def quantize_(self, name: str, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` (E, K, N) float, any device, into projection ``name``'s buffers (on their device).
+
+        Each expert is moved to the buffers' device and quantized there, one at a time, so the transient memory
+        is one expert matrix.
+
+        Raises:
+            ValueError: ``name`` unknown or ``weight``'s shape is not (E, K, N) of this module.
+        """
+        import bitsandbytes.functional as bnbf
+
+        expected = (self.num_experts, *self.shapes.get(name, (-1, -1)))
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"{name}: expected a weight of shape {expected}, got {tuple(weight.shape)}")
+        packed = getattr(self, f"{name}_packed")
+        for e in range(self.num_experts):
+            w = weight[e].to(packed.device)
+            if w.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                w = w.float()
+            q, state = bnbf.quantize_4bit(
+                w, blocksize=NF4_BLOCKSIZE, compress_statistics=self.double_quant, quant_type="nf4"
+            )
+            packed[e].copy_(q.reshape(-1))
+            getattr(self, f"{name}_absmax")[e].copy_(state.absmax.reshape(-1))
+            if self.double_quant:
+                getattr(self, f"{name}_absmax2")[e].copy_(state.state2.absmax.reshape(-1))
+                getattr(self, f"{name}_offset")[e].copy_(state.offset)
+                self.dq_code.copy_(state.state2.code)
+
+    def _absmax(self, name: str, e0: int, e1: int) -> torch.Tensor:
+        """float32 absmax of experts [e0, e1) of projection ``name``, flat (G * b,), as bitsandbytes computes it
+        for each expert's own QuantState (double quant: ``dequantize_blockwise(absmax, state2) + offset``)."""
+        absmax = getattr(self, f"{name}_absmax")[e0:e1]
+        if not self.double_quant:
+            return absmax.reshape(-1)
+        import bitsandbytes.functional as bnbf
+
+        absmax2 = getattr(self, f"{name}_absmax2")[e0:e1]
+        offset = getattr(self, f"{name}_offset")[e0:e1]
+
+        def nested(a, a2):
+            state2 = bnbf.QuantState(absmax=a2.reshape(-1), code=self.dq_code, blocksize=NESTED_BLOCKSIZE,
+                                     dtype=torch.float32)
+            return bnbf.dequantize_blockwise(a.reshape(-1), quant_state=state2)
+
+        blocks = absmax.shape[1]
+        if blocks % NESTED_BLOCKSIZE == 0:  # nested blocks never straddle two experts: one call for the group
+            full = nested(absmax, absmax2).view(e1 - e0, blocks)
+        else:
+            full = torch.stack([nested(absmax[i], absmax2[i]) for i in range(e1 - e0)])
+        return (full + offset[:, None]).reshape(-1)
+
+    def dequantize_experts(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Experts [start, stop) (default all) of projection ``name`` in ``compute_dtype``, from ONE bitsandbytes
+        ``dequantize_4bit`` call (on CUDA in bf16/fp16 with ``triton_dequant``: one call of the equivalent Triton
+        kernel, :func:`_nf4_dequantize_triton`): (G, H, 2I) for gate_up, (G, I, H) for down, G = stop - start.
+        Bit-identical to dequantizing each expert with its own QuantState (tests/test_llama4.py; Triton: on the
+        GPU, scripts/device/perf_moe.py)."""
+        import bitsandbytes.functional as bnbf
+
+        stop = self.num_experts if stop is None else stop
+        packed = getattr(self, f"{name}_packed")[start:stop]
+        shape = (stop - start, *self.shapes[name])
+        if self.triton_dequant and packed.is_cuda and self.compute_dtype in (torch.bfloat16, torch.float16):
+            out = _nf4_dequantize_triton(packed.reshape(-1), self._absmax(name, start, stop).contiguous(), shape,
+                                         self.compute_dtype)
+            if out is not None:
+                return out
+        state = bnbf.QuantState(
+            absmax=self._absmax(name, start, stop), shape=torch.Size((stop - start, *self.shapes[name])),
+            code=_nf4_code(packed.device), blocksize=NF4_BLOCKSIZE, quant_type="nf4", dtype=self.compute_dtype,
+        )
+        return bnbf.dequantize_4bit(packed.reshape(-1, 1), quant_state=state)
+
+    def dequantize(self, name: str, e: int) -> torch.Tensor:
+        """Expert ``e``'s ``name`` matrix, (H, 2I) for gate_up or (I, H) for down, in ``compute_dtype``."""
+        return self.dequantize_experts(name, e, e + 1)[0]
+
+    def dequantized_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All experts dequantized: (gate_up (E, H, 2I), down (E, I, H)) in ``compute_dtype``. For tests/export."""
+        return self.dequantize_experts("gate_up"), self.dequantize_experts("down")
+
+    def _groups(self, x: torch.Tensor, counts: Sequence[int] | torch.Tensor):
+        """Yield (rows, (e0, e1), mm) per group of ``dequant_group`` experts that has tokens: ``x[rows]`` are the
+        group's rows; ``mm(a (n, K), w (G, K, M)) -> (n, M)`` multiplies each expert's rows by its matrix
+        (``torch._grouped_mm`` on CUDA bf16 sm90+, else a loop). One group of all experts on the grouped path
+        needs no host copy of ``counts``; anything else reads them once (one sync for a device tensor)."""
+        num = self.num_experts
+        size = min(self.dequant_group or num, num)
+        grouped = _grouped_mm_ok(x)
+        if grouped and size >= num:
+            offs = _offsets(counts, x.device)
+            yield slice(None), (0, num), lambda a, w: torch._grouped_mm(a, w, offs=offs)
+            return
+        host = _host_counts(counts)
+        ends = torch.tensor(host).cumsum(0).tolist()
+        starts = [0, *ends[:-1]]
+        offs = _offsets(counts, x.device) if grouped else None
+        for e0 in range(0, num, size):
+            e1 = min(num, e0 + size)
+            r0, r1 = starts[e0], ends[e1 - 1]
+            if r1 == r0:
+                continue
+            if grouped:
+                local = offs[e0:e1] - r0
+                mm = lambda a, w, local=local: torch._grouped_mm(a, w, offs=local)  # noqa: E731
+            else:
+                mm = _loop_mm(host[e0:e1])
+            yield slice(r0, r1), (e0, e1), mm
+
+    def forward(
+        self, hidden_states: torch.Tensor, counts: Sequence[int] | torch.Tensor | None = None, output_needed: bool = True
+    ) -> torch.Tensor:
+        if counts is None:  # transformers' dense layout: (E * T, H), T tokens per expert
+            counts = [hidden_states.shape[0] // self.num_experts] * self.num_experts
+        _check_counts(hidden_states, counts, self.num_experts)
+        if not isinstance(counts, torch.Tensor):
+            counts = tuple(int(c) for c in counts)
+        x = hidden_states.to(self.compute_dtype).contiguous()
+        return _NF4ExpertsFunction.apply(x, self, counts, bool(output_needed)).to(hidden_states.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
+                f"intermediate_size={self.intermediate_size}, nf4, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _moe_modules(model) -> list[tuple[str, Llama4TextMoe]]:
+    return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, Llama4TextMoe)]
+
+
+def prepare_llama4_for_qlora(
+    model,
+    *,
+    sparse_moe: bool = True,
+    quantize_experts: bool = True,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+):
+    """Make a Llama 4 model fit one GPU and train fast, in place; returns ``model``.
+
+    Args:
+        model: a Llama 4 model (``Llama4ForConditionalGeneration``, ``Llama4ForCausalLM``, ``Llama4TextModel``),
+            its ``nn.Linear`` layers possibly already bitsandbytes 4-bit (the walkthrough's load). Call before PEFT.
+        sparse_moe: every ``Llama4TextMoe`` becomes :class:`Llama4SparseMoe` (top-k dispatch; same parameters).
+        quantize_experts: every routed-expert block becomes :class:`Llama4NF4Experts`, quantized on the device
+            where its weights are; the bf16 weights are freed. Otherwise, with ``sparse_moe``, experts become
+            :class:`Llama4SparseExperts` (same parameters).
+        double_quant: quantize the NF4 absmax statistics too (bitsandbytes ``compress_statistics``):
+            ~0.4 bits/weight less.
+        compute_dtype: dtype the NF4 experts are dequantized to and computed in.
+
+    Decoder layers whose MoE is sparse get a forward pre-hook that lets the MoE skip its NF4 routed experts in
+    the gradient-checkpoint recompute (:class:`Llama4SparseMoe`); calling this again on a prepared model only
+    adds what is missing. With both flags False the model is left exactly as transformers built it. A model that
+    is not Llama 4 is returned unchanged, with a log line saying so.
+    """
+    if not is_llama4(model):
+        logger.info("prepare_llama4_for_qlora: %s is not Llama 4; left unchanged", type(_unwrap(model)).__name__)
+        return model
+    for _, moe in _moe_modules(model):
+        prepare_moe(moe, sparse_moe=sparse_moe, quantize_experts=quantize_experts, double_quant=double_quant,
+                    compute_dtype=compute_dtype)
+    for layer in _unwrap(model).modules():
+        if isinstance(getattr(layer, "feed_forward", None), Llama4SparseMoe) and not getattr(
+            layer, "_medtune_checkpoint_hook", False
+        ):
+            layer.register_forward_pre_hook(_note_layer_checkpointing)  # see Llama4SparseMoe: skip_recompute
+            layer._medtune_checkpoint_hook = True
+    return model
+
+
+def prepare_moe(
+    moe: Llama4TextMoe,
+    *,
+    sparse_moe: bool = True,
+    quantize_experts: bool = True,
+    double_quant: bool = False,
+    compute_dtype: torch.dtype = torch.bfloat16,
+) -> Llama4TextMoe:
+    """:func:`prepare_llama4_for_qlora` for one ``Llama4TextMoe`` (e.g. a decoder layer built on its own)."""
+    if sparse_moe and not isinstance(moe, Llama4SparseMoe):
+        moe.__class__ = Llama4SparseMoe
+    experts = moe.experts
+    if quantize_experts and isinstance(experts, Llama4TextExperts):
+        moe.experts = Llama4NF4Experts.from_experts(experts, double_quant=double_quant, compute_dtype=compute_dtype)
+    elif sparse_moe and type(experts) is Llama4TextExperts:
+        experts.__class__ = Llama4SparseExperts
+    return moe
+
+
+def check_lora_config(model, lora_config) -> None:
+    """Refuse LoRA settings that cannot work on this model's routed experts, with the reason.
+
+    LoRA on the routed experts uses PEFT ``target_parameters`` (``ROUTED_EXPERT_PARAMETERS``), which wraps the
+    3-D ``nn.Parameter``s in a ``ParamWrapper`` that adds the low-rank delta to the weight through a
+    parametrization.
+
+    Raises:
+        ValueError: routed experts targeted with ``lora_dropout`` > 0 (PEFT's ParamWrapper cannot apply dropout:
+            the input cannot be factored out of the delta weight), or routed experts targeted while they are
+            NF4 (:class:`Llama4NF4Experts` holds packed uint8 buffers and no ``gate_up_proj``/``down_proj``
+            parameter to add a delta to; use ``quantize_experts=False``, i.e. bf16 experts + sparse dispatch).
+    """
+    targets = list(getattr(lora_config, "target_parameters", None) or [])
+    routed = [t for t in targets if any(t.endswith(p.split(".")[-1]) and "experts" in t for p in ROUTED_EXPERT_PARAMETERS)]
+    if not routed:
+        return
+    if getattr(lora_config, "lora_dropout", 0.0):
+        raise ValueError(
+            f"LoRA on the routed experts (target_parameters={routed}) needs lora_dropout=0 "
+            f"(got lora_dropout={lora_config.lora_dropout}): PEFT applies it as a weight delta, with no input to drop."
+        )
+    if any(isinstance(m, Llama4NF4Experts) for m in _unwrap(model).modules()):
+        raise ValueError(
+            f"LoRA on the routed experts (target_parameters={routed}) cannot work with NF4 experts: they are packed "
+            "4-bit uint8 buffers dequantized per expert inside forward, with no gate_up_proj/down_proj parameter for "
+            "PEFT to add a delta to. Prepare the model with quantize_experts=False (bf16 experts, sparse dispatch), "
+            "or target only nn.Linear modules (target_modules)."
+        )
+
+
+def weights_gib(module: nn.Module) -> float:
+    """Bytes of all parameters and buffers of ``module`` (bnb 4-bit weights counted packed), in GiB."""
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total / GIB
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading and saving
+# --------------------------------------------------------------------------------------------------------------
+
+_EXPERT_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.feed_forward\.experts\.(gate_up_proj|down_proj)$")
+
+
+class _ExpertsPlaceholder(nn.Module):
+    """Stands in for a layer's routed experts while transformers loads the rest: no parameters, so the expert
+    tensors of the checkpoint are skipped (reported as unexpected keys) and nothing is allocated for them."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("routed experts not loaded yet (load_llama4_qlora streams them after from_pretrained)")
+
+
+@contextmanager
+def _experts_deferred():
+    original = Llama4TextMoe.__init__
+
+    def init(self, config):
+        original(self, config)
+        self.experts = _ExpertsPlaceholder(config)
+
+    Llama4TextMoe.__init__ = init
+    try:
+        yield
+    finally:
+        Llama4TextMoe.__init__ = original
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if f.name != EXPERTS_FILE]
+    if not files:
+        raise FileNotFoundError(f"no safetensors checkpoint in {folder}")
+    return files
+
+
+def load_llama4_qlora(
+    path_or_id: str | Path,
+    bnb_config,
+    *,
+    device: str | torch.device = "cuda",
+    sparse_moe: bool = True,
+    quantize_experts: bool = True,
+    double_quant: bool = False,
+    torch_dtype: torch.dtype = torch.bfloat16,
+    model_class=None,
+    experts_file: str | Path | None = None,
+):
+    """Load a Llama 4 checkpoint for QLoRA on one device without holding its bf16 routed experts there.
+
+    transformers loads every tensor except the routed experts, with ``bnb_config`` (the walkthrough's
+    ``BitsAndBytesConfig``: its ``nn.Linear`` layers become bitsandbytes 4-bit) on ``device``. The routed
+    experts are then read one tensor at a time (one layer's ``gate_up_proj`` (E, H, 2I) or ``down_proj``) from the
+    safetensors shards and quantized to NF4 on ``device`` (:class:`Llama4NF4Experts`), or, with
+    ``quantize_experts=False``, kept as bf16 parameters. Peak extra memory while streaming: one such tensor.
+    If ``experts_file`` (default: ``<folder>/experts-nf4.safetensors`` when it exists and ``quantize_experts``)
+    holds experts saved by :func:`save_quantized` with the same ``double_quant``, they are loaded from it and
+    nothing is re-quantized.
+
+    Args:
+        path_or_id: a local folder or a Hub id in the Scout layout (``Llama4ForConditionalGeneration``
+            ``save_pretrained``: keys ``language_model.model.layers.N.feed_forward.experts.gate_up_proj``), or a
+            ``Llama4ForCausalLM`` folder (``model.layers.N...``).
+        bnb_config: ``transformers.BitsAndBytesConfig`` (or None for no 4-bit Linears).
+        device: where the model goes (``"cuda"``, ``"cuda:0"``, ``"cpu"``).
+        model_class: default ``Llama4ForConditionalGeneration`` for ``model_type == "llama4"``,
+            ``Llama4ForCausalLM`` for ``"llama4_text"``.
+
+    Returns:
+        The model (eval mode as from_pretrained leaves it), prepared as by :func:`prepare_llama4_for_qlora`.
+
+    Raises:
+        FileNotFoundError: no safetensors checkpoint in the folder.
+        ValueError: the config is not Llama 4; an expert tensor is missing from the checkpoint; ``experts_file``
+            was saved with another ``double_quant`` setting.
+    """
+    from huggingface_hub import snapshot_download
+    from safetensors import safe_open
+    from transformers import AutoConfig, Llama4ForCausalLM, Llama4ForConditionalGeneration
+
+    folder = Path(path_or_id)
+    if not folder.is_dir():
+        folder = Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.model"]))
+    config = AutoConfig.from_pretrained(folder)
+    if not is_llama4(config):
+        raise ValueError(f"{path_or_id}: model_type {config.model_type!r} is not Llama 4")
+    if model_class is None:
+        model_class = Llama4ForConditionalGeneration if config.model_type == "llama4" else Llama4ForCausalLM
+    device = torch.device(device)
+    kwargs = dict(dtype=torch_dtype, device_map={"": device})
+    if bnb_config is not None:
+        kwargs["quantization_config"] = bnb_config
+    with _experts_deferred():
+        model = model_class.from_pretrained(folder, **kwargs)
+
+    moes = {int(re.search(r"layers\.(\d+)\.", n).group(1)): m for n, m in _moe_modules(model)}
+    text_config = model.config.get_text_config()
+    if experts_file is None and quantize_experts and (folder / EXPERTS_FILE).is_file():
+        experts_file = folder / EXPERTS_FILE
+    for i, moe in moes.items():
+        if quantize_experts:
+            moe.experts = Llama4NF4Experts(
+                text_config.num_local_experts, text_config.hidden_size, text_config.intermediate_size,
+                text_config.hidden_act, double_quant=double_quant, compute_dtype=torch_dtype, device=device,
+            )
+        else:
+            with torch.device(device):
+                experts = Llama4TextExperts(text_config).to(torch_dtype)
+            experts.requires_grad_(False)
+            moe.experts = experts
+
+    if experts_file is not None and quantize_experts:
+        with safe_open(str(experts_file), framework="pt", device=str(device)) as f:
+            meta = f.metadata() or {}
+            if meta.get("double_quant") != str(double_quant):
+                raise ValueError(f"{experts_file} was saved with double_quant={meta.get('double_quant')}, "
+                                 f"asked for double_quant={double_quant}")
+            for i, moe in moes.items():
+                for name, buf in moe.experts.named_buffers():
+                    buf.copy_(f.get_tensor(f"layers.{i}.{name}"))
+    else:
+        found = set()
+        for file in _checkpoint_files(folder):
+            with safe_open(str(file), framework="pt", device=str(device)) as f:
+                for key in f.keys():
+                    match = _EXPERT_KEY.search(key)
+                    if not match or "vision" in key or int(match.group(1)) not in moes:
+                        continue
+                    i, proj = int(match.group(1)), match.group(2)
+                    tensor = f.get_tensor(key)
+                    experts = moes[i].experts
+                    if quantize_experts:
+                        experts.quantize_(proj.removesuffix("_proj"), tensor)
+                    else:
+                        with torch.no_grad():
+                            getattr(experts, proj).copy_(tensor)
+                    del tensor
+                    found.add((i, proj))
+        missing = {(i, p) for i in moes for p in ("gate_up_proj", "down_proj")} - found
+        if missing:
+            raise ValueError(f"routed-expert tensors missing from {folder}: {sorted(missing)[:4]}...")
+    return prepare_llama4_for_qlora(model, sparse_moe=sparse_moe, quantize_experts=False,
+                                    double_quant=double_quant, compute_dtype=torch_dtype)
+
+
+def save_quantized(model, folder: str | Path) -> Path:
+    """Write the model's NF4 routed experts to ``<folder>/experts-nf4.safetensors`` and return its path.
+
+    Keys ``layers.{i}.{buffer}`` (buffers of :class:`Llama4NF4Experts`), metadata ``double_quant``, ``blocksize``.
+    Next to a checkpoint folder, :func:`load_llama4_qlora` picks it up and skips re-quantizing the bf16 shards.
+
+    Raises:
+        ValueError: the model has no NF4 experts.
+    """
+    from safetensors.torch import save_file
+
+    tensors, dq = {}, None
+    for name, moe in _moe_modules(model):
+        if isinstance(moe.experts, Llama4NF4Experts):
+            i = int(re.search(r"layers\.(\d+)\.", name).group(1))
+            dq = moe.experts.double_quant
+            for bname, buf in moe.experts.named_buffers():
+                tensors[f"layers.{i}.{bname}"] = buf.detach().contiguous().cpu()
+    if not tensors:
+        raise ValueError("no NF4 routed experts in this model (prepare it with quantize_experts=True)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / EXPERTS_FILE
+    save_file(tensors, str(path), metadata={"double_quant": str(dq), "blocksize": str(NF4_BLOCKSIZE)})
+    return path
+
