@@ -3,8 +3,8 @@
 The notebooks in ``notebooks/`` tell the walkthrough's story; this package holds the logic they call.
 Modules, one per stage: ``config`` (run settings), ``runs`` (the run directory), ``auth``, ``modeling``
 (quantized load), ``hardware`` (GPU check), ``data`` (prompt templates, held-out split), ``train`` (LoRA SFT),
-``evaluate``, ``hub`` (push), ``pipeline`` (headless papermill runs), ``llama4`` (what is Llama 4 specific) and
-``compat`` (every workaround for a library bug, in one place).
+``evaluate``, ``hub`` (push, model card, merged export), ``sources`` (every Hub, mirror and ModelScope call),
+``pipeline`` (headless papermill runs), ``llama4`` (what is Llama 4 specific) and ``compat`` (every workaround for a library bug, in one place).
 """
 
 import os as _os

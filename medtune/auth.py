@@ -1,97 +1,87 @@
-"""Hub authentication (the walkthrough's step 00), without ever printing or writing the token.
+"""Access to the model and dataset sources (the walkthrough's step 00), without ever printing or writing a token.
 
-The token is read from the environment (``HF_TOKEN``, the variable huggingface_hub itself reads), never typed
-into a notebook. Only the account name and whether access was granted are shown and recorded.
+Tokens are read from the environment, never typed into a notebook: ``HF_TOKEN`` for the Hugging Face Hub and its
+mirrors (the variable huggingface_hub itself reads), ``MODELSCOPE_API_TOKEN`` for ModelScope. Only the account
+name, the endpoint and whether access was granted are shown and recorded. Every call goes through
+:mod:`medtune.sources`.
 """
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 from medtune import config as _config
+from medtune import sources as _sources
 
-TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+TOKEN_VARIABLES = _sources.TOKEN_VARIABLES["hub"]
 
-
-class AuthError(RuntimeError):
-    """Hub access is missing or refused; the message says what to do."""
+#: Raised when access is missing or refused; the message says what to do. Subclasses:
+#: :class:`medtune.sources.TokenError` (401 / token unset) and :class:`medtune.sources.AccessDenied` (403, gated).
+AuthError = _sources.AuthError
 
 
 def hub_token() -> str | None:
     """The Hub token from ``HF_TOKEN`` (or the older ``HUGGING_FACE_HUB_TOKEN``), or None. Never print it."""
-    for name in TOKEN_VARIABLES:
-        value = os.environ.get(name, "").strip()
-        if value:
-            return value
-    return None
+    return _sources.get_token("hub")
 
 
 def is_hub_id(source: str) -> bool:
-    """True for ``owner/name`` Hub ids; False for ``package:...`` sources and existing local paths."""
-    if source.startswith("package:") or Path(source).exists() or source.endswith((".jsonl", ".json")):
-        return False
-    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+    """True for ``owner/name`` repo ids; False for ``package:...`` sources, ``*.json(l)`` files and existing paths."""
+    return _sources.is_remote_id(source)
 
 
 def check_access(cfg: _config.RunConfig) -> dict:
-    """Check that the run can read what it needs from the Hub, before any large download.
+    """Check that the run can read what it needs, before any large download.
 
-    On a profile whose model and dataset are local (the embedded default) no Hub access is needed and this returns
-    at once. Otherwise: the token must be set, ``whoami`` must accept it, and the account must be able to read
-    the (gated) model, checked with :func:`huggingface_hub.auth_check`.
+    On a profile whose model and dataset are local (the embedded default) nothing is contacted and this returns at
+    once. Otherwise, for the model's source (``source``) and the dataset's (``dataset_source`` or ``source``):
+    the token, if set, must be accepted (``whoami``); the model must be readable by that account, or anonymously
+    when no token is set (a gated model needs the license accepted); its files are listed for their total size;
+    the dataset must be readable.
 
     Returns:
-        ``{"hub_needed": bool, "user": str | None, "model_access": bool | None, "endpoint": str}``; never the token.
+        ``{"hub_needed": bool (a remote source is used), "source", "endpoint", "user" (None: anonymous),
+        "model_access" (True, or None when the model is local), "model_files", "model_gb" (GB, 1e9 bytes, the
+        weights that will be downloaded), "dataset_access", "transfer"}``; never a token.
 
     Raises:
-        AuthError: token missing, rejected, or without access to the gated model (the message names the fix).
+        AuthError: token rejected, or no access to the gated model (the message names the fix).
+        medtune.sources.SourceError: not found, rate limited, network down (each message names the fix).
+        MissingExtra: ``source: modelscope`` without the SDK.
     """
-    from huggingface_hub import constants
-
-    endpoint = constants.ENDPOINT
-    needed = [s for s in (cfg.model, cfg.dataset) if is_hub_id(s)]
-    if not needed:
-        return {"hub_needed": False, "user": None, "model_access": None, "endpoint": endpoint}
-    token = hub_token()
-    if token is None:
-        raise AuthError(
-            "HF_TOKEN is not set. Create a read token at https://huggingface.co/settings/tokens, accept the model's "
-            f"license on its page ({needed[0]}), then `export HF_TOKEN=...` in the shell that starts "
-            "JupyterLab or `make run-all` (never paste it into a notebook)."
-        )
-    from huggingface_hub import HfApi, auth_check
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
-
-    try:
-        user = HfApi(token=token).whoami()["name"]
-    except HfHubHTTPError as err:
-        raise AuthError(f"the Hub at {endpoint} rejected HF_TOKEN ({_status(err)}): create a new token and export it again.") from None
-    access = None
-    if is_hub_id(cfg.model):
-        try:
-            auth_check(cfg.model, token=token)
-            access = True
-        except GatedRepoError:
-            raise AuthError(
-                f"account '{user}' has no access to the gated model {cfg.model}: open its page on the Hub, accept "
-                "the license, wait for approval (an e-mail), then run again."
-            ) from None
-        except RepositoryNotFoundError:
-            raise AuthError(f"model {cfg.model} not found on {endpoint} (or private): check the id in your profile.") from None
-    return {"hub_needed": True, "user": user, "model_access": access, "endpoint": endpoint}
-
-
-def _status(err) -> str:
-    response = getattr(err, "response", None)
-    return f"HTTP {response.status_code}" if response is not None else type(err).__name__
+    model_src, data_src = _sources.for_model(cfg), _sources.for_dataset(cfg)
+    first = model_src or data_src
+    status = {"hub_needed": first is not None, "source": cfg.source, "endpoint": None, "user": None,
+              "model_access": None, "model_files": None, "model_gb": None, "dataset_access": None, "transfer": None}
+    if first is None:
+        status["endpoint"] = _sources.hub_endpoint(cfg.hub_endpoint) if cfg.source == "hub" else None
+        return status
+    status["endpoint"], status["transfer"] = first.endpoint, _sources.transfer_backend(first.kind)
+    by_kind: dict = {}  # one Source per service, so the account name found by whoami is used in its messages
+    for src in (model_src, data_src):
+        if src is not None:
+            by_kind.setdefault(src.kind, src)
+    model_src = model_src and by_kind[model_src.kind]
+    data_src = data_src and by_kind[data_src.kind]
+    for src in by_kind.values():
+        src.whoami()
+    status["user"] = first.account
+    if model_src is not None:
+        model_src.check_read(cfg.model, "model", cfg.model_revision)
+        _, kept = _sources.select_model_files(model_src.files(cfg.model, "model", cfg.model_revision))
+        status.update(model_access=True, model_files=len(kept), model_gb=round(sum(kept.values()) / 1e9, 2))
+    if data_src is not None:
+        data_src.check_read(cfg.dataset, "dataset")
+        status["dataset_access"] = True
+    return status
 
 
 def show(status: dict) -> None:
-    """Print the result of :func:`check_access` in one or two lines (no token)."""
+    """Print the result of :func:`check_access` in a few lines (no token)."""
     if not status["hub_needed"]:
-        print("This profile's model and dataset are local: no Hub access is needed. OK")
+        print("This profile's model and dataset are local: no Hub or ModelScope access is needed. OK")
         return
-    print(f"Hub endpoint: {status['endpoint']}\nlogged in as: {status['user']}")
+    print(f"source: {status['source']}  endpoint: {status['endpoint']}  transfer: {status['transfer']}")
+    print(f"logged in as: {status['user']}" if status["user"] else "no token set: anonymous access (public repos only)")
     if status["model_access"]:
-        print("access to the gated model: granted. OK")
+        print(f"access to the model: granted. OK ({status['model_files']} files, {status['model_gb']:,.2f} GB to download)")
+    if status["dataset_access"]:
+        print("access to the dataset: granted. OK")

@@ -12,12 +12,14 @@ with sparse dispatch; the bf16 whole never exists. Embedding and LM head stay bf
 
 Setups:
 - ``walkthrough``: bnb 4-bit Linears, bf16 routed experts, transformers' dense dispatch.
-- ``medtune``: bnb 4-bit Linears, NF4 routed experts, sparse top-k dispatch.
+- ``medtune``: bnb 4-bit Linears, NF4 routed experts (one dequantize call per projection, grouped GEMM, skipped in the
+  checkpoint recompute: :mod:`medtune.llama4`), sparse top-k dispatch.
 Both: LoRA r=64, alpha=16, dropout 0 on q/k/v/o_proj + shared expert gate/up/down_proj (PEFT), gradient
 checkpointing, bf16 autocast, TRL's fused LM head and loss (what ``SFTTrainer`` runs), AdamW (torch, fused) on the
 LoRA parameters, one sequence of ``--tokens`` tokens per step.
 
-Measured: weights GiB per decoder layer; peak GiB (``torch.cuda.max_memory_allocated``); step time (median of
+Measured: weights GiB per decoder layer; peak GiB (``torch.cuda.max_memory_allocated``) and resident GiB after the
+last step (weights, LoRA parameters, optimizer state); step time (median of
 ``--steps`` after ``--warmup``), per layer from the ``--layers`` pair (t(L2) - t(L1)) / (L2 - L1), projected to 48
 layers as t(L1) + (48 - L1) * per-layer; tokens/s = tokens / step time. Then the full 48-layer medtune model
 (with and without double quant) at the largest ``--tokens``: peak GiB and tokens/s from real optimizer steps.

@@ -38,7 +38,12 @@ class RunConfig:
     dataset_config: str | None = None  # Hub dataset config; the walkthrough uses "en"
     dataset_split: str = "train"  # Hub dataset split
     max_rows: int | None = None  # use the first N rows of the dataset only (walkthrough: 500)
+    bad_rows: Literal["skip", "fail"] = "fail"  # rows that are unusable or longer than sft.max_length: stop (fail) or skip and list them
     language: Literal["en", "zh"] = "en"  # language of the prompt template
+    # --- where model and dataset ids are downloaded from (medtune.sources) ----------------------------------------
+    source: Literal["hub", "modelscope", "local"] = "hub"  # Hugging Face Hub (or hub_endpoint), ModelScope, or local paths only
+    dataset_source: Literal["hub", "modelscope", "local"] | None = None  # the dataset's source if it differs; null: source
+    hub_endpoint: str | None = None  # Hub mirror, e.g. https://hf-mirror.com; null: $HF_ENDPOINT or https://huggingface.co
     # --- held-out split ----------------------------------------------------------------------------------------
     heldout_rows: tuple[int, ...] = (0, 10)  # dataset rows always held out (the walkthrough's questions 0 and 10)
     heldout_size: int = 8  # total held-out examples (heldout_rows plus a seeded random sample); never trained on
@@ -46,7 +51,12 @@ class RunConfig:
     # --- generation and evaluation -------------------------------------------------------------------------------
     max_new_tokens: int = 1200  # tokens generated per answer in 04 and 06 (walkthrough: 1200)
     generation_batch_size: int = 4  # questions generated at once (left padding)
-    eval_batch_size: int = 4  # sequences per forward pass for held-out loss
+    eval_batch_size: int = 4  # sequences per forward pass for held-out loss (and benchmark log-likelihood)
+    eval_questions: int | None = None  # held-out questions answered in 04/06 (the first N held-out rows); null: all
+    # --- multiple-choice benchmarks in 04 and 06 (medtune.benchmarks) --------------------------------------------
+    benchmarks: dict = dataclasses.field(default_factory=dict)  # name -> source (JSONL, package:..., Hub id) or {source, config, split}
+    benchmark_limit: int | None = None  # first N items of each benchmark; null: all
+    benchmark_mode: Literal["loglik", "generate"] = "loglik"  # score option letters by log-likelihood, or generate and read the letter
     # --- training ------------------------------------------------------------------------------------------------
     loss_on: Literal["response", "text"] = "response"  # response-only loss, or the whole text (the walkthrough)
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: all visible GPUs if any, else CPU
@@ -59,6 +69,8 @@ class RunConfig:
     hub_repo_id: str | None = None  # where 07 pushes the adapter, e.g. "you/llama4-scout-medical-qlora"
     push: bool = False  # False: dry run, writes the folder that would be uploaded and lists it
     hub_private: bool = True  # create the Hub repo as private
+    push_to: Literal["hub", "modelscope"] = "hub"  # 07 uploads to the Hub (HF_TOKEN) or ModelScope (MODELSCOPE_API_TOKEN)
+    export_merged: bool = False  # 07: also save the LoRA merged into the bf16 base weights (<run>/merged/)
 
     def replace(self, **changes: Any) -> "RunConfig":
         """Return a validated copy with ``changes`` applied (``None`` values are ignored).
@@ -83,6 +95,7 @@ _LIBRARY_SECTIONS = ("quantization", "lora", "sft")
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (a YAML value) fits the annotation ``hint``; True for annotations it cannot judge."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
@@ -99,9 +112,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is dict:
+    if hint is dict or origin is dict:
         return isinstance(value, dict)
-    return isinstance(value, hint)
+    if origin is list:
+        return isinstance(value, list)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
 
 
 def _describe(hint: Any) -> str:
@@ -114,6 +131,20 @@ def _unknown(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, list(valid), n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+def _library_hints(section: str) -> dict[str, Any]:
+    """Type annotations of the library config's fields (SFTConfig, LoraConfig; BitsAndBytesConfig has none)."""
+    if section == "quantization":
+        return {}
+    if section == "lora":
+        from peft import LoraConfig as cls
+    else:
+        from trl import SFTConfig as cls
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: leave type checks to the library
+        return {}
 
 
 def _library_fields(section: str) -> set[str]:
@@ -155,14 +186,31 @@ def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
             )
     for section in _LIBRARY_SECTIONS:
         valid = _library_fields(section)
-        for key in data.get(section, {}) or {}:
+        hints = _library_hints(section)
+        for key, value in (data.get(section, {}) or {}).items():
             if key not in valid:
                 raise _unknown(key, valid, f"{source}: section '{section}'")
+            if key in hints and value is not None and not _type_ok(value, hints[key]):
+                fix = ""
+                if isinstance(value, str) and _is_number(value):
+                    fix = " (YAML reads 1e-4 as text: write 1.0e-4)" if "e" in value.lower() else " (remove the quotes)"
+                raise ConfigError(
+                    f"{source}: '{section}.{key}' must be {_describe(hints[key])}, got {value!r} "
+                    f"({type(value).__name__}){fix}."
+                )
     if "heldout_rows" in data:
         data = {**data, "heldout_rows": tuple(data["heldout_rows"])}
     cfg = RunConfig(**data)
     _check_values(cfg, source)
     return cfg
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
 
 
 def _check_values(cfg: RunConfig, source: str) -> None:
@@ -179,6 +227,62 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         )
     if any(r < 0 for r in cfg.heldout_rows):
         raise ConfigError(f"{source}: 'heldout_rows' must be row numbers >= 0, got {list(cfg.heldout_rows)}.")
+    if cfg.hub_endpoint is not None and not cfg.hub_endpoint.startswith(("https://", "http://")):
+        raise ConfigError(f"{source}: 'hub_endpoint' must be a URL like https://hf-mirror.com, got {cfg.hub_endpoint!r}.")
+    for key in ("eval_questions", "benchmark_limit"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1 (or null for all), got {getattr(cfg, key)}.")
+    _check_benchmarks(cfg.benchmarks, source)
+    _check_combinations(cfg, source)
+
+
+def _check_combinations(cfg: RunConfig, source: str) -> None:
+    """Settings that each make sense alone but cannot work together (checked at load, before any model).
+
+    LoRA on 3-D parameters (Llama 4's routed experts) goes through PEFT ``target_parameters``: PEFT's ``ParamWrapper``
+    adds the low-rank delta to the weight, so there is no input to apply dropout to (peft 0.21.2 raises
+    "does not work with lora_dropout != 0" when the model is wrapped, in 05). The NF4 experts of ``llama4_fast``
+    hold packed buffers with no parameter to wrap (:func:`medtune.llama4.check_lora_config`, FIELD-NOTES.md).
+
+    Raises:
+        ConfigError: naming the keys and the fix.
+    """
+    targets = cfg.lora.get("target_parameters") or []
+    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    if not targets:
+        return
+    dropout = cfg.lora.get("lora_dropout", 0.0)
+    if dropout:
+        what = "the routed experts" if any("experts" in t for t in targets) else "3-D parameters"
+        raise ConfigError(
+            f"{source}: 'lora.lora_dropout' is {dropout} but 'lora.target_parameters' puts LoRA on {what} "
+            f"({targets}); PEFT applies that LoRA as a weight delta, with no input to drop. Fix: set "
+            "lora_dropout: 0 in the lora section, or remove target_parameters."
+        )
+    llama4_experts = [t for t in targets if "feed_forward.experts" in t]  # Llama 4's names (ROUTED_EXPERT_PARAMETERS)
+    if llama4_experts and cfg.llama4_fast:
+        raise ConfigError(
+            f"{source}: 'lora.target_parameters' puts LoRA on Llama 4's routed experts ({llama4_experts}), but with "
+            "'llama4_fast: true' they are NF4-packed buffers with no weight parameter for PEFT to wrap. Fix: set "
+            "llama4_fast: false (bf16 experts: ~3x the GPU memory), or remove the experts from target_parameters."
+        )
+
+
+def _check_benchmarks(benchmarks: dict, source: str) -> None:
+    """Each ``benchmarks`` entry: a name usable in file names -> a source string or {source, config, split}."""
+    import re
+
+    for name, spec in benchmarks.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{source}: benchmark name {name!r} must be letters, digits, '_', '.' or '-' (e.g. medqa).")
+        ok = isinstance(spec, str) and spec.strip()
+        ok = ok or (isinstance(spec, dict) and isinstance(spec.get("source"), str)
+                    and set(spec) <= {"source", "config", "split"})
+        if not ok:
+            raise ConfigError(
+                f"{source}: benchmarks.{name} must be a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
+                f"{{source: ..., config: ..., split: ...}}, got {spec!r}."
+            )
 
 
 def load(path: str | Path, **overrides: Any) -> RunConfig:

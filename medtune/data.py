@@ -11,6 +11,7 @@ reasoning and the answer itself.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import random
@@ -93,84 +94,309 @@ def _package_path(spec: str) -> Path:
     return Path(list(found.submodule_search_locations)[0], *sub.split(".") if sub else (), rel)
 
 
-def validate_rows(rows: Iterable[dict], source: str) -> list[dict]:
-    """Check every row has the three schema fields as non-empty strings.
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and checking rows: bad rows are counted and reported by number, then skipped or fatal (bad_rows)
+# ----------------------------------------------------------------------------------------------------------------
 
-    Args:
-        rows: parsed rows, in file order.
-        source: name used in messages (file path or Hub id).
+BAD_ROW_POLICIES = ("skip", "fail")
+LISTED = 20  # bad rows spelled out in an error message (all of them are in the report)
+_MAGIC = {b"PAR1": "Parquet", b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"SQLite format": "SQLite", b"ARROW1": "Arrow"}
+_CONVERT = ("convert it to JSONL (one JSON object a line with Question, Complex_CoT, Response), e.g. with pandas: "
+            "pd.read_{kind}('{path}').to_json('rows.jsonl', orient='records', lines=True, force_ascii=False)")
 
-    Returns:
-        The rows as a list, each reduced to the three fields.
 
-    Raises:
-        DataError: names the source, the row number (1-based) and the missing/empty/non-string field.
+class Records:
+    """Rows as read from a file, each with its number: ``(number, value)`` pairs, in file order.
+
+    ``unit`` says what the number counts: "line" (1-based line of a JSONL file, blank lines included) or "row"
+    (1-based position in a JSON array or a Hub dataset). A line that is not JSON holds an :class:`Unreadable`.
+    Slicing keeps the numbers (``records[:max_rows]``).
     """
-    out = []
-    for i, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise DataError(f"{source} row {i}: expected a JSON object with {', '.join(FIELDS)}, got {type(row).__name__}.")
-        for field in FIELDS:
-            value = row.get(field)
-            if not isinstance(value, str) or not value.strip():
-                what = "missing" if field not in row else ("empty" if isinstance(value, str) else f"{type(value).__name__}, not a string")
-                raise DataError(f"{source} row {i}: field '{field}' is {what}. Every row needs {', '.join(FIELDS)} as text.")
-        out.append({f: row[f] for f in FIELDS})
-    return out
+
+    def __init__(self, items: list[tuple[int, object]], unit: str = "line"):
+        self.items, self.unit = list(items), unit
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __getitem__(self, key):
+        return Records(self.items[key], self.unit) if isinstance(key, slice) else self.items[key]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Parse a JSONL file (one JSON object per line; blank lines ignored).
+class Unreadable(str):
+    """Stands for a line that could not be parsed; the string is the reason."""
+
+
+@dataclasses.dataclass
+class RowReport:
+    """What checking a dataset found (filled in by :func:`validate_rows`).
+
+    Attributes:
+        source: the file or dataset id. unit: "line" or "row" (see :class:`Records`).
+        read: rows checked (after ``max_rows``), bad ones included.
+        bad: ``[(number, reason)]`` of every bad row, in file order.
+        kept: the 0-based dataset index (position among the rows read) of each row kept, in order.
+        policy: "skip" or "fail".
+    """
+
+    source: str = ""
+    unit: str = "line"
+    read: int = 0
+    bad: list = dataclasses.field(default_factory=list)
+    kept: list = dataclasses.field(default_factory=list)
+    policy: str = "fail"
+
+    def summary(self) -> dict:
+        """For metrics.json: ``{"policy", "read", "skipped", "skipped_rows": [{"line"|"row": n, "reason"}]}``."""
+        skipped = self.bad if self.policy == "skip" else []
+        return {"policy": self.policy, "read": self.read, "skipped": len(skipped),
+                "skipped_rows": [{self.unit: n, "reason": why} for n, why in skipped]}
+
+    def listing(self, limit: int | None = LISTED) -> str:
+        shown = self.bad if limit is None else self.bad[:limit]
+        lines = [f"  {self.unit} {n}: {why}" for n, why in shown]
+        if len(self.bad) > len(shown):
+            lines.append(f"  ... and {len(self.bad) - len(shown)} more")
+        return "\n".join(lines)
+
+
+def _not_jsonl(path: Path, raw: bytes) -> str | None:
+    """Why the file as a whole is not JSONL (binary, CSV, one JSON document), or None when it may be."""
+    head = raw[:8192]
+    for magic, kind in _MAGIC.items():
+        if head.startswith(magic):
+            how = _CONVERT.format(kind="parquet", path=path) if kind == "Parquet" else "convert it to JSONL"
+            return f"a binary {kind} file, not JSONL text. {how[0].upper()}{how[1:]}."
+    if b"\x00" in head:
+        return "a binary file (it contains NUL bytes), not JSONL text. Give a JSONL file: one JSON object a line."
+    text = raw.decode("utf-8", errors="replace").lstrip("\ufeff")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return None
+    array = ("a JSON array (one document), not JSONL. Rename it to .json to read the array as rows (the Hub's "
+             "medical_o1_sft.json is such a file), or convert it: jq -c '.[]' in.json > rows.jsonl.")
+    try:
+        first = json.loads(lines[0])
+    except json.JSONDecodeError:
+        first = None
+    else:  # the first line is JSON: JSONL, unless that line is a whole array of rows
+        return array if isinstance(first, list) and first and all(isinstance(x, dict) for x in first) else None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
+        doc = None
+    if isinstance(doc, list):
+        return array
+    if isinstance(doc, dict):
+        return (f"one JSON object spread over {len(lines)} lines, not JSONL. Write one object a line "
+                "(e.g. jq -c . in.json > rows.jsonl).")
+    second = lines[1] if len(lines) > 1 else ""
+    if ("," in lines[0] or "\t" in lines[0]) and not lines[0].startswith("{") and not second.startswith("{"):
+        kind = "csv" if "," in lines[0] else "table"
+        how = _CONVERT.format(kind=kind, path=path)
+        return f"CSV/TSV, not JSONL (first line: {lines[0][:80]!r}). {how[0].upper()}{how[1:]}."
+    return None
+
+
+def read_records(path: str | Path) -> Records:
+    """Read a dataset file: JSONL (numbered by line), or, for a ``.json`` file, one JSON array (numbered by position).
+
+    A line that is not valid JSON or not UTF-8 is kept as an :class:`Unreadable` (a bad row, reported by
+    :func:`validate_rows`); blank lines are skipped but counted, so numbers are the file's line numbers.
 
     Raises:
-        DataError: the file is missing, or a line is not JSON (names the line number).
+        DataError: the file is missing, or is not JSONL at all (binary, CSV, a JSON array in a ``.jsonl`` file, one
+            JSON document over several lines, or no line that parses): the message says what it is and the fix.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"dataset file not found: {path}.")
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {i}: not valid JSON ({err.msg}). The file must be JSONL: one object a line.") from err
-    return rows
+    raw = path.read_bytes()
+    if path.suffix == ".json" and raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+        try:
+            doc = json.loads(raw.decode("utf-8-sig"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DataError(f"{path}: starts like a JSON array but does not parse ({err}). Fix the file, or give JSONL.") from None
+        if isinstance(doc, list):
+            return Records(list(enumerate(doc, start=1)), unit="row")
+    why = _not_jsonl(path, raw)
+    if why:
+        raise DataError(f"{path}: {why}")
+    items: list[tuple[int, object]] = []
+    for number, line in enumerate(raw.split(b"\n"), start=1):
+        if number == 1:
+            line = line.removeprefix(b"\xef\xbb\xbf")
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            items.append((number, Unreadable(f"not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})")))
+            continue
+        if not text.strip():
+            continue
+        try:
+            items.append((number, json.loads(text)))
+        except json.JSONDecodeError as err:
+            items.append((number, Unreadable(f"not valid JSON ({err.msg}, column {err.colno})")))
+    if items and all(isinstance(v, Unreadable) for _, v in items):
+        raise DataError(f"{path}: no line is JSON ({len(items)} non-blank lines; line {items[0][0]}: {items[0][1]}). "
+                        "The file must be JSONL: one JSON object a line with Question, Complex_CoT, Response.")
+    return Records(items, unit="line")
 
 
-def load_rows(dataset: str, config_name: str | None = None, split: str = "train", max_rows: int | None = None) -> list[dict]:
-    """Read the dataset's rows from a Hub id, a local JSONL file, or ``package:<pkg>/<file>``.
+def read_jsonl(path: str | Path) -> list:
+    """Parse a JSONL file (one JSON object per line; blank lines ignored), or a ``.json`` file holding one array.
 
-    Args:
-        dataset: e.g. ``FreedomIntelligence/medical-o1-reasoning-SFT``, ``data/my.jsonl``,
-            ``package:medtune/assets/medical_reasoning_illustrative.jsonl``.
-        config_name: Hub dataset config (walkthrough: "en"); ignored for files.
-        split: Hub split; ignored for files.
-        max_rows: keep only the first N rows (walkthrough: 500).
-
-    Returns:
-        A list of ``{"Question", "Complex_CoT", "Response"}`` dicts, in dataset order.
+    For the run's own files and benchmark files, which must be whole: the first bad line is an error. Dataset files
+    go through :func:`read_records` and :func:`validate_rows` instead (bad rows counted, skipped or fatal).
 
     Raises:
-        DataError: unreadable file, bad row (with row number and field), or fewer than 2 rows.
+        DataError: the file is missing, not JSONL at all (see :func:`read_records`), or a line is not JSON (names
+            the line number).
+    """
+    records = read_records(path)
+    for number, value in records:
+        if isinstance(value, Unreadable):
+            raise DataError(f"{path} {records.unit} {number}: {value}. The file must be JSONL: one object a line.")
+    return [value for _, value in records]
+
+
+def _field_problems(row: object) -> str | None:
+    if not isinstance(row, dict):
+        return f"expected a JSON object with {', '.join(FIELDS)}, got {type(row).__name__}"
+    problems = []
+    for field in FIELDS:
+        value = row.get(field)
+        if field not in row:
+            problems.append(f"field '{field}' is missing")
+        elif value is None:
+            problems.append(f"field '{field}' is null")
+        elif not isinstance(value, str):
+            problems.append(f"field '{field}' is {type(value).__name__}, not a string")
+        elif not value.strip():
+            problems.append(f"field '{field}' is empty")
+    return "; ".join(problems) or None
+
+
+def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, max_length: int | None = None,
+                  report: RowReport | None = None) -> list[dict]:
+    """Check every row, then keep the good ones (``bad_rows: skip``) or stop on any bad one (``bad_rows: fail``).
+
+    A row is bad when: its line is not JSON or not UTF-8; it is not a JSON object; a field of ``FIELDS`` is missing,
+    null, not a string, or blank; its Question (stripped) repeats an earlier row's; or its formatted training text
+    is longer than ``max_length`` tokens (truncation would cut the reasoning's end, the answer and the EOS).
+
+    Args:
+        rows: a :class:`Records` (numbered by line) or plain values (numbered 1, 2, ... as "row").
+        source: file or dataset id, for messages.
+        bad_rows: "fail" (raise, listing the bad rows) or "skip" (leave them out and print each number and reason).
+        lengths: ``f(list of rows) -> list of token counts`` of the formatted examples, or None (no length check).
+        max_length: the training ``max_length`` in tokens (``sft.max_length``); None: no length check.
+        report: a :class:`RowReport` to fill in (what was read, skipped and kept).
+
+    Returns:
+        The usable rows, each reduced to the three fields, in order.
+
+    Raises:
+        DataError: ``bad_rows`` is "fail" and a row is bad: the message names the source, counts the bad rows and
+            lists them (up to :data:`LISTED`) with number and reason, and the fix. Unknown ``bad_rows``.
+    """
+    if bad_rows not in BAD_ROW_POLICIES:
+        raise DataError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}.")
+    records = rows if isinstance(rows, Records) else Records(list(enumerate(rows, start=1)), unit="row")
+    rep = report if report is not None else RowReport()
+    rep.source, rep.unit, rep.read, rep.policy, rep.bad, rep.kept = source, records.unit, len(records), bad_rows, [], []
+    good: list[tuple[int, int, dict]] = []  # (dataset index, number, row)
+    first_seen: dict[str, int] = {}
+    for index, (number, value) in enumerate(records):
+        why = str(value) if isinstance(value, Unreadable) else _field_problems(value)
+        if why is None:
+            question = value["Question"].strip()
+            if question in first_seen:
+                why = f"duplicate of {records.unit} {first_seen[question]} (same Question)"
+            else:
+                first_seen[question] = number
+        if why is None:
+            good.append((index, number, {f: value[f] for f in FIELDS}))
+        else:
+            rep.bad.append((number, why))
+    if lengths is not None and max_length is not None and good:
+        counts = lengths([row for _, _, row in good])
+        long = {number: n for (_, number, _), n in zip(good, counts) if n > max_length}
+        for number, n in long.items():
+            rep.bad.append((number, f"{n:,} tokens, longer than sft.max_length {max_length:,} "
+                                    "(truncation would cut the answer and the EOS)"))
+        good = [g for g in good if g[1] not in long]
+        rep.bad.sort(key=lambda b: b[0])
+    if rep.bad and bad_rows == "fail":
+        over = any("sft.max_length" in why for _, why in rep.bad)
+        raise DataError(
+            f"{source}: {len(rep.bad)} of {len(records)} rows cannot be used (bad_rows: fail), by {records.unit} "
+            f"number:\n{rep.listing()}\nFix them in the data, or set bad_rows: skip in the profile to leave them "
+            "out (each skipped row is then listed in 03 and in metrics.json)"
+            + (", or raise sft.max_length (more memory per step)." if over else ".")
+        )
+    if rep.bad:
+        print(f"skipped {len(rep.bad)} of {len(records)} rows of {source} (bad_rows: skip), by {records.unit} "
+              f"number:\n{rep.listing(limit=200)}")
+    rep.kept = [index for index, _, _ in good]
+    return [row for _, _, row in good]
+
+
+def load_rows(dataset: str, config_name: str | None = None, split: str = "train", max_rows: int | None = None, *,
+              source: str = "hub", endpoint: str | None = None, bad_rows: str = "fail", lengths=None,
+              max_length: int | None = None, report: RowReport | None = None) -> list[dict]:
+    """Read the dataset's rows from a repo id, a local JSONL file or dataset folder, or ``package:<pkg>/<file>``.
+
+    Args:
+        dataset: e.g. ``FreedomIntelligence/medical-o1-reasoning-SFT``, ``data/my.jsonl``, a folder holding a
+            downloaded dataset repo, ``package:medtune/assets/medical_reasoning_illustrative.jsonl``.
+        config_name: dataset config (walkthrough: "en"); ignored for files.
+        split: dataset split; ignored for files.
+        max_rows: keep only the first N rows (walkthrough: 500).
+        source: where a repo id is downloaded from: "hub" (``endpoint``: a mirror, else ``$HF_ENDPOINT``),
+            "modelscope", or "local" (ids are an error). Downloads go through :mod:`medtune.sources`.
+        bad_rows, lengths, max_length, report: what to do with bad rows, and the length check; see
+            :func:`validate_rows` (rows are numbered by file line, or by position for Hub datasets).
+
+    Returns:
+        A list of ``{"Question", "Complex_CoT", "Response"}`` dicts, in dataset order (bad rows left out with
+        ``bad_rows: skip``).
+
+    Raises:
+        DataError: not a JSONL file, bad rows with ``bad_rows: fail`` (each named by number, with the reason),
+            fewer than 2 usable rows, or ``source: local``
+            with a path that does not exist. medtune.sources.SourceError: the download failed (names the fix).
     """
     if dataset.startswith("package:"):
         path = _package_path(dataset)
-        raw, source = read_jsonl(path), str(path)
-    elif dataset.endswith((".jsonl", ".json")) or Path(dataset).exists():
-        raw, source = read_jsonl(dataset), dataset
-    else:
+        raw, source = read_records(path), str(path)
+    elif Path(dataset).is_dir():  # a dataset repo downloaded by hand (its README.md says which files are which config)
         import datasets
 
-        ds = datasets.load_dataset(dataset, config_name, split=split)
+        ds = datasets.load_dataset(str(dataset), config_name, split=split)
+        raw, source = ds.select(range(min(len(ds), max_rows or len(ds)))).to_list(), dataset
+    elif dataset.endswith((".jsonl", ".json")) or Path(dataset).exists():
+        raw, source = read_records(dataset), dataset
+    else:
+        from medtune import sources
+
+        try:
+            remote = sources.for_spec(dataset, source, endpoint, "dataset")
+        except FileNotFoundError as err:
+            raise DataError(str(err)) from None
+        if remote is None:  # not an owner/name id either
+            raise DataError(f"dataset file not found: {dataset}.")
+        ds = remote.load_dataset(dataset, config_name, split)
         raw, source = ds.select(range(min(len(ds), max_rows or len(ds)))).to_list(), dataset
     if max_rows is not None:
         raw = raw[:max_rows]
-    rows = validate_rows(raw, source)
+    rows = validate_rows(raw, source, bad_rows=bad_rows, lengths=lengths, max_length=max_length, report=report)
     if len(rows) < 2:
-        raise DataError(f"{source}: {len(rows)} usable rows; at least 2 are needed (one to train, one held out).")
+        raise DataError(f"{source}: {len(rows)} usable rows of {len(raw)}; at least 2 are needed (one to train, one "
+                        "held out)." + (" The others were skipped as bad rows (listed above)." if len(raw) > len(rows) else ""))
     return rows
 
 
@@ -220,19 +446,71 @@ def sft_dataset(train_rows: list[dict], eos_token: str, language: str = "en"):
     return datasets.Dataset.from_list([train_example(r, eos_token, language) for r in train_rows])
 
 
+def sft_max_length(cfg) -> int | None:
+    """The training sequence length in tokens: ``sft.max_length``, else TRL's ``SFTConfig`` default (1024 in
+    trl 1.16); None means no limit."""
+    if "max_length" in cfg.sft:
+        return cfg.sft["max_length"]
+    from trl import SFTConfig
+
+    return SFTConfig.__dataclass_fields__["max_length"].default
+
+
+def token_lengths(tokenizer, language: str = "en", chunk: int = 512):
+    """``f(rows) -> token counts`` of each row's training text (prompt + completion + EOS), tokenized as TRL's
+    SFTTrainer does for prompt-completion data (``tokenizer(text=prompt + completion)``, special tokens included)."""
+    def lengths(rows: list[dict]) -> list[int]:
+        counts: list[int] = []
+        for i in range(0, len(rows), chunk):
+            texts = [(lambda e: e["prompt"] + e["completion"])(train_example(r, tokenizer.eos_token, language))
+                     for r in rows[i:i + chunk]]
+            counts += [len(ids) for ids in tokenizer(text=texts)["input_ids"]]
+        return counts
+
+    return lengths
+
+
 def prepare(cfg, run, tokenizer) -> dict:
-    """Notebook 03 in one call: read rows, split, save held-out + formatted training data to the run.
+    """Notebook 03 in one call: read and check rows, split, save held-out + formatted training data to the run.
+
+    Bad rows (:func:`validate_rows`: unreadable, missing/empty/non-string fields, duplicate questions, and training
+    texts longer than ``sft.max_length`` tokens of ``tokenizer``) stop here with ``bad_rows: fail``, or are left out
+    and listed with ``bad_rows: skip``. ``heldout_rows`` and each saved row's ``"row"`` stay dataset row indices
+    (0-based, bad rows counted), so skipping rows never shifts which questions are held out; a held-out row that
+    was skipped is said so and not held out. (A tokenizer stand-in that cannot be called skips the length check.)
 
     Returns:
-        ``{"rows", "train", "heldout", "first_text"}`` counts and the first formatted training text.
+        ``{"rows", "train", "heldout", "heldout_rows", "bad_rows", "first_text"}``: rows used, training and held-out
+        counts, held-out row indices, :meth:`RowReport.summary` (policy, rows read, each skipped row's number and
+        reason), and the first formatted training text.
+
+    Raises:
+        DataError: see :func:`load_rows` and :func:`split_heldout`.
     """
-    rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows)
-    train, heldout = split_heldout(rows, cfg.heldout_rows, cfg.heldout_size, cfg.seed)
+    report = RowReport()
+    lengths = token_lengths(tokenizer, cfg.language) if callable(tokenizer) else None
+    rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows,
+                     source=cfg.dataset_source or cfg.source, endpoint=cfg.hub_endpoint, bad_rows=cfg.bad_rows,
+                     lengths=lengths, max_length=sft_max_length(cfg), report=report)
+    position = {index: p for p, index in enumerate(report.kept)}
+    fixed = []
+    for r in dict.fromkeys(cfg.heldout_rows):
+        if r in position:
+            fixed.append(position[r])
+        elif r < report.read:
+            print(f"note: heldout row {r} was skipped as a bad row (listed above), so it is not held out.")
+        else:
+            raise DataError(f"heldout_rows [{r}] are past the dataset's {report.read} rows; use indices below "
+                            f"{report.read}.")
+    train, heldout = split_heldout(rows, fixed, cfg.heldout_size, cfg.seed)
+    train = [{**r, "row": report.kept[r["row"]]} for r in train]
+    heldout = [{**r, "row": report.kept[r["row"]]} for r in heldout]
     write_jsonl(heldout, run.heldout_path)
     formatted = [{"row": r["row"], **train_example(r, tokenizer.eos_token, cfg.language)} for r in train]
     write_jsonl(formatted, run.train_data_path)
     first = formatted[0]["prompt"] + formatted[0]["completion"]
-    return {"rows": len(rows), "train": len(train), "heldout": len(heldout), "heldout_rows": [r["row"] for r in heldout], "first_text": first}
+    return {"rows": len(rows), "train": len(train), "heldout": len(heldout), "heldout_rows": [r["row"] for r in heldout],
+            "bad_rows": report.summary(), "first_text": first}
 
 
 def read_split(run) -> tuple[list[dict], list[dict]]:

@@ -34,19 +34,35 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDTUNE_CACHE", Path.home() / ".cache" / "medtune"))
 
 
-def resolve_model(model: str) -> str:
-    """Turn ``RunConfig.model`` into something ``from_pretrained`` takes: a local folder or a Hub id.
+def resolve_model(model: "str | _config.RunConfig", revision: str | None = None, *, source: str = "hub",
+                  endpoint: str | None = None) -> str:
+    """Turn ``RunConfig.model`` into a local folder that ``from_pretrained`` reads without the network.
 
-    ``package:<pkg>/<file>.gguf`` is converted on first use into ``cache_dir()/models/<file stem>`` (a plain
-    ``LlamaForCausalLM`` in bf16 safetensors plus its tokenizer, ~270 MB for SmolLM2-135M; about 30 s on 2 CPU
-    cores); later calls reuse it. The folder is written under a temporary name and renamed when complete, so an
-    interrupted conversion is never mistaken for a finished one.
+    Pass the run's :class:`~medtune.config.RunConfig` (its ``model``, ``model_revision``, ``source`` and
+    ``hub_endpoint`` are used), or a model string with those as arguments.
+
+    - a repo id (``owner/name``) is downloaded once through :mod:`medtune.sources` (Hub, a mirror, or ModelScope)
+      into that SDK's cache, one copy of the weights (safetensors when present), with its size and the free disk
+      printed first and a progress bar; an interrupted download resumes. Scout: ~218 GB.
+    - a local folder is returned as it is.
+    - ``package:<pkg>/<file>.gguf`` is converted on first use into ``cache_dir()/models/<file stem>`` (a plain
+      ``LlamaForCausalLM`` in bf16 safetensors plus its tokenizer, ~270 MB for SmolLM2-135M; about 30 s on 2 CPU
+      cores); later calls reuse it. The folder is written under a temporary name and renamed when complete, so an
+      interrupted conversion is never mistaken for a finished one.
 
     Raises:
-        FileNotFoundError: the package or the file in it is missing (names both and the pip command).
+        FileNotFoundError: the package or the file in it is missing (names both and the pip command); or
+            ``source: local`` with a path that does not exist.
+        medtune.sources.SourceError: the download failed (the message names the fix: token, license, id, network).
     """
+    if isinstance(model, _config.RunConfig):
+        cfg = model
+        model, revision, source, endpoint = cfg.model, cfg.model_revision, cfg.source, cfg.hub_endpoint
     if not model.startswith("package:"):
-        return model
+        from medtune import sources
+
+        remote = sources.for_spec(model, source, endpoint, "model")
+        return model if remote is None else str(remote.download_model(model, revision))
     from medtune.data import _package_path
 
     gguf = _package_path(model)
@@ -101,10 +117,23 @@ def ensure_distinct_pad(tokenizer) -> str:
     )
 
 
+# A repo's tokenizer files (and config.json, which names the tokenizer class), for loading a tokenizer alone.
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "*.model", "vocab*", "merges.txt",
+                   "chat_template*", "config.json"]
+
+
 def load_tokenizer(path: str, revision: str | None = None):
-    """The model's tokenizer with a distinct pad token (see :func:`ensure_distinct_pad`)."""
+    """The model's tokenizer with a distinct pad token (see :func:`ensure_distinct_pad`).
+
+    ``path``: a local folder (what :func:`resolve_model` returns), or a Hub id, of which only the tokenizer files
+    (:data:`TOKENIZER_FILES`) are downloaded through :mod:`medtune.sources` (``$HF_ENDPOINT`` honoured).
+    """
     from transformers import AutoTokenizer
 
+    from medtune import sources
+
+    if sources.is_remote_id(str(path)):
+        path = str(sources.get("hub").download(str(path), "model", revision, allow_patterns=TOKENIZER_FILES))
     tokenizer = AutoTokenizer.from_pretrained(path, revision=revision, token=_token())
     ensure_distinct_pad(tokenizer)
     tokenizer.padding_side = "right"
@@ -159,7 +188,7 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
     """
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model(cfg.model)
+    path = resolve_model(cfg)  # a local folder: every from_pretrained below reads files, never the network
     tokenizer = load_tokenizer(path, cfg.model_revision)
     bnb = _config.bnb_config(cfg)
     dtype = bnb.bnb_4bit_compute_dtype if bnb is not None and bnb.bnb_4bit_compute_dtype else torch.bfloat16

@@ -78,10 +78,12 @@ class RunDir:
     def create(cls, cfg: _config.RunConfig, root: Path | None = None) -> "RunDir":
         """Make a new run folder ``<root>/<UTC time>-<profile>-<random>`` and write ``cfg`` to its config.yaml.
 
-        Never reuses a folder: the id has 6 random hex digits and creation fails if it exists.
+        The time is to the microsecond (``20261129-120000-123456``), so ids sort in creation order even for runs
+        made within one second (:meth:`latest` relies on it). Never reuses a folder: the id has 6 random hex
+        digits and creation fails if it exists.
         """
         root = Path(root) if root else outputs_root()
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
         path = root / f"{stamp}-{cfg.profile}-{secrets.token_hex(3)}"
         path.mkdir(parents=True, exist_ok=False)
         (path / "data").mkdir()

@@ -14,6 +14,25 @@ PARAMS = (
     'RUN_DIR: str = ""  # outputs/<run-id> to work in; empty: {empty}'
 )
 LATEST = "the latest run under outputs/"
+# Parameters of 04 and 06 (evaluation). None keeps the profile's value; give 04 and 06 the same values.
+EVAL_PARAMS = (
+    "\nMAX_NEW_TOKENS: int = 0  # tokens per answer; 0: {which}"
+    "\nEVAL_QUESTIONS: int | None = None  # held-out questions answered; None: the profile's eval_questions"
+    "\nBENCHMARK_LIMIT: int | None = None  # items per benchmark; None: the profile's benchmark_limit"
+    '\nBENCHMARK_MODE: str | None = None  # "loglik" or "generate"; None: the profile\'s benchmark_mode'
+)
+SCORES_MD = (
+    "Each answer's part after `</think>` (the whole text when there is none) against the dataset's `Response`: "
+    "ROUGE-L F1 (the `rouge-score` package), its length in characters; the share of answers that stopped with EOS "
+    "before `max_new_tokens`; the share that follows the template: it starts with `<think>`, has exactly one "
+    "`<think>` and one `</think>`, non-blank reasoning between them and a non-blank answer after."
+)
+BENCH_MD = (
+    "`loglik`: each option letter scored by its log-likelihood after the question, the options and "
+    "`The answer is` (no reasoning); the highest wins. `generate`: a free answer, the letter read by a fixed rule "
+    "(the last \"answer is X\" / \"Answer: X\" / \"答案是X\"; else a lone letter at the start); unreadable "
+    "answers count as wrong and are reported. Per-item predictions go to the run's `benchmarks/` folder."
+)
 
 
 def nb(title: str, line: str, imports: str, params: str, cells: list) -> nbformat.NotebookNode:
@@ -29,16 +48,21 @@ def nb(title: str, line: str, imports: str, params: str, cells: list) -> nbforma
 
 NOTEBOOKS = {
     "00_authenticate": nb(
-        "00 · Authenticate with the Hugging Face Hub",
-        "Checks, before any download, that this run can read what it needs: the token comes from `HF_TOKEN` in the "
-        "environment and is never typed, printed or written. This notebook starts a new run.",
-        "from medtune import auth, runs",
+        "00 · Authenticate: access to the model and the data",
+        "Checks, before any download, that this run can read what it needs from its source: the Hugging Face Hub, a "
+        "Hub mirror (`hub_endpoint`, e.g. hf-mirror.com) or ModelScope (`source: modelscope`). Tokens come from "
+        "`HF_TOKEN` / `MODELSCOPE_API_TOKEN` in the environment and are never typed, printed or written. This "
+        "notebook starts a new run.",
+        "from medtune import auth, preflight, runs",
         PARAMS.format(empty="start a new run"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, new_run=True)"),
-            ("md", "## 1. Token and access to the gated model\n\nLlama 4 Scout is gated: accept its license on the "
-                   "Hub first. On the offline default profile the model and data are local and no Hub access is needed."),
+            ("md", "## 1. Token, access to the gated model, and the download size\n\nLlama 4 Scout is gated on the Hub: "
+                   "accept its license on its page first (the same token then works through a mirror). On the offline "
+                   "default profile the model and data are local and nothing is contacted."),
             ("code", "status = auth.check_access(cfg)\nauth.show(status)"),
+            ("code", "# preflight: settings vs. this machine, memory, disk, versions; all failures at once, before any download\n"
+                     "run.record(\"preflight\", preflight.run(cfg, access=status))"),
             ("md", "## Record"),
             ("code", 'run.record("auth", status)'),
         ],
@@ -47,20 +71,25 @@ NOTEBOOKS = {
         "01 · Load the model in 4-bit (QLoRA's NF4)",
         "The walkthrough's `BitsAndBytesConfig` (4-bit NF4, no double quantization, bf16 compute) with "
         "`device_map=\"auto\"`, the matching tokenizer, and a report of what was quantized and what was not.",
-        "from medtune import config, modeling, runs",
+        "from medtune import config, modeling, preflight, runs",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
-            ("md", "## 1. Quantization config"),
+            ("md", "## 1. Preflight\n\nBefore the download (Scout: ~218 GB) and the load: precision and 4-bit support "
+                   "on this machine, the token and the gated access, the training memory estimated from the model's "
+                   "config against free GPU memory, the disk against the download's size from the Hub's file metadata, "
+                   "and the library versions against the tested set. Every failure is listed at once, with its fix."),
+            ("code", "checks = preflight.run(cfg)"),
+            ("md", "## 2. Quantization config"),
             ("code", "config.bnb_config(cfg)"),
-            ("md", "## 2. Load model and tokenizer\n\nThe tokenizer's padding token must differ from its EOS, or the "
+            ("md", "## 3. Load model and tokenizer\n\nThe tokenizer's padding token must differ from its EOS, or the "
                    "model never learns to stop."),
             ("code", "model, tokenizer = modeling.load_model(cfg)\n"
                      "print(f\"eos={tokenizer.eos_token!r} pad={tokenizer.pad_token!r}\")"),
-            ("md", "## 3. What was quantized, and the memory it takes"),
+            ("md", "## 4. What was quantized, and the memory it takes"),
             ("code", "report = modeling.quantization_report(model)\nmodeling.show_quantization(report)"),
             ("md", "## Record"),
-            ("code", 'run.record("load", report)'),
+            ("code", 'run.record("preflight", checks)\nrun.record("load", report)'),
         ],
     ),
     "02_check_gpu": nb(
@@ -90,7 +119,7 @@ NOTEBOOKS = {
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
             ("md", "## 1. Tokenizer (for its EOS token)"),
-            ("code", "tokenizer = modeling.load_tokenizer(modeling.resolve_model(cfg.model), cfg.model_revision)\n"
+            ("code", "tokenizer = modeling.load_tokenizer(modeling.resolve_model(cfg), cfg.model_revision)\n"
                      "print(f\"eos={tokenizer.eos_token!r} pad={tokenizer.pad_token!r}\")"),
             ("md", "## 2. Read, split and format\n\nRows listed in `heldout_rows` (the walkthrough's questions 0 and "
                    "10) and a seeded sample up to `heldout_size` are held out."),
@@ -106,19 +135,27 @@ NOTEBOOKS = {
     ),
     "04_baseline": nb(
         "04 · Baseline: the un-tuned model on held-out questions",
-        "Answers of the 4-bit model before training, with the test template, and its held-out loss and perplexity "
-        "on the reference responses. 06 repeats both with the adapter on the same examples.",
-        "from IPython.display import Markdown, display\n\nfrom medtune import evaluate, modeling, runs",
-        PARAMS.format(empty=LATEST) + "\nMAX_NEW_TOKENS: int = 0  # tokens per answer; 0: the profile's (walkthrough: 1200)",
+        "Numbers before training, on the same held-out data that 06 uses after it: answers to the held-out questions "
+        "scored against the reference responses (ROUGE-L, length, EOS, template), the held-out loss and perplexity, "
+        "and multiple-choice accuracy on the profile's benchmarks (MedQA, PubMedQA).",
+        "from IPython.display import Markdown, display\n\nfrom medtune import benchmarks, evaluate, modeling, runs",
+        PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (walkthrough: 1200)"),
         [
-            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)\nmodel, tokenizer = modeling.load_model(cfg)"),
+            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, eval_questions=EVAL_QUESTIONS, "
+                     "benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
+                     "model, tokenizer = modeling.load_model(cfg)"),
             ("md", "## 1. Answers to the held-out questions"),
             ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.baseline_path, MAX_NEW_TOKENS)"),
             ("code", "display(Markdown(evaluate.show_answers(answers, rows=cfg.heldout_rows)))"),
-            ("md", "## 2. Held-out loss and perplexity (response tokens)"),
+            ("md", "## 2. The answers against the reference responses\n\n" + SCORES_MD),
+            ("code", "scores = evaluate.score_answers(cfg, run, answers)\nscores"),
+            ("md", "## 3. Held-out loss and perplexity (response tokens)"),
             ("code", "loss = evaluate.heldout_loss(cfg, run, model, tokenizer)\nloss"),
+            ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
+            ("code", 'bench = benchmarks.measure(cfg, run, model, tokenizer, "baseline")\n'
+                     "display(Markdown(benchmarks.show(bench)))"),
             ("md", "## Record"),
-            ("code", 'run.record("baseline", loss | evaluate.summarize(answers))'),
+            ("code", 'run.record("baseline", loss | scores | {"benchmarks": bench})'),
         ],
     ),
     "05_train_lora": nb(
@@ -143,38 +180,70 @@ NOTEBOOKS = {
     ),
     "06_evaluate_finetuned": nb(
         "06 · Evaluate the fine-tuned model",
-        "The same held-out questions and reference responses as 04, with the LoRA adapter from 05: answers side by "
-        "side and the metrics, baseline against fine-tuned.",
-        "from IPython.display import Markdown, display\n\nfrom medtune import data, evaluate, modeling, runs",
-        PARAMS.format(empty=LATEST) + "\nMAX_NEW_TOKENS: int = 0  # tokens per answer; 0: the profile's (use 04's value)",
+        "The same held-out questions, reference responses and benchmark items as 04, with the LoRA adapter from 05: "
+        "every metric baseline against fine-tuned, with plots, the HuatuoGPT-o1 paper's figures for context, and "
+        "the answers side by side.",
+        "from IPython.display import Image, Markdown, display\n\nfrom medtune import benchmarks, data, evaluate, modeling, runs",
+        PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (use 04's values)"),
         [
-            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)\n"
+            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, eval_questions=EVAL_QUESTIONS, "
+                     "benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
                      "model, tokenizer = modeling.load_model(cfg, adapter=run.adapter_dir)"),
             ("md", "## 1. Answers with the adapter"),
             ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.finetuned_path, MAX_NEW_TOKENS)"),
-            ("md", "## 2. Held-out loss and perplexity"),
-            ("code", "loss = evaluate.heldout_loss(cfg, run, model, tokenizer)\n"
-                     'run.record("finetuned", loss | evaluate.summarize(answers))'),
-            ("md", "## 3. Baseline vs fine-tuned"),
+            ("md", "## 2. The answers against the reference responses\n\n" + SCORES_MD),
+            ("code", "scores = evaluate.score_answers(cfg, run, answers)\nscores"),
+            ("md", "## 3. Held-out loss and perplexity"),
+            ("code", "loss = evaluate.heldout_loss(cfg, run, model, tokenizer)\nloss"),
+            ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
+            ("code", 'bench = benchmarks.measure(cfg, run, model, tokenizer, "finetuned")\n'
+                     "display(Markdown(benchmarks.show(bench)))"),
+            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, "paper_anchor": benchmarks.PAPER_ANCHOR})'),
+            ("md", "## 5. Baseline vs fine-tuned\n\nEvery metric of 04 and 06; the difference is fine-tuned minus "
+                   "baseline."),
             ("code", "display(Markdown(evaluate.metrics_table(run)))"),
+            ("code", "display(Image(filename=evaluate.plot_comparison(run)))"),
+            ("md", "## 6. For context: the HuatuoGPT-o1 paper\n\nThe paper that built the dataset fine-tuned "
+                   "Llama-3.1-8B-Instruct on it. A different, larger model, trained on all of it and evaluated by "
+                   "generation on the full test sets: its figures are context for this run's, not a target."),
+            ("code", "display(Markdown(benchmarks.anchor_table(run)))"),
+            ("md", "## 7. The answers side by side"),
             ("code", "display(Markdown(evaluate.side_by_side(data.read_jsonl(run.baseline_path), answers)))"),
-            ("md", "## Record\n\nEverything above is in the run's `metrics.json`."),
+            ("md", "## Record\n\nEverything above is in the run's `metrics.json` (sections `baseline` and "
+                   "`finetuned`); per-item benchmark predictions are in the run's `benchmarks/`, the figure in "
+                   "`evaluation.png`."),
             ("code", "run.metrics()"),
         ],
     ),
     "07_push": nb(
-        "07 · Push the adapter",
-        "The adapter, tokenizer and a model card to the Hub (private by default). The default is a dry run: it writes "
-        "exactly the folder that would be uploaded, `push/` in the run, and lists it.",
-        "from medtune import hub, runs",
-        PARAMS.format(empty=LATEST),
+        "07 · Push the adapter, with its model card",
+        "The adapter, its tokenizer and a model card written from this run, to the Hugging Face Hub or ModelScope "
+        "(private by default). The default is a dry run: it writes exactly the folder that would be uploaded, `push/` "
+        "in the run. Optionally, the LoRA merged into the bf16 base weights as a standalone model.",
+        "from IPython.display import Markdown, display\n\nfrom medtune import hub, runs",
+        PARAMS.format(empty=LATEST)
+        + "\nPUSH: bool | None = None  # True uploads, False writes the folder only (dry run); None: the profile's push"
+        + '\nPUSH_TO: str = ""  # "hub" (HF_TOKEN) or "modelscope" (MODELSCOPE_API_TOKEN); empty: the profile\'s push_to'
+        + '\nREPO_ID: str = ""  # e.g. "you/llama4-scout-medical-qlora"; empty: the profile\'s hub_repo_id'
+        + "\nEXPORT_MERGED: bool | None = None  # also save the LoRA merged into the bf16 base; None: the profile's",
         [
-            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
-            ("md", "## 1. Build the folder and push (or dry run)"),
+            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, push=PUSH, push_to=PUSH_TO or None,\n"
+                     "                        hub_repo_id=REPO_ID or None, export_merged=EXPORT_MERGED)"),
+            ("md", "## 1. The folder to upload\n\nThe adapter and tokenizer from 05 (no checkpoints or optimizer "
+                   "states) and a generated model card."),
+            ("code", "files = hub.build_folder(cfg, run)\nhub.list_folder(run)"),
+            ("md", "## 2. The model card, as the Hub shows it\n\nMetadata (base model, license, dataset), how it was "
+                   "trained, the evaluation of 04 and 06, the prompt template and a usage snippet."),
+            ("code", "display(Markdown(hub.card(run)))"),
+            ("md", "## 3. Push, or dry run\n\nWith `PUSH = True` the same folder is uploaded to `REPO_ID` (created "
+                   "private). The token is read from the environment."),
             ("code", "result = hub.push(cfg, run)\nresult"),
-            ("code", "hub.list_folder(run)"),
+            ("md", "## 4. Merged model (optional)\n\nThe LoRA merged into the base loaded in bf16 (never into the "
+                   "4-bit weights, which would round the update away), saved in the standard layout. The disk and "
+                   "memory it needs are printed first; with `EXPORT_MERGED` off, only that is shown."),
+            ("code", "merged = hub.export_merged(cfg, run)"),
             ("md", "## Record"),
-            ("code", 'run.record("push", result)'),
+            ("code", 'run.record("push", result | {"merged": merged})'),
         ],
     ),
 }

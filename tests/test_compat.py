@@ -108,3 +108,31 @@ def test_fix_is_noop_for_other_models(caplog):
     with caplog.at_level("INFO", logger="medtune.compat"):
         assert compat.apply_llama4_trl_fixes(model) is model
     assert model.base_model is model.model and "not a Llama 4 model" in caplog.text
+
+
+def test_trl_casts_cpu_adapters_to_bf16_and_the_fix_restores_compute_dtype(tmp_path):
+    """TRL 1.16 makes LoRA adapters of a quantized model bf16 even on CPU (6x slower without bf16 units). The first
+    assertion fails once TRL stops doing that: then delete compat.cpu_adapters_in_compute_dtype."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from medtune.compat import cpu_adapters_in_compute_dtype
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=201135, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", quantization_config=bnb, device_map={"": "cpu"},
+                                                 dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to=[], save_strategy="no")
+    trainer = SFTTrainer(model=model, args=args, processing_class=tok,
+                         train_dataset=Dataset.from_list([{"text": "a b c"}] * 2),
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert {p.dtype for p in trainable} == {torch.bfloat16}  # TRL's cast (the behaviour worked around)
+    assert cpu_adapters_in_compute_dtype(trainer) == len(trainable) == 4
+    assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
+    assert cpu_adapters_in_compute_dtype(trainer) == 0  # idempotent

@@ -167,7 +167,7 @@ def test_nf4_grouped_dequantize_is_bitsandbytes_per_expert(double_quant):
 
 
 def test_nf4_dequant_groups_and_device_counts_give_the_same_result():
-    nf4, _, _ = nf4_pair(double_quant=True)
+    nf4, roundtrip, _ = nf4_pair(double_quant=True)
     xs = torch.randn(18, 64, generator=torch.Generator().manual_seed(4))
     counts = [5, 0, 9, 4]
     results = []
@@ -180,6 +180,14 @@ def test_nf4_dequant_groups_and_device_counts_give_the_same_result():
     nf4.experts.dequant_group = None
     for out, grad in results[1:]:
         assert torch.equal(out, results[0][0]) and torch.equal(grad, results[0][1])
+    # Generation-sized inputs (fewer than 2 rows per expert): only experts with tokens are dequantized.
+    calls = []
+    dequantize = nf4.experts.dequantize_experts
+    nf4.experts.dequantize_experts = lambda *a: calls.append(a) or dequantize(*a)
+    few = nf4.experts(xs[:3], torch.tensor([1, 0, 2, 0]))
+    del nf4.experts.dequantize_experts
+    assert sorted(calls) == [("down", 0, 1), ("down", 2, 3), ("gate_up", 0, 1), ("gate_up", 2, 3)]
+    assert rel(few.detach(), roundtrip.experts(xs[:3], [1, 0, 2, 0]).detach()) < 1e-6
     with pytest.raises(ValueError, match="counts"):
         nf4.experts(xs, torch.tensor([5, 9, 4]))
 

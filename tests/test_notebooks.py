@@ -14,6 +14,7 @@ from medtune import pipeline
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 CANARY = "hf_medtuneCANARY" + "Zq7" * 10  # looks like a Hub token; must never reach a file
+MS_CANARY = "ms-medtuneCANARY" + "4Kp" * 10  # the same for a ModelScope token
 
 
 def test_eight_notebooks_in_walkthrough_order():
@@ -42,10 +43,11 @@ def test_notebook_source_is_clean(path):
 
 
 @pytest.mark.slow
-def test_run_all_smoke_profile(tmp_path, monkeypatch):
+def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
     """All eight notebooks headless into one run; the metrics they record are checked, and no token leaks."""
     monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
     monkeypatch.setenv("HF_TOKEN", CANARY)
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", MS_CANARY)
     run = pipeline.run_all(ROOT / "params" / "smoke.yaml")
 
     executed = sorted(p.name for p in run.notebooks_dir.glob("*.ipynb"))
@@ -77,10 +79,14 @@ def test_run_all_smoke_profile(tmp_path, monkeypatch):
     # 06 shows baseline and fine-tuned answers side by side
     nb06 = (run.notebooks_dir / "06_evaluate_finetuned.ipynb").read_text()
     assert "baseline (un-tuned)" in nb06 and "fine-tuned (LoRA)" in nb06
-    # the token was in the environment of every kernel, and is in no file of the run
+    # the tokens were in the environment of every kernel, and are in no file of the run nor in the pipeline's output
     for path in run.path.rglob("*"):
         if path.is_file():
-            assert CANARY.encode() not in path.read_bytes(), f"token leaked into {path}"
+            data = path.read_bytes()
+            assert CANARY.encode() not in data and MS_CANARY.encode() not in data, f"token leaked into {path}"
+    out, err = capsys.readouterr()
+    assert CANARY not in out + err and MS_CANARY not in out + err
+    assert m["preflight"]["ok"] is True and m["data"]["bad_rows"]["skipped"] == 0  # 00/01 preflight, 03 row check
 
 
 @pytest.mark.slow

@@ -34,15 +34,17 @@ def profile(tmp_path: Path, base: str = "smoke", **changes) -> config.RunConfig:
 
 @pytest.mark.slow
 def test_real_rows_short_training_lowers_heldout_loss(tmp_path, monkeypatch):
-    """603 real training rows formatted, 4 held out (rows 0 and 10 among them); 6 optimizer steps lower the held-out
-    response loss of SmolLM2-135M."""
+    """The 604 real rows read and length-checked: with max_length 512 (SmolLM2 tokens) the 588 longer ones are
+    skipped and listed (bad_rows: skip; truncation would cut their answers), 16 remain, 4 held out; 6 optimizer
+    steps lower the held-out response loss of SmolLM2-135M."""
     monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
-    cfg = profile(tmp_path, dataset=str(REAL_ROWS), max_rows=None, heldout_size=4,
-                  sft={"max_steps": 6, "learning_rate": 5e-4, "max_length": 384, "save_steps": 100})
+    cfg = profile(tmp_path, dataset=str(REAL_ROWS), max_rows=None, heldout_size=4, bad_rows="skip",
+                  sft={"max_steps": 6, "learning_rate": 5e-4, "max_length": 512, "save_steps": 100})
     run = RunDir.create(cfg)
     model, tok = modeling.load_model(cfg)
     summary = data.prepare(cfg, run, tok)
-    assert (summary["rows"], summary["train"], summary["heldout"]) == (604, 600, 4)
+    assert summary["bad_rows"]["read"] == 604 and summary["bad_rows"]["skipped"] == 588
+    assert (summary["rows"], summary["train"], summary["heldout"]) == (16, 12, 4)
     assert summary["first_text"].endswith("<|im_end|>") and "### Question:\n" in summary["first_text"]
     before = evaluate.heldout_loss(cfg, run, model, tok)
     trainer = train.build_trainer(cfg, run, model, tok)
@@ -79,9 +81,10 @@ def test_tiny_llama4_through_medtune(tmp_path, monkeypatch, fast):
     monkeypatch.setenv("MEDTUNE_CACHE", str(tmp_path / "cache"))
     ckpt = tiny_scout_checkpoint(tmp_path / "scout-tiny")
     regex = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    cfg = profile(tmp_path, model=str(ckpt), dataset=str(REAL_ROWS), max_rows=12, max_new_tokens=4, llama4_fast=fast,
-                  lora={"r": 8, "target_modules": regex},
-                  sft={"max_steps": 2, "learning_rate": 1e-2, "max_length": 128, "save_steps": 100,
+    # the illustrative rows fit 384 Llama 4 tokens (longest 367): nothing is truncated or skipped
+    cfg = profile(tmp_path, model=str(ckpt), dataset="package:medtune/assets/medical_reasoning_illustrative.jsonl",
+                  max_rows=12, max_new_tokens=4, llama4_fast=fast, lora={"r": 8, "target_modules": regex},
+                  sft={"max_steps": 2, "learning_rate": 1e-2, "max_length": 384, "save_steps": 100,
                        "router_aux_loss_coef": 0.0})
     run = RunDir.create(cfg)
     model, tok = modeling.load_model(cfg)

@@ -1,0 +1,507 @@
+"""medtune.sources, the network seam, offline: a recording fake stands in for the Hub and ModelScope, the real SDK
+error types are raised through it, and the real clients are checked against the real SDK signatures without a
+single request. Also: where a run's model and dataset are resolved from (modeling.resolve_model, data.load_rows).
+
+``FakeClient`` and ``use_fake`` are imported by test_auth_hub.py and test_hub_roundtrip.py.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+import requests
+from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+                                    RepositoryNotFoundError, RevisionNotFoundError)
+
+from medtune import config as C
+from medtune import data, modeling
+from medtune import sources as S
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_ROWS = REPO.parent / "shared" / "data" / "medical-o1" / "medical_o1_sft_en_604.jsonl"
+HF_CANARY = "hf_CANARYsources" + "Q" * 24
+MS_CANARY = "ms-CANARY" + "7" * 30
+MIRROR = "https://hf-mirror.com"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The recording fake
+# ---------------------------------------------------------------------------------------------------------------
+
+class FakeClient:
+    """Stands in for :class:`medtune.sources.Client`: records every call as ``(method, kwargs)`` in ``calls``.
+
+    ``repos`` maps ``(repo_type, repo_id)`` to a local folder served as that repo (snapshot_download copies the files
+    that the patterns select into ``cache``, with huggingface_hub's own pattern filter); ``errors`` maps a method
+    name to an exception it raises; ``upload_folder`` keeps a copy of what was uploaded, which becomes a repo that
+    can be downloaded back.
+    """
+
+    def __init__(self, cache: Path, endpoint: str = "https://hub.invalid", repos: dict | None = None,
+                 errors: dict | None = None, user: str = "alice"):
+        self.cache, self.endpoint, self.user = Path(cache), endpoint, user
+        self.repos = dict(repos or {})
+        self.errors = dict(errors or {})
+        self.calls: list[tuple[str, dict]] = []
+
+    def _record(self, method: str, **kwargs):
+        self.calls.append((method, kwargs))
+        if method in self.errors:
+            raise self.errors[method]
+
+    def _folder(self, repo_id, repo_type) -> Path:
+        folder = self.repos.get((repo_type, repo_id))
+        if folder is None:
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=response(404))
+        return Path(folder)
+
+    def whoami(self, token):
+        self._record("whoami", token=token)
+        return self.user
+
+    def auth_check(self, repo_id, repo_type, revision, token):
+        self._record("auth_check", repo_id=repo_id, repo_type=repo_type, revision=revision, token=token)
+        self._folder(repo_id, repo_type)
+
+    def files(self, repo_id, repo_type, revision, token):
+        self._record("files", repo_id=repo_id, repo_type=repo_type, revision=revision, token=token)
+        folder = self._folder(repo_id, repo_type)
+        return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+    def snapshot_download(self, repo_id, repo_type, revision, token, *, allow_patterns=None, ignore_patterns=None,
+                          local_files_only=False, progress=None):
+        from huggingface_hub.utils import filter_repo_objects
+
+        self._record("snapshot_download", repo_id=repo_id, repo_type=repo_type, revision=revision, token=token,
+                     allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                     local_files_only=local_files_only, progress=progress)
+        folder = self._folder(repo_id, repo_type)
+        out = self.cache / repo_type / repo_id.replace("/", "--")
+        if local_files_only:
+            if not out.is_dir():
+                raise LocalEntryNotFoundError("not in the cache")
+            return str(out)
+        names = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(names, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (out / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(folder / name, out / name)
+        out.mkdir(parents=True, exist_ok=True)
+        return str(out)
+
+    def create_repo(self, repo_id, private, token):
+        self._record("create_repo", repo_id=repo_id, private=private, token=token)
+        return f"{self.endpoint}/{repo_id}"
+
+    def upload_folder(self, repo_id, folder, commit_message, token):
+        self._record("upload_folder", repo_id=repo_id, folder=folder, commit_message=commit_message, token=token,
+                     files=sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if p.is_file()))
+        remote = self.cache / "uploaded" / repo_id.replace("/", "--")
+        shutil.rmtree(remote, ignore_errors=True)
+        shutil.copytree(folder, remote)
+        self.repos[("model", repo_id)] = remote
+        return f"{self.endpoint}/{repo_id}/commit/1"
+
+    def methods(self) -> list[str]:
+        return [m for m, _ in self.calls]
+
+
+def use_fake(monkeypatch, fake: FakeClient, kind: str = "hub") -> FakeClient:
+    """Make ``sources.get(kind, ...)`` use ``fake``; the endpoint the package asks for is recorded on it."""
+    def factory(endpoint):
+        if endpoint is not None:
+            fake.endpoint = endpoint
+        return fake
+
+    monkeypatch.setitem(S.CLIENTS, kind, factory)
+    return fake
+
+
+def response(status: int, url: str = "https://hub.invalid/api/models/x") -> httpx2.Response:
+    return httpx2.Response(status, request=httpx2.Request("GET", url))
+
+
+@pytest.fixture(autouse=True)
+def no_real_clients(monkeypatch):
+    """A test that forgets to install a fake fails instead of reaching the network."""
+    def refuse(endpoint):
+        raise AssertionError("a real client was created in a test")
+
+    monkeypatch.setitem(S.CLIENTS, "hub", refuse)
+    monkeypatch.setitem(S.CLIENTS, "modelscope", refuse)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def model_repo(folder: Path) -> Path:
+    """A model repo as the Hub lists it: config, tokenizer, safetensors, plus copies in other formats."""
+    folder.mkdir(parents=True)
+    files = {"config.json": b'{"model_type": "llama"}', "tokenizer.json": b"{}", "tokenizer_config.json": b"{}",
+             "model-00001-of-00002.safetensors": b"s" * 3000, "model-00002-of-00002.safetensors": b"s" * 2000,
+             "pytorch_model.bin": b"b" * 5000, "original/consolidated.00.pth": b"p" * 5000, "README.md": b"# x"}
+    for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(content)
+    return folder
+
+
+def dataset_repo(folder: Path, en_rows: int = 12, zh_rows: int = 3) -> Path:
+    """A dataset repo laid out like medical-o1-reasoning-SFT: a card whose ``configs:`` name a JSON file each."""
+    rows = [json.loads(line) for line in REAL_ROWS.read_text(encoding="utf-8").splitlines()]
+    folder.mkdir(parents=True)
+    (folder / "medical_o1_sft.json").write_text(json.dumps(rows[:en_rows]), encoding="utf-8")
+    (folder / "medical_o1_sft_Chinese.json").write_text(json.dumps(rows[100:100 + zh_rows]), encoding="utf-8")
+    (folder / "README.md").write_text(
+        "---\nlicense: apache-2.0\nconfigs:\n- config_name: en\n  data_files: medical_o1_sft.json\n"
+        "- config_name: zh\n  data_files:\n  - split: train\n    path: medical_o1_sft_Chinese.json\n---\n# card\n",
+        encoding="utf-8")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Choosing the source and the endpoint
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_hub_endpoint_profile_then_env_then_default(monkeypatch):
+    assert S.hub_endpoint() == "https://huggingface.co"
+    monkeypatch.setenv("HF_ENDPOINT", "https://env-mirror.example/")
+    assert S.hub_endpoint() == "https://env-mirror.example"
+    assert S.hub_endpoint(MIRROR + "/") == MIRROR  # the profile's hub_endpoint wins
+    assert S.hub_endpoint("hf-mirror.com") == MIRROR
+
+
+def test_profile_keys_are_validated():
+    cfg = C.from_dict({"source": "modelscope", "dataset_source": "hub", "hub_endpoint": MIRROR, "push_to": "modelscope"})
+    assert (cfg.source, cfg.dataset_source, cfg.hub_endpoint, cfg.push_to) == ("modelscope", "hub", MIRROR, "modelscope")
+    with pytest.raises(C.ConfigError, match="'source' must be one of 'hub', 'modelscope', 'local'"):
+        C.from_dict({"source": "hf"})
+    with pytest.raises(C.ConfigError, match="hub_endpoint"):
+        C.from_dict({"hub_endpoint": "hf-mirror.com"})
+    with pytest.raises(C.ConfigError, match="push_to"):
+        C.from_dict({"push_to": "local"})
+
+
+def test_local_specs_need_no_source(monkeypatch):
+    cfg = C.load(REPO / "params" / "default.yaml")
+    assert S.for_model(cfg) is None and S.for_dataset(cfg) is None  # no client is even created
+    with pytest.raises(FileNotFoundError, match="source is 'local'"):
+        S.for_spec("meta-llama/Llama-4-Scout-17B-16E-Instruct", "local")
+
+
+def test_real_hub_client_uses_the_mirror_endpoint():
+    client = S.HubClient(MIRROR)
+    assert client._api(None).endpoint == MIRROR  # HfApi(endpoint=...), whatever HF_ENDPOINT was at import
+
+
+def test_modelscope_without_the_sdk_names_the_extra(monkeypatch):
+    monkeypatch.setitem(S.CLIENTS, "modelscope", S.ModelScopeClient)
+    for name in [m for m in sys.modules if m == "modelscope" or m.startswith("modelscope.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # import modelscope -> ImportError
+    with pytest.raises(S.MissingExtra) as err:
+        S.get("modelscope")
+    assert "pip install -e '.[modelscope]'" in str(err.value) and isinstance(err.value, ImportError)
+
+
+def test_transfer_backend_is_hf_xet_unless_disabled(monkeypatch):
+    from huggingface_hub import constants
+
+    assert S.transfer_backend().startswith("hf_xet 1.")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    assert S.transfer_backend() == "HTTP (HF_HUB_DISABLE_XET is set)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real clients against the real SDK signatures (every SDK entry point replaced by a binding recorder)
+# ---------------------------------------------------------------------------------------------------------------
+
+def recorder(real, calls, name, result=None):
+    """A stand-in for ``real`` that checks each call binds to ``real``'s signature, records it, returns ``result``."""
+    sig = inspect.signature(real)
+
+    def fake(*args, **kwargs):
+        bound = sig.bind(*args, **kwargs)
+        calls.append((name, {k: v for k, v in bound.arguments.items() if k != "self"}))
+        return result() if callable(result) else result
+
+    return fake
+
+
+def test_hub_client_calls_huggingface_hub_as_documented(monkeypatch, tmp_path):
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    calls = []
+    info = type("Info", (), {"siblings": [type("S", (), {"rfilename": "model.safetensors", "size": 7})()]})
+    monkeypatch.setattr(HfApi, "whoami", recorder(HfApi.whoami, calls, "whoami", {"name": "alice"}))
+    monkeypatch.setattr(HfApi, "auth_check", recorder(HfApi.auth_check, calls, "auth_check"))
+    monkeypatch.setattr(HfApi, "repo_info", recorder(HfApi.repo_info, calls, "repo_info", info))
+    monkeypatch.setattr(HfApi, "create_repo", recorder(HfApi.create_repo, calls, "create_repo", "https://x/me/r"))
+    commit = type("Commit", (), {"commit_url": "https://x/me/r/commit/1"})()
+    monkeypatch.setattr(HfApi, "upload_folder", recorder(HfApi.upload_folder, calls, "upload_folder", commit))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        recorder(huggingface_hub.snapshot_download, calls, "snapshot_download", str(tmp_path)))
+    c = S.HubClient(MIRROR)
+    assert c.whoami(HF_CANARY) == "alice"
+    c.auth_check("org/m", "model", None, HF_CANARY)
+    assert c.files("org/m", "model", "abc", HF_CANARY) == {"model.safetensors": 7}
+    assert c.snapshot_download("org/d", "dataset", None, None, allow_patterns=["README.md"], progress=S._progress_class()) == str(tmp_path)
+    assert c.create_repo("me/r", True, HF_CANARY) == "https://x/me/r"
+    assert c.upload_folder("me/r", str(tmp_path), "medtune run x", HF_CANARY) == "https://x/me/r/commit/1"
+    got = dict(calls)
+    assert got["auth_check"] == {"repo_id": "org/m", "repo_type": "model"}
+    assert got["repo_info"] == {"repo_id": "org/m", "repo_type": "model", "revision": "abc", "files_metadata": True}
+    assert got["snapshot_download"]["endpoint"] == MIRROR and got["snapshot_download"]["repo_type"] == "dataset"
+    assert issubclass(got["snapshot_download"]["tqdm_class"], __import__("tqdm").std.tqdm)
+    assert got["create_repo"] == {"repo_id": "me/r", "private": True, "repo_type": "model", "exist_ok": True}
+    assert got["upload_folder"]["repo_type"] == "model" and got["upload_folder"]["commit_message"] == "medtune run x"
+
+
+def test_modelscope_client_calls_the_sdk_as_documented(monkeypatch, tmp_path):
+    import importlib
+
+    from modelscope.hub.api import HubApi
+    from modelscope_hub.api import HubApi as InnerApi  # what modelscope's HubApi forwards whoami/list_repo_files to
+
+    sd = importlib.import_module("modelscope.hub.snapshot_download")  # the module (modelscope.hub re-exports a function)
+    calls = []
+    user = type("UserInfo", (), {"username": "li"})()
+    listed = [type("FileInfo", (), {"path": "model.safetensors", "size": 9, "type": "blob"})(),
+              type("FileInfo", (), {"path": "sub", "size": 0, "type": "tree"})()]
+    monkeypatch.setattr(InnerApi, "whoami", recorder(InnerApi.whoami, calls, "whoami", user))
+    monkeypatch.setattr(InnerApi, "list_repo_files", recorder(InnerApi.list_repo_files, calls, "list_repo_files", listed))
+    monkeypatch.setattr(HubApi, "create_repo", recorder(HubApi.create_repo, calls, "create_repo"))
+    monkeypatch.setattr(HubApi, "upload_folder", recorder(HubApi.upload_folder, calls, "upload_folder"))
+    monkeypatch.setattr(sd, "snapshot_download", recorder(sd.snapshot_download, calls, "snapshot_download", str(tmp_path)))
+    monkeypatch.setattr(sd, "dataset_snapshot_download",
+                        recorder(sd.dataset_snapshot_download, calls, "dataset_snapshot_download", str(tmp_path)))
+    c = S.ModelScopeClient()
+    assert c.whoami(MS_CANARY) == "li"
+    assert c.files("LLM-Research/Llama-4-Scout-17B-16E-Instruct", "model", None, MS_CANARY) == {"model.safetensors": 9}
+    c.auth_check("LLM-Research/Llama-4-Scout-17B-16E-Instruct", "model", None, None)
+    c.snapshot_download("LLM-Research/Llama-4-Scout-17B-16E-Instruct", "model", None, MS_CANARY,
+                        ignore_patterns=["*.bin"])
+    c.snapshot_download("org/ds", "dataset", None, None, allow_patterns=["README.md"])
+    assert c.create_repo("me/r", True, MS_CANARY).endswith("/models/me/r")
+    c.upload_folder("me/r", str(tmp_path), "medtune run x", MS_CANARY)
+    got = dict(calls)
+    assert got["list_repo_files"]["repo_type"] == "model"
+    assert got["snapshot_download"]["model_id"] == "LLM-Research/Llama-4-Scout-17B-16E-Instruct"
+    assert got["snapshot_download"]["ignore_patterns"] == ["*.bin"] and got["snapshot_download"]["token"] == MS_CANARY
+    assert got["dataset_snapshot_download"]["dataset_id"] == "org/ds"
+    assert got["create_repo"]["visibility"] == "private" and got["create_repo"]["exist_ok"] is True
+    assert got["upload_folder"]["repo_id"] == "me/r"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One actionable message per failure, from the real SDK error types
+# ---------------------------------------------------------------------------------------------------------------
+
+HUB_FAILURES = [
+    # (id, method, error, token set, expected class, words the message must hold)
+    ("401-rejected", "auth_check", HfHubHTTPError("401 Unauthorized", response=response(401)), True,
+     S.TokenError, ["rejected HF_TOKEN", "HTTP 401", "settings/tokens", "export HF_TOKEN"]),
+    ("401-unset", "auth_check", HfHubHTTPError("401 Unauthorized", response=response(401)), False,
+     S.TokenError, ["HF_TOKEN is not set", "settings/tokens"]),
+    ("401-private-or-missing", "auth_check", RepositoryNotFoundError("nope", response=response(401)), False,
+     S.RepoNotFound, ["not found", "private", "HF_TOKEN is not set"]),
+    ("gated-no-token", "auth_check", GatedRepoError("gated", response=response(401)), False,
+     S.TokenError, ["gated", "HF_TOKEN is not set", "https://huggingface.co/org/model", "license"]),
+    ("gated-403", "auth_check", GatedRepoError("gated", response=response(403)), True,
+     S.AccessDenied, ["no access to the gated", "accept the license", "https://huggingface.co/org/model"]),
+    ("403", "auth_check", HfHubHTTPError("403", response=response(403)), True, S.AccessDenied, ["HTTP 403"]),
+    ("404", "auth_check", RepositoryNotFoundError("nope", response=response(404)), True,
+     S.RepoNotFound, ["not found", "HTTP 404", "Check the id"]),
+    ("revision", "auth_check", RevisionNotFoundError("no rev", response=response(404)), True,
+     S.RepoNotFound, ["revision", "model_revision"]),
+    ("429", "auth_check", HfHubHTTPError("429 Too Many Requests", response=response(429)), False,
+     S.RateLimited, ["HTTP 429", "Wait a few minutes", "resumes", "HF_TOKEN set get higher limits"]),
+    ("503", "auth_check", HfHubHTTPError("503", response=response(503)), True,
+     S.ServiceUnavailable, ["HTTP 503", "run again later"]),
+    ("connect", "auth_check", httpx2.ConnectError("[Errno -3] name resolution failed"), True,
+     S.NetworkDown, ["cannot reach", "ConnectError", "hf-mirror.com", "source: modelscope", "resumes"]),
+    ("timeout", "auth_check", httpx2.ReadTimeout("timed out"), True, S.NetworkDown, ["cannot reach", "ReadTimeout"]),
+    ("requests", "auth_check", requests.exceptions.ConnectionError("down"), True, S.NetworkDown, ["cannot reach"]),
+    ("builtin-timeout", "auth_check", TimeoutError("slow"), True, S.NetworkDown, ["cannot reach", "TimeoutError"]),
+    ("offline", "auth_check", OfflineModeIsEnabled("HF_HUB_OFFLINE=1"), True, S.NetworkDown, ["not in the local cache"]),
+    ("not-cached", "auth_check", LocalEntryNotFoundError("cannot find"), True, S.NetworkDown, ["not in the local cache"]),
+]
+
+
+@pytest.mark.parametrize("case", HUB_FAILURES, ids=[c[0] for c in HUB_FAILURES])
+def test_hub_failures_become_one_actionable_error(case, monkeypatch, tmp_path, capsys):
+    _, method, error, token, cls, words = case
+    if token:
+        monkeypatch.setenv("HF_TOKEN", HF_CANARY)
+    fake = use_fake(monkeypatch, FakeClient(tmp_path, errors={method: error}))
+    with pytest.raises(cls) as err:
+        S.get("hub", MIRROR).check_read("org/model")
+    msg = str(err.value)
+    for word in words:
+        assert word in msg, (word, msg)
+    assert HF_CANARY not in msg and HF_CANARY not in capsys.readouterr().out
+    assert err.value.__cause__ is None and err.value.__suppress_context__  # the SDK's own text is dropped
+    assert err.value.source == "hub" and err.value.repo_id == "org/model"
+    assert fake.calls[0][1]["token"] == (HF_CANARY if token else None)
+
+
+def test_push_refused_for_lack_of_write_access(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", HF_CANARY)
+    use_fake(monkeypatch, FakeClient(tmp_path, errors={"create_repo": HfHubHTTPError("403", response=response(403))}))
+    with pytest.raises(S.AccessDenied, match="may not write to me/repo .*write access"):
+        S.get("hub").push_folder(tmp_path, "me/repo", commit_message="m")
+
+
+def test_push_without_token_names_the_variable(monkeypatch, tmp_path):
+    fake = use_fake(monkeypatch, FakeClient(tmp_path), "modelscope")
+    with pytest.raises(S.TokenError, match="MODELSCOPE_API_TOKEN is not set.*modelscope.cn/my/myaccesstoken"):
+        S.get("modelscope").push_folder(tmp_path, "me/repo", commit_message="m")
+    assert fake.calls == []  # nothing was sent
+
+
+def test_modelscope_failures_from_its_error_types(monkeypatch, tmp_path):
+    from modelscope_hub import errors as E
+
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", MS_CANARY)
+    cases = [(E.AuthenticationError("bad token", status_code=401), S.TokenError, "MODELSCOPE_API_TOKEN"),
+             (E.PermissionDeniedError("denied", status_code=403), S.AccessDenied, "HTTP 403"),
+             (E.NotExistError("missing", status_code=404), S.RepoNotFound, "LLM-Research/Llama-4-Scout-17B-16E-Instruct"),
+             (E.RateLimitError("slow down"), S.RateLimited, "HTTP 429"),
+             (E.NetworkError("unreachable"), S.NetworkDown, "cannot reach"),
+             (E.RequestTimeoutError("timeout"), S.NetworkDown, "cannot reach")]
+    for error, cls, word in cases:
+        use_fake(monkeypatch, FakeClient(tmp_path, endpoint="https://www.modelscope.cn", errors={"files": error}),
+                 "modelscope")
+        with pytest.raises(cls) as err:
+            S.get("modelscope").files("LLM-Research/Llama-4-Scout-17B-16E-Instruct")
+        assert word in str(err.value) and MS_CANARY not in str(err.value), (cls, str(err.value))
+        assert "modelscope.cn" in str(err.value)
+
+
+def test_other_errors_pass_through_unchanged(monkeypatch, tmp_path):
+    use_fake(monkeypatch, FakeClient(tmp_path, errors={"files": ValueError("a bug, not the network")}))
+    with pytest.raises(ValueError, match="a bug"):
+        S.get("hub").files("org/model")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Downloads: one copy of the weights, sizes stated first, progress, resume from the cache when offline
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_model_download_takes_one_copy_of_the_weights_and_states_its_size(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("HF_TOKEN", HF_CANARY)
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
+    cfg = C.from_dict({"model": "org/m", "hub_endpoint": MIRROR, "model_revision": "v1"})
+    folder = Path(modeling.resolve_model(cfg))
+    got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert got == ["README.md", "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
+                   "tokenizer.json", "tokenizer_config.json"]
+    assert fake.endpoint == MIRROR and fake.methods() == ["files", "snapshot_download"]
+    call = fake.calls[1][1]
+    assert call["revision"] == "v1" and call["token"] == HF_CANARY and "original/*" in call["ignore_patterns"]
+    out = capsys.readouterr().out
+    assert f"org/m from {MIRROR}: 6 files, 0.00 GB" in out and "free:" in out and "transfer: hf_xet" in out
+    assert HF_CANARY not in out
+
+
+def test_download_warns_when_the_disk_is_too_small(monkeypatch, tmp_path, capsys):
+    use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
+    monkeypatch.setattr(S, "_free_bytes", lambda path: 10)
+    S.get("hub").download_model("org/m")
+    assert "WARNING: the disk" in capsys.readouterr().out
+
+
+def test_offline_download_reuses_the_cached_copy(monkeypatch, tmp_path, capsys):
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
+    first = S.get("hub").download_model("org/m")
+    fake.errors["files"] = httpx2.ConnectError("network is unreachable")
+    again = S.get("hub").download_model("org/m")
+    assert again == first and "unreachable; using the copy of org/m downloaded earlier" in capsys.readouterr().out
+    assert fake.calls[-1][1]["local_files_only"] is True
+    fake.errors["files"] = httpx2.ConnectError("network is unreachable")
+    with pytest.raises(S.NetworkDown):  # nothing cached for another repo
+        fake.repos[("model", "org/other")] = tmp_path / "m"
+        S.get("hub").download_model("org/other")
+
+
+def test_hf_hub_offline_skips_the_listing(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
+    S.get("hub").download_model("org/m")
+    assert fake.methods() == ["snapshot_download"]
+
+
+def test_select_model_files():
+    ignore, kept = S.select_model_files({"a.safetensors": 1, "pytorch_model.bin": 1, "original/x.pth": 1, "tok.json": 1})
+    assert set(kept) == {"a.safetensors", "tok.json"} and "*.bin" in ignore
+    ignore, kept = S.select_model_files({"pytorch_model.bin": 1, "model.gguf": 1})  # no safetensors: keep the .bin
+    assert set(kept) == {"pytorch_model.bin"}
+
+
+def test_dataset_files_from_the_card():
+    text = ("---\nconfigs:\n- config_name: en\n  data_files: a.json\n- config_name: zh\n  data_files:\n"
+            "  - split: train\n    path: [z1.json, z2.json]\n- config_name: mix\n  data_files: [m1.json, m2.json]\n"
+            "  default: true\n---\n")
+    assert S.dataset_files(text, "en") == ["a.json"]
+    assert S.dataset_files(text, "zh") == ["z1.json", "z2.json"]
+    assert S.dataset_files(text, None) == ["m1.json", "m2.json"]
+    assert S.dataset_files(text, "fr") is None and S.dataset_files("# no metadata", "en") is None
+
+
+def test_load_rows_from_a_hub_mirror_downloads_only_the_config(monkeypatch, tmp_path):
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache",
+                                            repos={("dataset", "Org/medical"): dataset_repo(tmp_path / "ds")}))
+    rows = data.load_rows("Org/medical", "en", "train", max_rows=10, source="hub", endpoint=MIRROR)
+    assert len(rows) == 10 and set(rows[0]) == {"Question", "Complex_CoT", "Response"}
+    expected = [json.loads(line) for line in REAL_ROWS.read_text(encoding="utf-8").splitlines()][:10]
+    assert rows == expected
+    assert fake.endpoint == MIRROR
+    downloads = [c for m, c in fake.calls if m == "snapshot_download"]
+    assert [d["allow_patterns"] for d in downloads] == [["README.md"], ["README.md", "medical_o1_sft.json"]]
+    assert all(d["repo_type"] == "dataset" for d in downloads)
+    cached = tmp_path / "cache" / "dataset" / "Org--medical"
+    assert not (cached / "medical_o1_sft_Chinese.json").exists()  # the zh file was never fetched
+    zh = data.load_rows("Org/medical", "zh", source="hub")
+    assert len(zh) == 3
+
+
+def test_prepare_uses_the_profile_source(monkeypatch, tmp_path):
+    """data.prepare hands dataset_source/hub_endpoint to the download; ModelScope serves the dataset here."""
+    from medtune.runs import RunDir
+
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", endpoint="https://www.modelscope.cn",
+                                            repos={("dataset", "Org/medical"): dataset_repo(tmp_path / "ds")}),
+                    "modelscope")
+    cfg = C.load(REPO / "params" / "smoke.yaml").replace(dataset="Org/medical", dataset_config="en",
+                                                         dataset_source="modelscope", max_rows=None)
+    run = RunDir.create(cfg, root=tmp_path / "outputs")
+    tok = type("Tok", (), {"eos_token": "<|im_end|>"})()
+    summary = data.prepare(cfg, run, tok)
+    assert summary["rows"] == 12 and summary["heldout"] == 4
+    assert fake.methods()[0] == "files" and fake.calls[0][1]["repo_type"] == "dataset"
+
+
+def test_local_source_refuses_ids(tmp_path):
+    with pytest.raises(data.DataError, match="source is 'local'"):
+        data.load_rows("Org/medical", source="local")
+    with pytest.raises(FileNotFoundError, match="source is 'local'"):
+        modeling.resolve_model(C.from_dict({"model": "org/m", "source": "local"}))
+
+
+def test_local_dataset_folder_with_its_card(tmp_path):
+    rows = data.load_rows(str(dataset_repo(tmp_path / "downloaded")), "zh", source="local")
+    assert len(rows) == 3
+
+
+def test_tokenizer_alone_downloads_only_tokenizer_files(monkeypatch, tmp_path):
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
+    with pytest.raises(Exception):  # the fake tokenizer.json is empty; what matters is what was fetched
+        modeling.load_tokenizer("org/m")
+    assert fake.calls[-1][1]["allow_patterns"] == modeling.TOKENIZER_FILES
+    cached = tmp_path / "cache" / "model" / "org--m"
+    assert not any(p.suffix in (".safetensors", ".bin") for p in cached.rglob("*"))
