@@ -1,3 +1,11 @@
+"""Preflight on a real GPU (one H200): the CUDA branches that the CPU tests monkeypatch.
+
+check_settings with real torch.cuda (bf16 support, bitsandbytes 4-bit probe on cuda) and check_memory with
+real mem_get_info for Scout on the medtune path (fits) and the walkthrough path (does not). No network: the
+config is Scout's dimensions (scout_text_config). Run as docs/bench-h200.md's "Reproduce" says:
+``python3 scripts/device/preflight_gpu.py``. Seen 2026-11-29 on one H200 (torch 2.11 cu130): settings ok;
+memory 66.6 GiB needed of 139.2 free (fast), 196.9 GiB (walkthrough) -> error naming llama4_fast: true.
+"""
 import json, sys, torch
 from medtune import config, preflight
 from medtune.llama4 import scout_text_config
