@@ -371,7 +371,7 @@ def _checkpoint_bytes(cfg: _config.RunConfig, lora_params: int) -> int:
     steps = int(cfg.sft.get("max_steps", -1) or -1)
     if steps <= 0 and cfg.max_rows:
         batch = int(_sft(cfg, "per_device_train_batch_size")) * int(cfg.sft.get("gradient_accumulation_steps", 1))
-        steps = math.ceil((cfg.max_rows - cfg.heldout_size) / batch) * int(cfg.sft.get("num_train_epochs", 3))
+        steps = math.ceil((cfg.max_rows - cfg.heldout_size) / batch) * math.ceil(float(_sft(cfg, "num_train_epochs")))
     count = math.ceil(steps / int(_sft(cfg, "save_steps"))) if steps > 0 else 1
     if cfg.sft.get("save_total_limit"):
         count = min(count, int(cfg.sft["save_total_limit"]))
