@@ -55,8 +55,8 @@ _WORDING = {
 PAPER_ANCHOR = {
     "source": "HuatuoGPT-o1 paper (Chen et al. 2024, arXiv:2412.18925)",
     "model": "Llama-3.1-8B-Instruct",
-    "note": ("a different, larger model (8B parameters), SFT on the whole dataset, full test sets, answers by "
-             "generation: context for this run's figures, not a target"),
+    "note": ("a different, larger model (8B parameters), fine-tuned on the whole dataset and evaluated on the full "
+             "test sets by generating answers; context for a run's figures, not a target"),
     "unit": "accuracy, percent",
     "medqa": {"before_sft": 58.7, "after_sft": 69.0},
     "pubmedqa": {"before_sft": 75.2, "after_sft": 77.7},
@@ -575,8 +575,9 @@ def anchor_table(run) -> str:
     f = m.get("finetuned", {}).get("benchmarks", {})
     a = PAPER_ANCHOR
     lines = [
-        f"**Context, not a target.** {a['source']}: {a['model']} is {a['note']}. This run's figures: its own model, "
-        "the items and mode in the table above. Accuracy in percent.",
+        f"**Context, not a target.** The paper's figures are for {a['model']} ({a['source']}): {a['note']}. "
+        f"This run's figures are for {run.config().model}, on the items and with the mode in the table above. "
+        "Accuracy in percent.",
         "",
         f"| benchmark | this run: baseline | this run: fine-tuned | {a['model']} before SFT (paper) | "
         f"{a['model']} after SFT (paper) |",

@@ -23,6 +23,7 @@ from medtune import pipeline
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LIMIT = 2
+NEW_TOKENS = 12  # tokens per generated answer (the smoke profile's: 24)
 
 
 def identity_adapter(run) -> None:
@@ -34,7 +35,7 @@ def identity_adapter(run) -> None:
     cfg = run.config()
     model, tokenizer = modeling.load_model(cfg)
     peft_model = get_peft_model(model, config.lora_config(cfg))
-    assert all(float(p.abs().max()) == 0.0 for n, p in peft_model.named_parameters() if "lora_B" in n)
+    assert all(float(p.detach().abs().max()) == 0.0 for n, p in peft_model.named_parameters() if "lora_B" in n)
     peft_model.save_pretrained(run.adapter_dir)
     tokenizer.save_pretrained(run.adapter_dir)
 
@@ -51,6 +52,7 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
         benchmarks={"medqa": str(bench_dir / "medqa_usmle_4op_test.jsonl"),
                     "pubmedqa": str(bench_dir / "pubmedqa_pqa_labeled_test.jsonl")},
         benchmark_limit=LIMIT, benchmark_mode="generate", eval_questions=2,
+        max_new_tokens=NEW_TOKENS,  # on CPU each NF4 forward pass costs about the same, whatever the prompt length
     )
     params = tmp_path / "smoke_benchmarks.yaml"
     params.write_text(yaml.safe_dump(profile))
@@ -72,7 +74,7 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
     for stage in ("baseline", "finetuned"):
         s = m[stage]
         # held-out generation scores: eval_questions answers, shares in [0, 1]
-        assert s["answers"] == 2 and 0 < s["mean_new_tokens"] <= 24
+        assert s["answers"] == 2 and 0 < s["mean_new_tokens"] <= NEW_TOKENS
         assert 0.0 <= s["rouge_l"] <= 1.0 and 0.0 <= s["template_share"] <= 1.0 and 0.0 <= s["stopped_with_eos"] <= 1.0
         assert s["mean_answer_chars"] >= 0 and s["examples"] == 4  # the loss still covers every held-out row
         for name in ("medqa", "pubmedqa"):
@@ -87,7 +89,7 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
             assert [p["answer"] for p in preds] == gold[name]
             for p, item in zip(preds, items[name]):  # the recorded letter is the rule applied to the saved output
                 assert p["predicted"] == B.extract_choice(p["output"], item.options)
-                assert p["parsed"] == (p["predicted"] is not None) and 1 <= p["new_tokens"] <= 24
+                assert p["parsed"] == (p["predicted"] is not None) and 1 <= p["new_tokens"] <= NEW_TOKENS
             assert sum(not p["parsed"] for p in preds) == r["unparsed"]
             assert sum(p["correct"] for p in preds) == r["correct"]
     assert m["finetuned"]["paper_anchor"] == json.loads(json.dumps(B.PAPER_ANCHOR))
