@@ -289,7 +289,7 @@ def _nf4_dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, shape: tu
     absmax float32 (n/64,), returns (``shape``) with n elements, or None when Triton is unavailable.
 
     Same arithmetic as bitsandbytes' CUDA ``kDequantizeBlockwise`` for NF4 (float32 ``code[q] * absmax``, rounded
-    to ``dtype`` once), so the result is bit-identical (checked on the GPU by scripts/device/perf_moe.py); it
+    to ``dtype`` once), so the result is bit-identical (checked on the GPU by scripts/device/check_triton_dequant.py and, at commit 5f21210, perf_moe.py); it
     exists because that kernel reaches ~2.2 TB/s on an H200 on these sizes, this one closer to the copy bandwidth.
     """
     built = _triton_nf4_kernel()
@@ -516,7 +516,7 @@ class Llama4NF4Experts(nn.Module):
         ``dequantize_4bit`` call (on CUDA in bf16/fp16 with ``triton_dequant``: one call of the equivalent Triton
         kernel, :func:`_nf4_dequantize_triton`): (G, H, 2I) for gate_up, (G, I, H) for down, G = stop - start.
         Bit-identical to dequantizing each expert with its own QuantState (tests/test_llama4.py; Triton: on the
-        GPU, scripts/device/perf_moe.py)."""
+        GPU with a one-off script, scripts/device/perf_moe.py at commit 5f21210)."""
         import bitsandbytes.functional as bnbf
 
         stop = self.num_experts if stop is None else stop
