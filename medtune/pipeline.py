@@ -30,6 +30,29 @@ class KernelDied(RuntimeError):
         self.notebook = notebook
 
 
+def kernel_manager_class():
+    """The kernel manager papermill starts each notebook's kernel with: jupyter_client's own, over IPC sockets.
+
+    jupyter_client's default transport is TCP on loopback, which any process on the machine can reach (rented GPU
+    boxes are often shared), and ipykernel 7 warns about it in every headless run ("Kernel is running over TCP
+    without encryption"). Unix-domain (IPC) sockets sit beside the kernel's connection file, in Jupyter's per-user
+    runtime folder (mode 0700). Windows has no IPC transport there: TCP is kept.
+
+    Returns:
+        A subclass of ``jupyter_client.manager.AsyncKernelManager`` (nbclient's default) whose ``transport``
+        defaults to ``"ipc"`` (``"tcp"`` on Windows).
+    """
+    from jupyter_client.manager import AsyncKernelManager
+    from traitlets import default
+
+    class IPCKernelManager(AsyncKernelManager):
+        @default("transport")
+        def _default_transport(self) -> str:
+            return "tcp" if os.name == "nt" else "ipc"
+
+    return IPCKernelManager
+
+
 def notebooks(folder: Path | None = None) -> list[Path]:
     """The pipeline's notebooks in run order (``NN_*.ipynb``)."""
     folder = folder or project_root() / "notebooks"
@@ -94,6 +117,7 @@ def run_all(params: str | Path, resume: str | Path | None = None, notebooks_dir:
                 str(nb), str(executed),
                 parameters={"PARAMS": str(params), "RUN_DIR": str(run.path)},
                 kernel_name="python3", cwd=str(nb.parent), progress_bar=False, log_output=False,
+                kernel_manager_class=kernel_manager_class(),
             )
         except DeadKernelError as err:
             count = mark_dead_kernel(nb, executed, run)

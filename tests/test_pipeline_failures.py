@@ -123,3 +123,18 @@ def test_dotenv_is_ignored_by_git():
     for name in (".env", ".env.local"):
         done = subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT, capture_output=True)
         assert done.returncode == 0, f"{name} is not ignored by git (.gitignore)"
+
+
+def test_kernels_run_over_ipc_sockets_not_loopback_tcp(tmp_path, monkeypatch, capfd):
+    """The pipeline starts kernels over Unix-domain sockets (medtune.pipeline.kernel_manager_class): nothing listens
+    on a loopback TCP port another user of the machine could reach, and ipykernel's "running over TCP without
+    encryption" warning is not printed once per notebook. Fails when the kernel manager goes back to TCP."""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    books = tmp_path / "notebooks"
+    notebook(books, "00_transport", "from ipykernel.kernelapp import IPKernelApp\n"
+                                    "app = IPKernelApp.instance()\nprint('TRANSPORT', app.transport)")
+    run = pipeline.run_all(SMOKE, notebooks_dir=books)
+    out, err = capfd.readouterr()
+    executed = (run.notebooks_dir / "00_transport.ipynb").read_text()
+    assert "TRANSPORT ipc" in executed
+    assert "without encryption" not in out + err
