@@ -177,6 +177,9 @@ def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}.")
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} is a {type(key).__name__}; keys are setting names such as "
+                              f"'max_new_tokens' (see params/default.yaml).")
         if key not in _FIELDS:
             raise _unknown(key, _FIELDS, source)
         hint = _HINTS[key]
@@ -188,6 +191,8 @@ def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
         valid = _library_fields(section)
         hints = _library_hints(section)
         for key, value in (data.get(section, {}) or {}).items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: section '{section}': key {key!r} is a {type(key).__name__}, not a name.")
             if key not in valid:
                 raise _unknown(key, valid, f"{source}: section '{section}'")
             if key in hints and value is not None and not _type_ok(value, hints[key]):
@@ -213,7 +218,27 @@ def _is_number(text: str) -> bool:
         return False
 
 
+_PROFILE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
 def _check_values(cfg: RunConfig, source: str) -> None:
+    import re
+
+    if not re.fullmatch(_PROFILE_NAME, cfg.profile):
+        raise ConfigError(
+            f"{source}: 'profile' is written into the run folder's name, so it must be 1-64 letters, digits, '.', '_' "
+            f"or '-' (starting with a letter or digit), got {cfg.profile!r}."
+        )
+    for key in ("model", "dataset"):
+        if not getattr(cfg, key).strip():
+            raise ConfigError(f"{source}: '{key}' is empty: give a Hub id (owner/name), a local path, or "
+                              f"package:<pkg>/<file> (see params/default.yaml).")
+    if cfg.push and not cfg.hub_repo_id:
+        raise ConfigError(
+            f"{source}: 'push' is true but 'hub_repo_id' is not set, so 07 would fail after training. Fix: set "
+            "hub_repo_id (e.g. you/llama4-scout-medical-qlora), or push: false for a dry run (07 then writes the "
+            "folder it would upload)."
+        )
     positive = ("heldout_size", "max_new_tokens", "generation_batch_size", "eval_batch_size")
     for key in positive:
         if getattr(cfg, key) < 1:
@@ -234,6 +259,48 @@ def _check_values(cfg: RunConfig, source: str) -> None:
             raise ConfigError(f"{source}: '{key}' must be at least 1 (or null for all), got {getattr(cfg, key)}.")
     _check_benchmarks(cfg.benchmarks, source)
     _check_combinations(cfg, source)
+    _check_library_sections(cfg, source)
+
+
+def _check_library_sections(cfg: RunConfig, source: str) -> None:
+    """Build the libraries' own config objects from the sections now, so that a value they reject (an unknown
+    ``sft.optim``, say) stops the run at load, not in 05 after the model loads and the baseline runs. Then the ranges
+    the libraries accept but cannot train with (``lora.r: 0``, ``lora_dropout: 1.5``, ``learning_rate: -1`` ...).
+
+    ``SFTConfig`` is built with ``use_cpu=True`` here, so the result does not depend on this machine: whether the
+    device can run ``bf16`` is preflight's check (:func:`medtune.preflight.check_settings`).
+
+    Raises:
+        ConfigError: naming the section, the key and what is accepted.
+    """
+    import tempfile
+
+    bnb_config(cfg)
+    lora_config(cfg)
+    sft_config(cfg, Path(tempfile.gettempdir()) / "medtune-config-check", use_cpu=True)
+    ranges = [  # (section, key, ok(value), what is accepted)
+        ("lora", "r", lambda v: v >= 1, "an integer >= 1 (walkthrough: 64)"),
+        ("lora", "lora_alpha", lambda v: v > 0, "> 0 (walkthrough: 16)"),
+        ("lora", "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1) (walkthrough: 0.05)"),
+        ("sft", "learning_rate", lambda v: v > 0, "> 0 (walkthrough: 2.0e-4)"),
+        ("sft", "per_device_train_batch_size", lambda v: v >= 1, "an integer >= 1 (walkthrough: 1)"),
+        ("sft", "gradient_accumulation_steps", lambda v: v >= 1, "an integer >= 1 (walkthrough: 2)"),
+        ("sft", "num_train_epochs", lambda v: v > 0, "> 0 (walkthrough: 1)"),
+        ("sft", "max_length", lambda v: v is None or v >= 1, "an integer >= 1, or null for no limit"),
+        ("sft", "max_steps", lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 to train num_train_epochs"),
+    ]
+    for section, key, ok, accepted in ranges:
+        values = getattr(cfg, section)
+        if key in values and not (values[key] is None and key == "max_length"):
+            value = values[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                raise ConfigError(f"{source}: '{section}.{key}' must be {accepted}, got {value!r}.")
+    modules = cfg.lora.get("target_modules")
+    if isinstance(modules, str) and "," in modules:
+        raise ConfigError(
+            f"{source}: 'lora.target_modules' is the text {modules!r}; PEFT reads a text as one regular expression. "
+            f"Fix: a YAML list, e.g. target_modules: [q_proj, k_proj, v_proj]."
+        )
 
 
 def _check_combinations(cfg: RunConfig, source: str) -> None:
@@ -285,6 +352,23 @@ def _check_benchmarks(benchmarks: dict, source: str) -> None:
             )
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own construct_mapping reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load(path: str | Path, **overrides: Any) -> RunConfig:
     """Read a profile YAML and apply ``overrides`` (notebook parameters; ``None`` means "keep the profile's").
 
@@ -296,15 +380,20 @@ def load(path: str | Path, **overrides: Any) -> RunConfig:
         The validated, frozen :class:`RunConfig`.
 
     Raises:
-        ConfigError: the file is missing or not YAML, or a key or type is wrong (the message names it).
+        ConfigError: the file is missing, empty, not UTF-8 or not YAML, a key is given twice, or a key or type is
+            wrong (the message names it).
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"profile not found: {path}. Pass an existing params/<profile>.yaml (see params/).")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}).") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        raise ConfigError(f"{path}: the profile is empty. Start from a copy of params/default.yaml.")
     cfg = from_dict(data, source=str(path))
     return cfg.replace(**overrides) if overrides else cfg
 

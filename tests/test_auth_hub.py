@@ -4,6 +4,8 @@ folder is exactly the adapter, the tokenizer and a model card."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -301,9 +303,14 @@ def test_modelscope_sourced_run_names_the_hub_base(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_push_true_without_repo_id(tmp_path, monkeypatch):
+    """Refused when the settings load (00), before any training; hub.push keeps its own check for a config built
+    some other way."""
     monkeypatch.setenv("HF_TOKEN", CANARY)
-    cfg = C.load(PARAMS / "smoke.yaml").replace(push=True)
+    with pytest.raises(C.ConfigError, match="hub_repo_id"):
+        C.load(PARAMS / "smoke.yaml").replace(push=True)
+    cfg = C.load(PARAMS / "smoke.yaml")
     run = with_adapter(cfg, tmp_path)
+    cfg = dataclasses.replace(cfg, push=True)  # bypasses the load-time check
     with pytest.raises(C.ConfigError) as err:
         H.push(cfg, run)
     assert "hub_repo_id" in str(err.value)

@@ -234,10 +234,76 @@ def test_missing_file_names_path(tmp_path):
     assert "not found" in str(err.value)
 
 
-def test_empty_file_is_the_dataclass_defaults(tmp_path):
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n"])
+def test_empty_profile_is_an_error_not_every_default(tmp_path, text):
+    """An empty file would otherwise run as every dataclass default (1200 new tokens, device auto...)."""
     path = tmp_path / "empty.yaml"
-    path.write_text("", encoding="utf-8")
-    assert C.load(path) == C.RunConfig()
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(C.ConfigError, match=r"empty.yaml: the profile is empty\. Start from a copy of params/default.yaml"):
+        C.load(path)
+
+
+def test_key_given_twice_is_an_error_naming_both_lines(tmp_path):
+    path = tmp_path / "twice.yaml"
+    path.write_text("profile: x\nmax_new_tokens: 24\nseed: 1\nmax_new_tokens: 48\n", encoding="utf-8")
+    with pytest.raises(C.ConfigError, match=r"twice.yaml: not valid YAML: .*'max_new_tokens' is given twice \(line 2 and line 4\)"):
+        C.load(path)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("lora:\n  r: 8\n  r: 16\n", encoding="utf-8")
+    with pytest.raises(C.ConfigError, match=r"'r' is given twice \(line 2 and line 3\)"):
+        C.load(nested)
+
+
+def test_non_text_key_is_an_error(tmp_path):
+    path = tmp_path / "int.yaml"
+    path.write_text("123: y\n", encoding="utf-8")
+    with pytest.raises(C.ConfigError, match=r"int.yaml: key 123 is a int; keys are setting names"):
+        C.load(path)
+
+
+@pytest.mark.parametrize("name", ["../../evil", "a b/c", "", "-x", "x" * 65, "run/1"])
+def test_profile_name_must_be_safe_in_a_folder_name(name):
+    with pytest.raises(C.ConfigError, match=r"'profile' is written into the run folder's name"):
+        C.from_dict({"profile": name})
+
+
+@pytest.mark.parametrize("key", ["model", "dataset"])
+def test_empty_model_or_dataset(key):
+    with pytest.raises(C.ConfigError, match=rf"'{key}' is empty: give a Hub id"):
+        C.from_dict({key: "  "})
+
+
+def test_push_without_repo_id_fails_at_load_not_in_07():
+    with pytest.raises(C.ConfigError, match=r"'push' is true but 'hub_repo_id' is not set, so 07 would fail after training"):
+        C.load(PARAMS / "smoke.yaml").replace(push=True)
+    assert C.load(PARAMS / "smoke.yaml").replace(push=True, hub_repo_id="me/x").push is True
+
+
+@pytest.mark.parametrize(("section", "key", "value", "message"), [
+    ("sft", "optim", "adamm", "section 'sft': adamm is not a valid OptimizerNames"),
+    ("lora", "r", 0, "'lora.r' must be an integer >= 1"),
+    ("lora", "r", -8, "'lora.r' must be an integer >= 1"),
+    ("lora", "lora_dropout", 1.5, "'lora.lora_dropout' must be in [0, 1)"),
+    ("lora", "lora_alpha", 0, "'lora.lora_alpha' must be > 0"),
+    ("lora", "target_modules", "q_proj, k_proj", "PEFT reads a text as one regular expression. Fix: a YAML list"),
+    ("sft", "learning_rate", -1.0, "'sft.learning_rate' must be > 0"),
+    ("sft", "gradient_accumulation_steps", 0, "'sft.gradient_accumulation_steps' must be an integer >= 1"),
+    ("sft", "max_length", 0, "'sft.max_length' must be an integer >= 1, or null"),
+    ("sft", "max_steps", 0, "'sft.max_steps' must be an integer >= 1, or -1"),
+])
+def test_library_values_are_checked_at_load_not_in_05(section, key, value, message):
+    """Values the libraries reject, or accept but cannot train with, stop the run when the profile loads (00), not
+    in 05 after the model load and the baseline."""
+    cfg = C.load(PARAMS / "smoke.yaml")
+    with pytest.raises(C.ConfigError) as err:
+        cfg.replace(**{section: {**getattr(cfg, section), key: value}})
+    assert message in str(err.value)
+
+
+def test_bf16_on_this_cpu_is_left_to_preflight():
+    """The load-time check builds SFTConfig with use_cpu=True: a GPU profile still loads on a CPU box (preflight
+    reports bf16 there, with the fix)."""
+    assert C.load(PARAMS / "scout.yaml").sft["bf16"] is True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -302,9 +368,8 @@ def test_bnb_compute_dtype_string_to_torch(name, dtype):
 @pytest.mark.parametrize("bad", ["bfloat17", "Tensor", "tensor", ""])
 def test_bnb_bad_dtype_string(bad):
     cfg = C.load(PARAMS / "default.yaml")
-    cfg = cfg.replace(quantization={**cfg.quantization, "bnb_4bit_compute_dtype": bad})
-    with pytest.raises(C.ConfigError) as err:
-        C.bnb_config(cfg)
+    with pytest.raises(C.ConfigError) as err:  # at load: the section is built then (and again in 01)
+        cfg.replace(quantization={**cfg.quantization, "bnb_4bit_compute_dtype": bad})
     assert f"'{bad}'" in str(err.value)
     assert "bnb_4bit_compute_dtype" in str(err.value)
 
@@ -314,9 +379,8 @@ def test_empty_quantization_means_no_quantization():
 
 
 def test_lora_library_rejection_names_section():
-    cfg = C.from_dict({"lora": {"r": 8, "layers_pattern": "layers", "target_modules": ["q_proj"]}})
-    with pytest.raises(C.ConfigError) as err:
-        C.lora_config(cfg)
+    with pytest.raises(C.ConfigError) as err:  # at load: the section is built then (and again in 05)
+        C.from_dict({"lora": {"r": 8, "layers_pattern": "layers", "target_modules": ["q_proj"]}})
     assert "section 'lora'" in str(err.value)
     assert "layers_to_transform" in str(err.value)
 
