@@ -11,6 +11,7 @@ reasoning and the answer itself.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import importlib.util
 import json
@@ -101,6 +102,12 @@ def _package_path(spec: str) -> Path:
 BAD_ROW_POLICIES = ("skip", "fail")
 LISTED = 20  # bad rows spelled out in an error message (all of them are in the report)
 _MAGIC = {b"PAR1": "Parquet", b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"SQLite format": "SQLite", b"ARROW1": "Arrow"}
+_EXPECTED = ("a JSONL file (one JSON object a line with Question, Complex_CoT, Response), a Hub dataset id owner/name "
+             "(e.g. FreedomIntelligence/medical-o1-reasoning-SFT), a folder holding a downloaded Hub dataset (JSONL, JSON "
+             "or Parquet files; its README.md names the configs), or package:<pkg>/<file>")
+# Byte-order marks of the wide encodings; UTF-32's come first (UTF-32LE's starts with UTF-16LE's).
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32BE"),
+         (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE"))
 _CONVERT = ("convert it to JSONL (one JSON object a line with Question, Complex_CoT, Response), e.g. with pandas: "
             "pd.read_{kind}('{path}').to_json('rows.jsonl', orient='records', lines=True, force_ascii=False)")
 
@@ -149,11 +156,30 @@ class RowReport:
     kept: list = dataclasses.field(default_factory=list)
     policy: str = "fail"
 
-    def summary(self) -> dict:
-        """For metrics.json: ``{"policy", "read", "skipped", "skipped_rows": [{"line"|"row": n, "reason"}]}``."""
-        skipped = self.bad if self.policy == "skip" else []
-        return {"policy": self.policy, "read": self.read, "skipped": len(skipped),
-                "skipped_rows": [{self.unit: n, "reason": why} for n, why in skipped]}
+    def skipped_rows(self) -> list[dict]:
+        """Every skipped row as ``{"line"|"row": n, "reason": why}``, in file order (none with ``bad_rows: fail``)."""
+        return [{self.unit: n, "reason": why} for n, why in self.bad] if self.policy == "skip" else []
+
+    def summary(self, limit: int | None = LISTED, file: str | Path | None = None) -> dict:
+        """For notebook 03 and metrics.json: ``{"policy", "read", "skipped", "skipped_rows": [{"line"|"row": n,
+        "reason"}]}``, the count whole and the list cut to its first ``limit`` rows (None: all).
+
+        When the list is cut, ``"skipped_rows_more"`` says so (``"and 99,980 more: all 100,000 are in <file>"``);
+        ``"skipped_rows_file"`` is ``file``, the complete list written by :meth:`write_skipped`, when given.
+        """
+        skipped = self.skipped_rows()
+        out = {"policy": self.policy, "read": self.read, "skipped": len(skipped),
+               "skipped_rows": skipped if limit is None else skipped[:limit]}
+        more = len(skipped) - len(out["skipped_rows"])
+        if more:
+            out["skipped_rows_more"] = f"and {more:,} more" + (f": all {len(skipped):,} are in {file}" if file else "")
+        if file:
+            out["skipped_rows_file"] = str(file)
+        return out
+
+    def write_skipped(self, path: str | Path) -> Path:
+        """Write every skipped row (:meth:`skipped_rows`: number and reason, one JSON object a line) to ``path``."""
+        return write_jsonl(self.skipped_rows(), path)
 
     def listing(self, limit: int | None = LISTED) -> str:
         shown = self.bad if limit is None else self.bad[:limit]
@@ -163,9 +189,35 @@ class RowReport:
         return "\n".join(lines)
 
 
+def _wide_encoding(head: bytes) -> tuple[str, bool] | None:
+    """``(codec, has_bom)`` when ``head`` is UTF-16 or UTF-32 text (by its byte-order mark, or without one by its
+    NUL bytes: ASCII text in UTF-16LE has a NUL after every character), else None."""
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return codec, True
+    if b"\x00" not in head:
+        return None
+    for codec in ("UTF-32LE", "UTF-32BE", "UTF-16LE", "UTF-16BE"):
+        try:  # incremental: a character cut at the end of the head is not an error
+            text = codecs.getincrementaldecoder(codec)().decode(head, final=False)
+        except UnicodeDecodeError:
+            continue
+        ascii_text = sum(1 for c in text if c < "\x7f" and (c.isprintable() or c in "\t\r\n"))
+        if text.strip() and "\x00" not in text and ascii_text >= 0.2 * len(text):  # JSON's syntax and keys are ASCII
+            return codec, False
+    return None
+
+
 def _not_jsonl(path: Path, raw: bytes) -> str | None:
-    """Why the file as a whole is not JSONL (binary, CSV, one JSON document), or None when it may be."""
+    """Why the file as a whole is not JSONL (UTF-16/UTF-32 text, binary, CSV, one JSON document), or None when it
+    may be."""
     head = raw[:8192]
+    wide = _wide_encoding(head)
+    if wide:
+        codec, bom = wide
+        return (f"the file is {codec[:6]} encoded ({codec}{', with a byte-order mark' if bom else ''}), not UTF-8: "
+                f"save it as UTF-8, e.g. iconv -f {codec[:6] if bom else codec} -t UTF-8 {path} > rows.jsonl "
+                "(or in the editor: save with encoding UTF-8).")
     for magic, kind in _MAGIC.items():
         if head.startswith(magic):
             how = _CONVERT.format(kind="parquet", path=path) if kind == "Parquet" else "convert it to JSONL"
@@ -205,11 +257,14 @@ def read_records(path: str | Path) -> Records:
     """Read a dataset file: JSONL (numbered by line), or, for a ``.json`` file, one JSON array (numbered by position).
 
     A line that is not valid JSON or not UTF-8 is kept as an :class:`Unreadable` (a bad row, reported by
-    :func:`validate_rows`); blank lines are skipped but counted, so numbers are the file's line numbers.
+    :func:`validate_rows`); blank lines are skipped but counted, so numbers are the file's line numbers. Lines end
+    with LF or CRLF; a file without any LF has its lines end with CR only (old Mac style) and is read by CR (JSON
+    text cannot hold a raw CR inside a string, so no row is cut).
 
     Raises:
-        DataError: the file is missing, or is not JSONL at all (binary, CSV, a JSON array in a ``.jsonl`` file, one
-            JSON document over several lines, or no line that parses): the message says what it is and the fix.
+        DataError: the file is missing, or is not JSONL at all (UTF-16 or UTF-32 text, binary, CSV, a JSON array in a
+            ``.jsonl`` file, one JSON document over several lines, or no line that parses): the message says what it
+            is and the fix.
     """
     path = Path(path)
     if not path.is_file():
@@ -226,7 +281,8 @@ def read_records(path: str | Path) -> Records:
     if why:
         raise DataError(f"{path}: {why}")
     items: list[tuple[int, object]] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    newline = b"\n" if b"\n" in raw or b"\r" not in raw else b"\r"
+    for number, line in enumerate(raw.split(newline), start=1):
         if number == 1:
             line = line.removeprefix(b"\xef\xbb\xbf")
         try:
@@ -277,6 +333,13 @@ def _field_problems(row: object) -> str | None:
             problems.append(f"field '{field}' is {type(value).__name__}, not a string")
         elif not value.strip():
             problems.append(f"field '{field}' is empty")
+        else:
+            try:  # JSON's escape \ud800 without its pair parses to a lone surrogate, which no tokenizer takes
+                value.encode("utf-8")
+            except UnicodeEncodeError as err:
+                problems.append(f"field '{field}' is not valid Unicode (lone surrogate \\u{ord(value[err.start]):04x} "
+                                f"at character {err.start + 1}; remove it, or write the character or its whole "
+                                "surrogate pair)")
     return "; ".join(problems) or None
 
 
@@ -285,8 +348,9 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
     """Check every row, then keep the good ones (``bad_rows: skip``) or stop on any bad one (``bad_rows: fail``).
 
     A row is bad when: its line is not JSON or not UTF-8; it is not a JSON object; a field of ``FIELDS`` is missing,
-    null, not a string, or blank; its Question (stripped) repeats an earlier row's; or its formatted training text
-    is longer than ``max_length`` tokens (truncation would cut the reasoning's end, the answer and the EOS).
+    null, not a string, blank, or not valid Unicode (a lone surrogate escape such as ``\\ud800``); its Question
+    (stripped) repeats an earlier row's; or its formatted training text is longer than ``max_length`` tokens
+    (truncation would cut the reasoning's end, the answer and the EOS).
 
     Args:
         rows: a :class:`Records` (numbered by line) or plain values (numbered 1, 2, ... as "row").
@@ -335,7 +399,7 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
         raise DataError(
             f"{source}: {len(rep.bad)} of {len(records)} rows cannot be used (bad_rows: fail), by {records.unit} "
             f"number:\n{rep.listing()}\nFix them in the data, or set bad_rows: skip in the profile to leave them "
-            "out (each skipped row is then listed in 03 and in metrics.json)"
+            "out (each skipped row is then listed in 03 and in the run's data/skipped_rows.jsonl)"
             + (", or raise sft.max_length (more memory per step)." if over else ".")
         )
     if rep.bad:
@@ -366,17 +430,18 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
         ``bad_rows: skip``).
 
     Raises:
-        DataError: not a JSONL file, bad rows with ``bad_rows: fail`` (each named by number, with the reason),
-            fewer than 2 usable rows, or ``source: local``
-            with a path that does not exist. medtune.sources.SourceError: the download failed (names the fix).
+        DataError: ``dataset`` is empty, not a JSONL file, a folder that ``datasets`` cannot read (no data files, a
+            file that does not parse, an unknown config), bad rows with ``bad_rows: fail`` (each named by number,
+            with the reason), fewer than 2 usable rows, or ``source: local`` with a path that does not exist.
+            medtune.sources.SourceError: the download failed (names the fix).
     """
+    if not isinstance(dataset, str) or not dataset.strip():
+        raise DataError(f"dataset is {dataset!r}: nothing to read. Set dataset: in the profile to {_EXPECTED}.")
     if dataset.startswith("package:"):
         path = _package_path(dataset)
         raw, source = read_records(path), str(path)
     elif Path(dataset).is_dir():  # a dataset repo downloaded by hand (its README.md says which files are which config)
-        import datasets
-
-        ds = datasets.load_dataset(str(dataset), config_name, split=split)
+        ds = _load_folder(Path(dataset), config_name, split)
         raw, source = ds.select(range(min(len(ds), max_rows or len(ds)))).to_list(), dataset
     elif dataset.endswith((".jsonl", ".json")) or Path(dataset).exists():
         raw, source = read_records(dataset), dataset
@@ -398,6 +463,35 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
         raise DataError(f"{source}: {len(rows)} usable rows of {len(raw)}; at least 2 are needed (one to train, one "
                         "held out)." + (" The others were skipped as bad rows (listed above)." if len(raw) > len(rows) else ""))
     return rows
+
+
+def _load_folder(folder: Path, config_name: str | None, split: str):
+    """A dataset folder (a Hub dataset repo downloaded by hand) read with ``datasets.load_dataset``.
+
+    Raises:
+        DataError: the folder holds no data files, a file in it does not parse (names the folder's files and says
+            to give the file itself, whose bad rows are then listed by line), or the config or split is unknown.
+    """
+    import datasets
+
+    files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    found = ", ".join(files[:10]) + (f", ... ({len(files)} files)" if len(files) > 10 else "") if files else "nothing"
+    data_files = [f for f in files if f.endswith((".jsonl", ".json"))]
+    try:
+        return datasets.load_dataset(str(folder), config_name, split=split)
+    except (FileNotFoundError, datasets.exceptions.DataFilesNotFoundError) as err:  # EmptyDatasetError among them
+        raise DataError(f"{folder}: the folder holds no data files (in it: {found}; datasets says: {err}). Give "
+                        f"{_EXPECTED}.") from None
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err
+        which = f" as dataset: (e.g. {folder / data_files[0]})" if data_files else ""
+        raise DataError(f"{folder}: a data file in the folder cannot be read ({type(cause).__name__}: {cause}; "
+                        f"files: {found}). Give the file itself{which} to have each bad row listed by line, or fix "
+                        "the file.") from None
+    except ValueError as err:  # unknown config or split
+        raise DataError(f"{folder}: {err} (dataset_config: {config_name!r}, dataset_split: {split!r}). Set "
+                        "dataset_config and dataset_split in the profile to ones the folder has.") from None
 
 
 def split_heldout(rows: list[dict], heldout_rows: Iterable[int], heldout_size: int, seed: int) -> tuple[list[dict], list[dict]]:
@@ -473,25 +567,40 @@ def token_lengths(tokenizer, language: str = "en", chunk: int = 512):
 def prepare(cfg, run, tokenizer) -> dict:
     """Notebook 03 in one call: read and check rows, split, save held-out + formatted training data to the run.
 
-    Bad rows (:func:`validate_rows`: unreadable, missing/empty/non-string fields, duplicate questions, and training
-    texts longer than ``sft.max_length`` tokens of ``tokenizer``) stop here with ``bad_rows: fail``, or are left out
-    and listed with ``bad_rows: skip``. ``heldout_rows`` and each saved row's ``"row"`` stay dataset row indices
+    Bad rows (:func:`validate_rows`: unreadable, missing/empty/non-string/invalid-Unicode fields, duplicate
+    questions, and training texts longer than ``sft.max_length`` tokens of ``tokenizer``) stop here with ``bad_rows:
+    fail``, or are left out and listed with ``bad_rows: skip``: every one of them, number and reason, in
+    ``run.skipped_rows_path`` (``data/skipped_rows.jsonl``), the first :data:`LISTED` in the summary. ``heldout_rows`` and each saved row's ``"row"`` stay dataset row indices
     (0-based, bad rows counted), so skipping rows never shifts which questions are held out; a held-out row that
     was skipped is said so and not held out. (A tokenizer stand-in that cannot be called skips the length check.)
 
     Returns:
         ``{"rows", "train", "heldout", "heldout_rows", "bad_rows", "first_text"}``: rows used, training and held-out
-        counts, held-out row indices, :meth:`RowReport.summary` (policy, rows read, each skipped row's number and
-        reason), and the first formatted training text.
+        counts, held-out row indices, :meth:`RowReport.summary` (policy, rows read, rows skipped, the first
+        :data:`LISTED` skipped rows' number and reason, and the file listing all of them), and the first formatted
+        training text.
 
     Raises:
         DataError: see :func:`load_rows` and :func:`split_heldout`.
     """
     report = RowReport()
     lengths = token_lengths(tokenizer, cfg.language) if callable(tokenizer) else None
-    rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows,
-                     source=cfg.dataset_source or cfg.source, endpoint=cfg.hub_endpoint, bad_rows=cfg.bad_rows,
-                     lengths=lengths, max_length=sft_max_length(cfg), report=report)
+    skipped_file = None
+    try:
+        rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows,
+                         source=cfg.dataset_source or cfg.source, endpoint=cfg.hub_endpoint, bad_rows=cfg.bad_rows,
+                         lengths=lengths, max_length=sft_max_length(cfg), report=report)
+    except DataError as err:
+        if report.skipped_rows():  # too few rows left: the complete list of the skipped ones is still kept
+            raise DataError(f"{err} All {len(report.bad):,} skipped rows (number and reason) are in "
+                            f"{report.write_skipped(run.skipped_rows_path)}.") from None
+        raise
+    finally:
+        if not report.skipped_rows():
+            run.skipped_rows_path.unlink(missing_ok=True)  # none from an earlier 03 of this run stays behind
+    if report.skipped_rows():
+        skipped_file = report.write_skipped(run.skipped_rows_path)
+        print(f"all {len(report.bad):,} skipped rows (number and reason, one a line): {skipped_file}")
     position = {index: p for p, index in enumerate(report.kept)}
     fixed = []
     for r in dict.fromkeys(cfg.heldout_rows):
@@ -510,7 +619,7 @@ def prepare(cfg, run, tokenizer) -> dict:
     write_jsonl(formatted, run.train_data_path)
     first = formatted[0]["prompt"] + formatted[0]["completion"]
     return {"rows": len(rows), "train": len(train), "heldout": len(heldout), "heldout_rows": [r["row"] for r in heldout],
-            "bad_rows": report.summary(), "first_text": first}
+            "bad_rows": report.summary(file=skipped_file), "first_text": first}
 
 
 def read_split(run) -> tuple[list[dict], list[dict]]:

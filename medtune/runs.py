@@ -12,6 +12,7 @@ Layout::
         notebooks/           executed notebooks (the reports), written by the pipeline
         data/heldout.jsonl   held-out examples (never trained on)
         data/train.jsonl     training examples, formatted
+        data/skipped_rows.jsonl  every row left out with bad_rows: skip (number and reason), when there are any
         baseline.jsonl       un-tuned answers to the held-out questions (04)
         finetuned.jsonl      answers with the adapter (06)
         checkpoints/         SFT checkpoints (05)
@@ -65,6 +66,7 @@ class RunDir:
     notebooks_dir = property(lambda self: self.path / "notebooks")
     heldout_path = property(lambda self: self.path / "data" / "heldout.jsonl")
     train_data_path = property(lambda self: self.path / "data" / "train.jsonl")
+    skipped_rows_path = property(lambda self: self.path / "data" / "skipped_rows.jsonl")
     baseline_path = property(lambda self: self.path / "baseline.jsonl")
     finetuned_path = property(lambda self: self.path / "finetuned.jsonl")
     checkpoints_dir = property(lambda self: self.path / "checkpoints")

@@ -111,6 +111,54 @@ def test_line_that_is_not_utf8(tmp_path):
     assert len(D.load_rows(str(path), bad_rows="skip")) == 2
 
 
+SURROGATE = "field 'Question' is not valid Unicode (lone surrogate \\ud800 at character 1; remove it, or write the character or its whole surrogate pair)"
+
+
+@pytest.mark.parametrize("policy", ["fail", "skip"])
+def test_lone_surrogate_escape_is_a_bad_row_not_a_tokenizer_crash(tmp_path, policy, llama4_tokenizer, capsys):
+    """``"\\ud800 x"`` is valid JSON but not valid Unicode; the tokenizer (the length check) would raise TypeError."""
+    lines = [json.dumps(row("a")), '{"Question": "\\ud800 x", "Complex_CoT": "c", "Response": "r"}',
+             json.dumps(row("b", resp="ok \ud83d\ude00"))]  # a whole pair (an emoji) is fine
+    path = write(tmp_path, lines)
+    lengths = D.token_lengths(llama4_tokenizer)
+    if policy == "fail":
+        with pytest.raises(D.DataError) as err:
+            D.load_rows(str(path), lengths=lengths, max_length=4096)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: 1 of 3 rows cannot be used (bad_rows: fail), by line number:\n")
+        assert f"  line 2: {SURROGATE}\n" in msg and "Fix them in the data, or set bad_rows: skip" in msg
+    else:
+        report = D.RowReport()
+        rows = D.load_rows(str(path), bad_rows="skip", lengths=lengths, max_length=4096, report=report)
+        assert [r["Question"] for r in rows] == ["a", "b"] and rows[1]["Response"] == "ok \U0001f600"
+        assert report.summary()["skipped_rows"] == [{"line": 2, "reason": SURROGATE}]
+        assert f"line 2: {SURROGATE}" in capsys.readouterr().out
+
+
+def test_lone_surrogate_is_named_in_every_field_at_its_position():
+    bad = {"Question": "ok", "Complex_CoT": "ab\udfff", "Response": "\ud83d"}
+    with pytest.raises(D.DataError) as err:
+        D.validate_rows([row("a"), bad], "x.json")
+    msg = str(err.value)
+    assert "row 2: field 'Complex_CoT' is not valid Unicode (lone surrogate \\udfff at character 3; " in msg
+    assert "; field 'Response' is not valid Unicode (lone surrogate \\ud83d at character 1; " in msg
+
+
+def test_cr_only_line_endings_are_read_by_line(tmp_path):
+    """Old Mac files end lines with CR only; they are read line by line (numbers as an editor shows them)."""
+    path = tmp_path / "mac.jsonl"
+    path.write_bytes("\r".join([json.dumps(row("a")), "", "{oops", json.dumps(row("b", resp="caf\u00e9"))]).encode() + b"\r")
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(str(path))
+    assert f"{path}: 1 of 3 rows cannot be used" in str(err.value)
+    assert "  line 3: not valid JSON (Expecting property name enclosed in double quotes, column 2)\n" in str(err.value)
+    rows = D.load_rows(str(path), bad_rows="skip")
+    assert rows == [row("a"), row("b", resp="caf\u00e9")]
+    crlf = tmp_path / "windows.jsonl"  # CRLF and LF files keep reading by LF
+    crlf.write_bytes(b"\r\n".join(json.dumps(row(q)).encode() for q in "ab") + b"\r\n")
+    assert D.load_rows(str(crlf)) == [row("a"), row("b")]
+
+
 def test_all_rows_bad_with_skip_says_why_nothing_is_left(tmp_path):
     path = write(tmp_path, [json.dumps(row("a", cot="")), json.dumps(row("b", cot="")), json.dumps(row("c"))])
     with pytest.raises(D.DataError) as err:
@@ -132,6 +180,17 @@ NOT_JSONL = {
     "pretty-json": (json.dumps(row("a"), indent=2).encode(), "one JSON object spread over 5 lines, not JSONL"),
     "plain-text": (b"Question: what?\nAnswer: this\n", "no line is JSON (2 non-blank lines; line 1: not valid JSON"),
 }
+_ROWS_TEXT = "\n".join(json.dumps(row(q), ensure_ascii=False) for q in ("发热三天？", "b")) + "\n"
+_WIDE = {  # name: (Python codec, what the message calls it, iconv's -f)
+    "utf-16-bom": ("utf-16", "UTF-16 encoded (UTF-16LE, with a byte-order mark)", "UTF-16"),
+    "utf-16le": ("utf-16-le", "UTF-16 encoded (UTF-16LE)", "UTF-16LE"),
+    "utf-16be": ("utf-16-be", "UTF-16 encoded (UTF-16BE)", "UTF-16BE"),
+    "utf-32-bom": ("utf-32", "UTF-32 encoded (UTF-32LE, with a byte-order mark)", "UTF-32"),
+    "utf-32be": ("utf-32-be", "UTF-32 encoded (UTF-32BE)", "UTF-32BE"),
+}
+for _name, (_codec, _what, _iconv) in _WIDE.items():
+    NOT_JSONL[_name] = (_ROWS_TEXT.encode(_codec), f"the file is {_what}, not UTF-8: save it as UTF-8, e.g. iconv -f "
+                                                   f"{_iconv} -t UTF-8 ")
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
@@ -143,6 +202,16 @@ def test_file_that_is_not_jsonl(tmp_path, kind, policy):
     with pytest.raises(D.DataError) as err:
         D.load_rows(str(path), bad_rows=policy)
     assert str(err.value).startswith(f"{path}: ") and words in str(err.value), str(err.value)
+
+
+def test_utf16_message_names_the_file_in_the_fix(tmp_path):
+    path = tmp_path / "rows.json"  # a .json file in UTF-16 is no JSON array to read either
+    path.write_bytes(json.dumps([row("a"), row("b")]).encode("utf-16"))
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(str(path))
+    assert str(err.value) == (f"{path}: the file is UTF-16 encoded (UTF-16LE, with a byte-order mark), not UTF-8: save "
+                              f"it as UTF-8, e.g. iconv -f UTF-16 -t UTF-8 {path} > rows.jsonl (or in the editor: save "
+                              "with encoding UTF-8).")
 
 
 def test_json_array_file_named_json_is_read_by_position(tmp_path, capsys):
@@ -225,6 +294,48 @@ def test_overlong_examples_skipped_are_reported_and_held_out_rows_keep_their_ind
     nb03 = nbformat.read(ROOT / "notebooks" / "03_format_prompts.ipynb", as_version=4)
     assert any('run.record("data", {k: v for k, v in summary.items() if k != "first_text"}' in c.source
                for c in nb03.cells)
+
+
+def test_many_skipped_rows_are_counted_listed_first_and_written_whole_to_the_run(tmp_path, capsys):
+    """1,000 bad rows with bad_rows: skip: the summary (printed in 03, recorded in metrics.json) counts them all and
+    lists the first LISTED; data/skipped_rows.jsonl in the run holds every one, number and reason."""
+    lines = [json.dumps(row(f"Question {i}?")) for i in range(12)] + ["{oops"] * 1000
+    d = yaml.safe_load((PARAMS / "smoke.yaml").read_text(encoding="utf-8"))
+    d.update(dataset=str(write(tmp_path, lines)), max_rows=None, bad_rows="skip")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(d), encoding="utf-8")
+    cfg = C.load(tmp_path / "p.yaml")
+    run = RunDir.create(cfg, root=tmp_path / "outputs")
+    tokenizer = type("EosOnly", (), {"eos_token": "</s>"})()  # not callable: no length check
+    summary = D.prepare(cfg, run, tokenizer)["bad_rows"]
+    why = "not valid JSON (Expecting property name enclosed in double quotes, column 2)"
+    assert run.skipped_rows_path == run.path / "data" / "skipped_rows.jsonl"
+    assert summary == {"policy": "skip", "read": 1012, "skipped": 1000,
+                       "skipped_rows": [{"line": n, "reason": why} for n in range(13, 13 + D.LISTED)],
+                       "skipped_rows_more": f"and {1000 - D.LISTED:,} more: all 1,000 are in {run.skipped_rows_path}",
+                       "skipped_rows_file": str(run.skipped_rows_path)}
+    assert D.read_jsonl(run.skipped_rows_path) == [{"line": n, "reason": why} for n in range(13, 1013)]
+    out = capsys.readouterr().out
+    assert f"all 1,000 skipped rows (number and reason, one a line): {run.skipped_rows_path}" in out
+    run.record("data", {"bad_rows": summary})
+    assert run.metrics_path.stat().st_size < 10_000  # not the whole list
+    # a later 03 of the run with nothing skipped leaves no stale list behind
+    clean = cfg.replace(dataset=str(write(tmp_path, lines[:12], "clean.jsonl")))
+    assert "skipped_rows_file" not in D.prepare(clean, run, tokenizer)["bad_rows"]
+    assert not run.skipped_rows_path.exists()
+
+
+def test_too_few_rows_left_still_keeps_the_whole_skipped_list(tmp_path):
+    lines = [json.dumps(row("only one"))] + ["{oops"] * 30
+    d = yaml.safe_load((PARAMS / "smoke.yaml").read_text(encoding="utf-8"))
+    d.update(dataset=str(write(tmp_path, lines)), max_rows=None, bad_rows="skip")
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(d), encoding="utf-8")
+    cfg = C.load(tmp_path / "p.yaml")
+    run = RunDir.create(cfg, root=tmp_path / "outputs")
+    with pytest.raises(D.DataError) as err:
+        D.prepare(cfg, run, type("EosOnly", (), {"eos_token": "</s>"})())
+    assert "1 usable rows of 31" in str(err.value)
+    assert str(err.value).endswith(f"All 30 skipped rows (number and reason) are in {run.skipped_rows_path}.")
+    assert len(D.read_jsonl(run.skipped_rows_path)) == 30
 
 
 def test_token_lengths_are_what_trl_trains_on(llama4_tokenizer):

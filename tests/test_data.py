@@ -80,6 +80,49 @@ def test_missing_file_is_data_error(tmp_path):
     assert str(path) in str(err.value) and "not found" in str(err.value)
 
 
+EXPECTED_SOURCES = ("a JSONL file (one JSON object a line with Question, Complex_CoT, Response), a Hub dataset id "
+                    "owner/name (e.g. FreedomIntelligence/medical-o1-reasoning-SFT), a folder holding a downloaded Hub "
+                    "dataset (JSONL, JSON or Parquet files; its README.md names the configs), or package:<pkg>/<file>")
+
+
+@pytest.mark.parametrize("given", ["", "   "])
+def test_empty_dataset_setting_is_data_error(given):
+    """``dataset: ""`` used to reach datasets/load.py (``Path("")`` is the working folder) and fail with IndexError."""
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(given)
+    assert str(err.value) == f"dataset is {given!r}: nothing to read. Set dataset: in the profile to {EXPECTED_SOURCES}."
+
+
+@pytest.mark.parametrize("contents", [[], ["README.md"]], ids=["empty", "readme-only"])
+def test_folder_without_data_files_is_data_error(tmp_path, contents):
+    """Was the datasets library's EmptyDatasetError."""
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    for name in contents:
+        (folder / name).write_text("# my data\n", encoding="utf-8")
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(str(folder))
+    msg = str(err.value)
+    assert msg.startswith(f"{folder}: the folder holds no data files (in it: {', '.join(contents) or 'nothing'}; ")
+    assert msg.endswith(f"Give {EXPECTED_SOURCES}.")
+
+
+def test_folder_with_a_file_that_does_not_parse_names_it(tmp_path, monkeypatch):
+    """A bad line in a dataset folder's file was the datasets library's DatasetGenerationError."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    folder = tmp_path / "mydata"
+    folder.mkdir()
+    write_lines(folder, [json.dumps(row()), "{not json"], "train.jsonl")
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(str(folder))
+    msg = str(err.value)
+    assert msg.startswith(f"{folder}: a data file in the folder cannot be read (ArrowInvalid: JSON parse error: ")
+    assert msg.endswith(f"files: train.jsonl). Give the file itself as dataset: (e.g. {folder / 'train.jsonl'}) to have "
+                        "each bad row listed by line, or fix the file.")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Held-out split
 # ---------------------------------------------------------------------------------------------------------------
