@@ -137,8 +137,8 @@ _LABELS = {
     "mean_new_tokens": "mean answer length (tokens)",
     "stopped_with_eos": "share of answers that stopped with EOS",
     "rouge_l": "ROUGE-L F1 of the answer vs the reference response",
-    "mean_answer_chars": "mean answer length (characters after </think>)",
-    "template_share": "share following the template (<think>...</think> then an answer)",
+    "mean_answer_chars": "mean answer length (characters after `</think>`)",
+    "template_share": "share following the template (`<think>...</think>` then an answer)",
 }
 
 
@@ -242,7 +242,7 @@ def _training_section(cfg, m, base) -> str:
         ("quantization (`BitsAndBytesConfig`)", f"`{_kwargs(q)}`" if q else "none (full-precision base)"),
         ("LoRA (`LoraConfig`)", f"`{_kwargs(lora)}`" + (f"; target modules `{targets}`" if isinstance(targets, str)
                                                      else f"; target modules {', '.join(map(str, targets))}" if targets else "")),
-        ("SFT (`SFTConfig`)", f"`{_kwargs(cfg.sft)}`"),
+        ("SFT (`SFTConfig`)", f"`{_kwargs(cfg.sft)}`" + _ran_as(cfg, m.get("train", {}))),
         ("loss", "on the response only (reasoning + answer + EOS; prompt tokens masked)" if cfg.loss_on == "response"
          else "on the whole text (prompt and response), as the walkthrough does"),
         ("data", _data_line(cfg, d)),
@@ -253,7 +253,9 @@ def _training_section(cfg, m, base) -> str:
                      else "transformers' own (routed experts in bf16), as the walkthrough"))
     if t:
         rows.append(("trainable parameters", _fmt(t.get("trainable_params"))))
-        rows.append(("training", f"{_fmt(t.get('steps'))} optimizer steps ({_fmt(t.get('epochs'))} epochs), "
+        epochs = t.get("epochs")
+        rows.append(("training", f"{_fmt(t.get('steps'))} optimizer steps ({_fmt(epochs)} "
+                                 f"epoch{'' if epochs == 1 else 's'}), "
                                  f"{_fmt(t.get('tokens'))} tokens in {_fmt(t.get('runtime_s'))} s "
                                  f"({_fmt(t.get('tokens_per_s'))} tokens/s), peak memory {_fmt(t.get('peak_gib'))} GiB; "
                                  f"mean training loss {_fmt(t.get('train_loss'))}"))
@@ -263,6 +265,13 @@ def _training_section(cfg, m, base) -> str:
         rows.append(("hardware", ", ".join(f"{gpus.count(n)} x {n}" for n in dict.fromkeys(gpus)) or "CPU (no GPU)"))
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"## Training\n\n| setting | value |\n|---|---|\n{body}\n"
+
+
+def _ran_as(cfg, t: dict) -> str:
+    """Where the machine changed an SFT setting (a CUDA-only optimizer on CPU: :func:`medtune.train.train`
+    records ``optim``), say what actually ran."""
+    ran, asked = t.get("optim"), cfg.sft.get("optim")
+    return f"; ran with `optim=\"{ran}\"` ({asked} needs CUDA)" if ran and asked and ran != asked else ""
 
 
 def _data_line(cfg, d) -> str:
@@ -301,11 +310,26 @@ def _flatten(section: dict, prefix: str = "") -> dict:
     return out
 
 
+def _benchmark_rows(section: dict) -> dict:
+    """A benchmark's figures as table rows: its accuracy (with items and chance level in the label) and, when any
+    answer could not be read (``generate`` mode), the unparsed share. Per-item details stay in the run."""
+    out = {}
+    for name, r in (section.get("benchmarks") or {}).items():
+        if not isinstance(r, dict):
+            continue
+        chance = f", chance {r['chance']:.2f}" if isinstance(r.get("chance"), (int, float)) else ""
+        out[f"`{name}` accuracy ({_fmt(r.get('items'))} items, {r.get('mode', '')}{chance})"] = r.get("accuracy")
+        if r.get("unparsed"):
+            out[f"`{name}` share of answers with no readable letter"] = r.get("unparsed_share")
+    return out
+
+
 def evaluation_table(metrics: dict) -> str:
-    """Markdown table of every scalar in the ``baseline`` (04) and ``finetuned`` (06) sections of ``metrics``,
-    with the change (fine-tuned minus baseline) for numbers; nested values appear as ``name: key``. Empty string
-    when neither section exists."""
-    b, f = _flatten(metrics.get("baseline", {})), _flatten(metrics.get("finetuned", {}))
+    """Markdown table of the held-out figures of the ``baseline`` (04) and ``finetuned`` (06) sections of
+    ``metrics`` (every scalar), then one accuracy row per multiple-choice benchmark, with the change (fine-tuned
+    minus baseline) for numbers. Empty string when neither section exists."""
+    sections = metrics.get("baseline", {}), metrics.get("finetuned", {})
+    b, f = ({**_flatten({k: v for k, v in s.items() if k != "benchmarks"}), **_benchmark_rows(s)} for s in sections)
     if not b and not f:
         return ""
     lines = ["| held-out metric | baseline | fine-tuned | change |", "|---|---:|---:|---:|"]
@@ -388,8 +412,10 @@ def _limits_section(cfg, m) -> str:
               "reasoning that reads well is not evidence of a correct answer. Not evaluated for safety, bias or "
               "clinical use.")
     if cfg.model.startswith("package:"):
-        text += (" This is medtune's offline demonstration profile: a 135M-parameter model fine-tuned for minutes "
-                 "on CPU on an illustrative sample. It shows the pipeline end to end; it is not a useful medical model.")
+        runtime = m.get("train", {}).get("runtime_s")
+        took = f"for {runtime / 60:.0f} minutes" if isinstance(runtime, (int, float)) and runtime >= 60 else "briefly"
+        text += (f" This is medtune's offline demonstration profile: a 135M-parameter model fine-tuned {took} on CPU "
+                 "on an illustrative sample. It shows the pipeline end to end; it is not a useful medical model.")
     return text + "\n"
 
 

@@ -120,7 +120,7 @@ def train(trainer, run) -> dict:
 
     Returns:
         ``{"train_loss", "steps", "epochs", "runtime_s", "tokens", "tokens_per_s", "steps_this_session", "peak_gib",
-        "resumed_from", "trainable_params"}``. ``steps`` and ``tokens`` count the whole run (``tokens``: non-padding
+        "resumed_from", "trainable_params", "optim"}``. ``steps`` and ``tokens`` count the whole run (``tokens``: non-padding
         tokens seen in training, all epochs); ``train_loss`` (nats/token), ``runtime_s`` and ``tokens_per_s`` this
         call's steps only (after a resume: the steps after the checkpoint); ``peak_gib`` is
         ``torch.cuda.max_memory_allocated`` summed over GPUs, or the process's peak resident memory on CPU
@@ -165,6 +165,7 @@ def train(trainer, run) -> dict:
         "peak_gib": round(peak, 2),
         "resumed_from": Path(resume).name if resume else None,
         "trainable_params": trainable,
+        "optim": str(getattr(trainer.args.optim, "value", trainer.args.optim)),  # what ran (CPU: no paged optimizers)
     }
 
 

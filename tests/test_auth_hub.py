@@ -264,8 +264,10 @@ def test_model_card_scout_with_metrics(tmp_path):
     assert "Built with Llama" in card and "whole text" in card  # scout trains on the whole text (loss_on: text)
     assert "| response loss (nats/token, lower is better) | 1.9 | 1.2 | -0.7 |" in card
     assert "| perplexity (lower is better) | 6.69 | 3.32 | -3.37 |" in card
-    assert "| benchmarks: medqa: accuracy | 0.61 | 0.63 | +0.02 |" in card
-    assert "| benchmarks: medqa: items | 1,273 | 1,273 |  |" in card  # a count: no change shown
+    # one row per benchmark: its accuracy, with the item count and mode in the label (no raw per-field rows)
+    assert "| `medqa` accuracy (1,273 items, loglik) | 0.61 | 0.63 | +0.02 |" in card
+    assert "benchmarks: medqa" not in card and "items | 1,273" not in card
+    assert "<think>" not in card.split("## Evaluation", 1)[1].split("## Prompt template", 1)[0].replace("`<think>", "")
     assert "| new_key |  | 7 |  |" in card  # keys added later appear under their own name
     assert "paper_anchor" not in card and "58.7 -> 69.0" in card  # context, not a row of this run's table
     assert "1 x NVIDIA H200" in card and "240 optimizer steps" in card and "config `en`" in card

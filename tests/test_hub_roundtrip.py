@@ -70,6 +70,8 @@ def test_push_folder_loads_as_the_card_says_and_reproduces_06(smoke_run, monkeyp
     assert result["dry_run"] is True and (run.push_dir / "adapter_model.safetensors").is_file()
     card = hub.card(run)
     assert "| answers generated |  | 2 |  |" in card and "2 optimizer steps" in card
+    # what ran on this CPU, not only what the profile asked for
+    assert 'ran with `optim="adamw_torch"` (paged_adamw_32bit needs CUDA)' in card
     # The card's usage snippet, run as written, with the Hub ids pointed at local copies (no network here):
     # BASE -> the converted SmolLM2 folder the run trained on, ADAPTER -> the push folder.
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
