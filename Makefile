@@ -8,6 +8,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PARAMS ?= params/default.yaml
 RESUME ?=
+# With RESUME a run continues with its own settings unless PARAMS is given too (then changed settings that no finished
+# notebook has used yet are taken, e.g. a fixed sft section after 05 failed on it).
+PARAMS_ARG = $(if $(and $(RESUME),$(filter file default,$(origin PARAMS))),,--params $(PARAMS))
 
 .PHONY: help env run-all test test-fast lab bench strip clean
 
@@ -27,7 +30,7 @@ $(STAMP): pyproject.toml
 env: $(STAMP) ## create .venv with the pinned versions (done automatically by the other targets)
 
 run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/ (PARAMS=..., RESUME=...)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m medtune.pipeline --params $(PARAMS) $(if $(RESUME),--resume $(RESUME))
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m medtune.pipeline $(PARAMS_ARG) $(if $(RESUME),--resume $(RESUME))
 
 test: $(STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~15 min on 2 CPU cores)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest

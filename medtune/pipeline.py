@@ -12,6 +12,7 @@ training resumes from its last checkpoint.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -76,12 +77,75 @@ def resolve_run(resume: str | Path) -> RunDir:
     return RunDir.open(path)
 
 
-def run_all(params: str | Path, resume: str | Path | None = None, notebooks_dir: Path | None = None,
+# The first notebook that reads each setting (every other setting: 00). A resumed run may take a changed setting
+# only while that notebook has not completed: the baseline (04) and the fine-tuned evaluation (06) must use the same
+# generation and benchmark settings, and nothing already measured is re-labelled with settings it did not run with.
+FIRST_READ_BY = {
+    **dict.fromkeys(("max_new_tokens", "generation_batch_size", "eval_batch_size", "eval_questions", "benchmarks",
+                     "benchmark_limit", "benchmark_mode"), "04_baseline.ipynb"),
+    **dict.fromkeys(("lora", "sft"), "05_train_lora.ipynb"),
+    **dict.fromkeys(("push", "hub_repo_id", "hub_private", "push_to", "export_merged"), "07_push.ipynb"),
+}
+
+
+def _changes(old: dict, new: dict) -> dict[str, tuple]:
+    """Top-level settings (``profile`` aside, it names the run) that differ: key -> (old value, new value)."""
+    return {k: (old.get(k), new.get(k)) for k in dict.fromkeys([*old, *new])
+            if k != "profile" and old.get(k) != new.get(k)}
+
+
+def update_resumed_config(run: RunDir, params: str | Path) -> list[str]:
+    """Give a resumed run the settings of ``params`` where that is still sound, e.g. a fixed ``sft`` section after
+    05 failed on it: every changed setting must be first read by a notebook that has not completed
+    (:data:`FIRST_READ_BY`; other settings are read from 00 on), and 05's settings only while it has no checkpoint.
+    The run's previous ``config.yaml`` is kept as ``config.<UTC time>.yaml`` and the change is recorded in
+    ``metrics.json`` (section ``pipeline``, ``config_changes``).
+
+    Returns:
+        The changed keys (empty: the profile matches the run; nothing is written).
+
+    Raises:
+        ConfigError: a changed setting was already used by a completed notebook (or by 05's checkpoints); the
+            message lists them and the two ways on: a new run with the profile, or RESUME without PARAMS.
+    """
+    import datetime as dt
+
+    old, new = run.config(), _config.load(params)
+    changes = _changes(old.to_dict(), new.to_dict())
+    if not changes:
+        return []
+    done = set(run.metrics().get("pipeline", {}).get("completed", []))
+    checkpoints = any(run.checkpoints_dir.glob("checkpoint-*")) if run.checkpoints_dir.is_dir() else False
+    used = []
+    for key in changes:
+        first = FIRST_READ_BY.get(key, "00_authenticate.ipynb")
+        if first in done:
+            used.append(f"{key} (used since {first.removesuffix('.ipynb')})")
+        elif key in ("lora", "sft") and checkpoints:
+            used.append(f"{key} (05 already wrote checkpoints with the old value)")
+    if used:
+        raise _config.ConfigError(
+            f"{params} differs from run {run.run_id} in settings it already used: {', '.join(used)}. A run keeps "
+            f"the settings its finished notebooks ran with. Either start a new run with this profile "
+            f"(make run-all PARAMS={params}), or continue this run with its own settings (make run-all "
+            f"RESUME={run.run_id}, without PARAMS)."
+        )
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run.config_path.rename(run.path / f"config.{stamp}.yaml")
+    _config.dump(dataclasses.replace(new, profile=old.profile), run.config_path)  # the run id keeps its profile name
+    record = run.metrics().get("pipeline", {}).get("config_changes", [])
+    record.append({"at": stamp, "from": str(params), "keys": sorted(changes), "previous": f"config.{stamp}.yaml"})
+    run.record("pipeline", {"config_changes": record})
+    return sorted(changes)
+
+
+def run_all(params: str | Path | None, resume: str | Path | None = None, notebooks_dir: Path | None = None,
             outputs: Path | None = None) -> RunDir:
     """Execute all notebooks headless into one run: a new one, or ``resume`` when given (and only then).
 
     Args:
-        params: profile YAML for a new run (ignored with ``resume``: a run keeps its config.yaml).
+        params: profile YAML for a new run (None: params/default.yaml). With ``resume``: None continues with the
+            run's own config.yaml; a profile is taken where still sound (:func:`update_resumed_config`).
         resume: an existing run to continue: its folder or its id (see :func:`resolve_run`).
         notebooks_dir: where the source notebooks are (default: the project's notebooks/).
         outputs: where new runs go (default: ``$MEDTUNE_OUTPUTS`` or outputs/).
@@ -92,13 +156,23 @@ def run_all(params: str | Path, resume: str | Path | None = None, notebooks_dir:
     Raises:
         papermill.PapermillExecutionError: a cell failed (the executed copy shows it).
         KernelDied: the kernel died (the executed copy shows where, and how to resume).
-        ConfigError: bad profile. FileNotFoundError: no such run to resume.
+        ConfigError: bad profile, or a resumed run's profile changes settings it already used.
+        FileNotFoundError: no such run to resume.
     """
     import papermill
     from nbclient.exceptions import DeadKernelError
 
-    params = Path(params).resolve()
-    run = resolve_run(resume) if resume else RunDir.create(_config.load(params), outputs)
+    if resume:
+        run = resolve_run(resume)
+        if params is not None:
+            changed = update_resumed_config(run, Path(params).resolve())
+            if changed:
+                print(f"run {run.run_id} continues with {params}: changed {', '.join(changed)} (previous settings "
+                      f"kept beside config.yaml)", flush=True)
+        params = run.config_path
+    else:
+        params = Path(params or project_root() / "params" / "default.yaml").resolve()
+        run = RunDir.create(_config.load(params), outputs)
     run.notebooks_dir.mkdir(exist_ok=True)
     done = set(run.metrics().get("pipeline", {}).get("completed", []))
     # The kernel must be this environment's Python: put it first on PATH for the kernel papermill starts.
@@ -189,7 +263,8 @@ def mark_dead_kernel(source: Path, executed: Path, run: RunDir) -> int | str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m medtune.pipeline", description=__doc__.split("\n")[0])
-    parser.add_argument("--params", default="params/default.yaml", help="profile YAML (default: %(default)s)")
+    parser.add_argument("--params", default=None,
+                        help="profile YAML (default: params/default.yaml; with --resume: the run's own settings)")
     parser.add_argument("--resume", default=None, help="continue this run: outputs/<run-id> or the run id")
     parser.add_argument("--notebooks-dir", default=None, type=Path,
                         help="run the NN_*.ipynb of this folder instead of the project's notebooks/")

@@ -138,3 +138,55 @@ def test_kernels_run_over_ipc_sockets_not_loopback_tcp(tmp_path, monkeypatch, ca
     executed = (run.notebooks_dir / "00_transport.ipynb").read_text()
     assert "TRANSPORT ipc" in executed
     assert "without encryption" not in out + err
+
+
+def _profile(tmp_path: Path, name: str, **changes) -> Path:
+    import yaml
+
+    d = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d), encoding="utf-8")
+    return path
+
+
+def test_resume_with_a_fixed_sft_section_before_05_ran_takes_it_and_keeps_the_old(tmp_path, monkeypatch):
+    """05 failed on a training setting: RESUME with the fixed profile continues the run with it (00-04 are not
+    redone); the previous config.yaml is kept and the change recorded."""
+    from medtune import config as C
+    from medtune.runs import RunDir
+
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    run = RunDir.create(C.load(SMOKE))
+    run.record("pipeline", {"completed": ["00_authenticate.ipynb", "01_load_quantized_model.ipynb",
+                                          "02_check_gpu.ipynb", "03_format_prompts.ipynb", "04_baseline.ipynb"]})
+    fixed = _profile(tmp_path, "fixed", profile="smoke-fixed", sft={"learning_rate": 1.0e-4})
+    assert pipeline.update_resumed_config(run, fixed) == ["sft"]
+    assert run.config().sft["learning_rate"] == 1.0e-4 and run.config().profile == "smoke"
+    (kept,) = run.path.glob("config.*.yaml")
+    assert C.load(kept).sft["learning_rate"] == 2.0e-4
+    assert run.metrics()["pipeline"]["config_changes"][0]["keys"] == ["sft"]
+    assert pipeline.update_resumed_config(run, fixed) == []  # same settings now: nothing to do
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"max_new_tokens": 48}, "max_new_tokens (used since 04_baseline)"),
+    ({"heldout_size": 6}, "heldout_size (used since 00_authenticate)"),
+    ({"lora": {"r": 8}}, "lora (05 already wrote checkpoints with the old value)"),
+])
+def test_resume_refuses_a_change_a_finished_notebook_already_used(tmp_path, monkeypatch, changes, named):
+    from medtune import config as C
+    from medtune.runs import RunDir
+
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    run = RunDir.create(C.load(SMOKE))
+    run.record("pipeline", {"completed": ["00_authenticate.ipynb", "01_load_quantized_model.ipynb",
+                                          "02_check_gpu.ipynb", "03_format_prompts.ipynb", "04_baseline.ipynb"]})
+    (run.checkpoints_dir / "checkpoint-2").mkdir(parents=True)
+    before = run.config_path.read_text()
+    with pytest.raises(C.ConfigError) as err:
+        pipeline.update_resumed_config(run, _profile(tmp_path, "changed", **changes))
+    assert named in str(err.value)
+    assert f"make run-all RESUME={run.run_id}, without PARAMS" in str(err.value)
+    assert run.config_path.read_text() == before and not list(run.path.glob("config.*.yaml"))  # nothing touched
