@@ -184,7 +184,8 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
         ``(model, tokenizer)``; the model is in eval mode.
 
     Raises:
-        ConfigError: impossible device or quantization settings.
+        ConfigError: impossible device or quantization settings; ``lora.target_modules`` names a module the model
+            does not have (:func:`check_lora_targets`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -206,12 +207,53 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
         )
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if adapter is None:
+        check_lora_targets(cfg, model)  # in 01, minutes or hours before 05 would find out
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(adapter))
     model.eval()
     return model, tokenizer
+
+
+def check_lora_targets(cfg: _config.RunConfig, model) -> int:
+    """Check ``lora.target_modules`` against the model's module names, as PEFT matches them, before any training.
+
+    PEFT (``peft.tuners.tuners_utils.check_target_module_exists``) fails only when no module matches at all; a typo in
+    one entry of a list (``q_projj``) silently leaves that projection without LoRA. Here each entry of a list must
+    match at least one module (its full name, or its last dotted part(s), as PEFT does), and a regular expression
+    (a text) must match one. ``"all-linear"`` and an unset ``target_modules`` are PEFT's to resolve.
+
+    Returns:
+        The number of modules LoRA will wrap (0 when not checked).
+
+    Raises:
+        ConfigError: names the entries that match nothing and lists the model's Linear-layer names to choose from.
+    """
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = cfg.lora.get("target_modules")
+    if not targets or targets == "all-linear":
+        return 0
+    lora = _config.lora_config(cfg)
+    names = [n for n, _ in model.named_modules() if n]
+    matched = [n for n in names if check_target_module_exists(lora, n)]
+    entries = [targets] if isinstance(targets, str) else list(targets)
+    if isinstance(targets, str):
+        missing = [] if matched else entries
+    else:
+        missing = [t for t in entries if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                         if isinstance(m, torch.nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt")})
+        raise _config.ConfigError(
+            f"'lora.target_modules' {missing!r} match{'es' if len(missing) == 1 else ''} no module of "
+            f"{type(model).__name__}; LoRA would not wrap {'it' if len(missing) == 1 else 'them'}. The model's "
+            f"Linear layers are named: {', '.join(linear)}. Fix the names in the profile's lora section "
+            f"(the walkthrough's: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."
+        )
+    return len(matched)
 
 
 def nf4_experts_cache(cfg: _config.RunConfig, double_quant: bool) -> Path:

@@ -400,3 +400,24 @@ def test_library_section_values_are_type_checked_before_any_model_loads(section,
     with pytest.raises(C.ConfigError) as err:
         C.from_dict(data, "bad.yaml")
     assert str(err.value).startswith("bad.yaml: ") and message in str(err.value)
+
+
+@pytest.mark.parametrize(("targets", "message"), [
+    (["q_projj", "k_proj"], "'lora.target_modules' ['q_projj'] matches no module of LlamaForCausalLM"),
+    (["q_proj", "attn_out"], "['attn_out'] matches no module"),
+    (r"nomatch\..*", "matches no module of LlamaForCausalLM"),
+])
+def test_lora_targets_that_match_no_module_are_named_with_the_models_layers(targets, message):
+    """PEFT itself only fails when nothing matches; a typo in one list entry would silently drop that projection."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medtune import modeling
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    cfg = C.load(PARAMS / "smoke.yaml")
+    assert modeling.check_lora_targets(cfg, model) == 14  # 7 projections x 2 layers
+    with pytest.raises(C.ConfigError) as err:
+        modeling.check_lora_targets(cfg.replace(lora={**cfg.lora, "target_modules": targets}), model)
+    assert message in str(err.value)
+    assert "Linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(err.value)
