@@ -227,9 +227,18 @@ CLIENTS: dict[str, Callable[[str | None], Client]] = {"hub": HubClient, "modelsc
 
 def get_token(kind: str) -> str | None:
     """The token of ``kind`` ("hub" or "modelscope") from its environment variable(s), stripped; None if unset
-    or blank. Never print it."""
+    or blank. Never print it.
+
+    Raises:
+        TokenError: the value holds whitespace inside (a pasted line break, say); the message names the variable,
+            never the value.
+    """
     for name in TOKEN_VARIABLES[kind]:
         value = os.environ.get(name, "").strip()
+        if value and any(c.isspace() for c in value):  # a pasted line break or two tokens: the server would say 401
+            raise TokenError(f"{name} holds a space or line break inside the token (seen: {len(value)} characters). "
+                             f"Set it to the token alone: export {name}=<token> (one word, no quotes around "
+                             "spaces), then run again.", source=kind)
         if value:
             return value
     return None
@@ -620,6 +629,7 @@ def translate(err: BaseException, source: Source, *, action: str, repo_id: str |
     kind, var, where = source.kind, source.token_variable, source.endpoint
     has_token = source.token() is not None
     what = f"{'dataset' if repo_type == 'dataset' else 'model'} {repo_id}" if repo_id else "the account"
+    doing = f"{action} {what}" if repo_id else action  # "checking the token", not "checking the token the account"
     names = {c.__name__ for c in type(err).__mro__}
     status = status_of(err)
     made = lambda cls, msg: cls(msg, source=kind, repo_id=repo_id, status=status)  # noqa: E731
@@ -643,7 +653,7 @@ def translate(err: BaseException, source: Source, *, action: str, repo_id: str |
                                  "with network access (unset HF_HUB_OFFLINE), or use a mirror: hub_endpoint: "
                                  "https://hf-mirror.com, or source: modelscope.")
     if status is None and (names & _NETWORK_NAMES or isinstance(err, (ConnectionError, TimeoutError))):
-        return made(NetworkDown, f"cannot reach {where} while {action} {what} ({type(err).__name__}). Check the "
+        return made(NetworkDown, f"cannot reach {where} while {doing} ({type(err).__name__}). Check the "
                                  "network or proxy (HTTPS_PROXY). In mainland China use a mirror (hub_endpoint: "
                                  "https://hf-mirror.com, or export HF_ENDPOINT) or source: modelscope. Finished "
                                  "files are kept: running again resumes the download.")
@@ -656,9 +666,9 @@ def translate(err: BaseException, source: Source, *, action: str, repo_id: str |
                                          if has_token else f"{var} is not set. Check the id in your profile; if "
                                                            f"the repo is private: {token_how}"))
         if not has_token:
-            return made(TokenError, f"{where} needs a token for {action} {what} (HTTP 401) and {var} is not set. "
+            return made(TokenError, f"{where} needs a token for {doing} (HTTP 401) and {var} is not set. "
                                     + token_how)
-        return made(TokenError, f"{where} rejected {var} (HTTP 401) while {action} {what}: the token is wrong, "
+        return made(TokenError, f"{where} rejected {var} (HTTP 401) while {doing}: the token is wrong, "
                                 f"expired or revoked. {token_how}")
     if status == 403:
         if write:
@@ -674,11 +684,11 @@ def translate(err: BaseException, source: Source, *, action: str, repo_id: str |
         return made(RepoNotFound, f"{what} not found on {where} (HTTP 404), or private and not visible to "
                                   f"{var if has_token else 'anonymous access'}. Check the id in your profile.{hint}")
     if status == 429:
-        return made(RateLimited, f"{where} is rate-limiting requests (HTTP 429) while {action} {what}. Wait a few "
+        return made(RateLimited, f"{where} is rate-limiting requests (HTTP 429) while {doing}. Wait a few "
                                  f"minutes and run again; finished files are kept and the download resumes."
                                  + ("" if has_token else f" Requests with {var} set get higher limits."))
     if status >= 500:
-        return made(ServiceUnavailable, f"{where} failed (HTTP {status}) while {action} {what}. It is the "
+        return made(ServiceUnavailable, f"{where} failed (HTTP {status}) while {doing}. It is the "
                                         "service's side: run again later (downloads resume), or switch source "
                                         "(hub_endpoint or source: modelscope).")
     return None

@@ -505,3 +505,24 @@ def test_tokenizer_alone_downloads_only_tokenizer_files(monkeypatch, tmp_path):
     assert fake.calls[-1][1]["allow_patterns"] == modeling.TOKENIZER_FILES
     cached = tmp_path / "cache" / "model" / "org--m"
     assert not any(p.suffix in (".safetensors", ".bin") for p in cached.rglob("*"))
+
+
+@pytest.mark.parametrize("value", [HF_CANARY + "\n" + HF_CANARY, HF_CANARY[:10] + " " + HF_CANARY[10:], "hf_a\tb"])
+def test_token_with_whitespace_inside_is_named_not_blamed_on_the_network(value, monkeypatch):
+    """A pasted line break inside HF_TOKEN made the HTTP client fail ("LocalProtocolError") and the message blamed
+    the network. Surrounding whitespace is still stripped; the value itself is never shown."""
+    monkeypatch.setenv("HF_TOKEN", value)
+    with pytest.raises(S.TokenError) as err:
+        S.get_token("hub")
+    assert "HF_TOKEN holds a space or line break inside the token" in str(err.value)
+    assert "export HF_TOKEN=<token>" in str(err.value) and HF_CANARY not in str(err.value)
+    monkeypatch.setenv("HF_TOKEN", f"  {HF_CANARY}\n")
+    assert S.get_token("hub") == HF_CANARY
+
+
+def test_network_failure_while_checking_the_token_reads_well(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_TOKEN", HF_CANARY)
+    use_fake(monkeypatch, FakeClient(tmp_path, errors={"whoami": httpx2.ConnectError("down")}))
+    with pytest.raises(S.NetworkDown) as err:
+        S.get("hub", MIRROR).whoami()
+    assert "while checking the token (ConnectError)" in str(err.value)
