@@ -4,8 +4,11 @@ Sources (``RunConfig.benchmarks``: a mapping ``name -> source``, the source a st
 ``{"source", "config", "split"}``):
 
 - a local JSONL file or ``package:<pkg>/<file>.jsonl``;
-- anything else is handed to :func:`datasets.load_dataset` (a Hub id such as ``GBaker/MedQA-USMLE-4-options``, or
-  a local dataset folder), with the spec's ``config`` and ``split`` (default split "test").
+- a Hub id ``owner/name`` such as ``GBaker/MedQA-USMLE-4-options``, or a local dataset folder: handed to
+  :func:`datasets.load_dataset` with the spec's ``config`` and ``split`` (default split "test");
+- anything else is an error at once, naming the path it looked for.
+
+:func:`validate` checks a profile's benchmark files whole, without a model or network (for the preflight in 00).
 
 Every row is normalized to one :class:`MCItem` whatever its layout (:func:`normalize_row` lists the layouts).
 
@@ -37,6 +40,7 @@ from medtune import data as _data
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 PUBMEDQA_OPTIONS = ("yes", "no", "maybe")
+_LISTED = 20  # bad rows of one source spelled out by validate()
 
 # What follows the test prompt in "loglik" mode: an empty reasoning block in the training template's shape
 # (medtune.data.completion_text), then an answer statement that the letter completes.
@@ -64,7 +68,7 @@ PAPER_ANCHOR = {
 
 
 class BenchmarkError(ValueError):
-    """A benchmark source cannot be used; the message names the source, the row (1-based) and the fix."""
+    """A benchmark source cannot be used; the message names the source, the line (or row, 1-based) and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,19 +113,84 @@ def _text_answer(value, options: Sequence[str], where: str) -> str:
     return LETTERS[lowered.index(value.strip().lower())]
 
 
-def _join_context(value) -> str | None:
+def _kind(value) -> str:
+    """A value's JSON kind for messages: ``null``, or its type and the start of its text (``str ('ABCD')``)."""
+    return "null" if value is None else f"{type(value).__name__} ({value!r:.60})"
+
+
+def _gold(value) -> int | None:
+    """The 0-based index of a gold answer given as a letter ("b", ["B"]), or ``None`` when it is not one."""
+    if isinstance(value, (list, tuple)) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, str) and len(value.strip()) == 1 and value.strip().upper() in LETTERS:
+        return LETTERS.index(value.strip().upper())
+    return None
+
+
+def _options(value, field: str, where: str, gold: int | None = None) -> list[str]:
+    """The option texts of a row in letter order: from a list of texts, a mapping ``{"A": text, ...}`` or a list of
+    ``{"key": "A", "value": text}`` (bigbio/med_qa).
+
+    Trailing null options are left out (a Hub dataset read with :mod:`datasets` fills in ``"E": None`` for a row
+    that has fewer options than others), but never below 2 options nor the gold answer's option (``gold``, 0-based).
+
+    Raises:
+        BenchmarkError: ``field`` is null, a string or not a list/mapping; the keys are not A, B, C... in order; an
+            option is null, not text or empty; fewer than 2 options. The message names ``where`` and the option.
+    """
+    fix = f"Give '{field}' as a list of option texts [\"text A\", \"text B\", ...] or a mapping {{\"A\": text, ...}}."
+    if isinstance(value, list) and value and all(isinstance(o, dict) and {"key", "value"} <= set(o) for o in value):
+        value = {o["key"]: o["value"] for o in value}
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: str(k).upper())
+        if [str(k).upper() for k in keys] != list(LETTERS[:len(keys)]):
+            raise BenchmarkError(f"{where}: option keys {keys} of '{field}' are not the letters A, B, C... in order. "
+                                 f"{fix}")
+        texts = [value[k] for k in keys]
+    elif isinstance(value, (list, tuple)):
+        texts = list(value)
+    else:
+        raise BenchmarkError(f"{where}: '{field}' is {_kind(value)}, not a list of options. {fix}")
+    keep = len(texts)
+    while keep > 2 and texts[keep - 1] is None and (gold is None or gold < keep - 1):
+        keep -= 1
+    texts = texts[:keep]
+    for i, text in enumerate(texts):
+        letter = LETTERS[i] if i < len(LETTERS) else str(i + 1)
+        if text is None:
+            raise BenchmarkError(f"{where}: option {letter} of '{field}' has no text (null). Give option {letter} "
+                                 "its text; every option needs one.")
+        if not isinstance(text, str):
+            raise BenchmarkError(f"{where}: option {letter} of '{field}' is {_kind(text)}, not text. {fix}")
+        if not text.strip():
+            raise BenchmarkError(f"{where}: option {letter} of '{field}' is empty. Give option {letter} its text.")
+    if len(texts) < 2:
+        raise BenchmarkError(f"{where}: '{field}' has {len(texts)} option(s); a multiple-choice item needs at least 2.")
+    if len(texts) > len(LETTERS):
+        raise BenchmarkError(f"{where}: '{field}' has {len(texts)} options; at most {len(LETTERS)} (A to Z) are read.")
+    return texts
+
+
+def _join_context(value, field: str, where: str) -> str | None:
+    """PubMedQA's abstract as one text, from a text, a list of paragraphs or ``{"contexts": [...]}``; ``None`` when
+    absent or blank.
+
+    Raises:
+        BenchmarkError: anything else (a number, a list holding non-text); names ``where`` and ``field``.
+    """
     if value is None:
         return None
     if isinstance(value, dict):  # qiaojin/PubMedQA: {"contexts": [...], "labels": [...], "meshes": [...]}
-        value = value.get("contexts")
-    if isinstance(value, (list, tuple)):
-        value = "\n".join(str(v).strip() for v in value if str(v).strip())
+        value = value.get("contexts", value)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        value = "\n".join(v.strip() for v in value if v.strip())
     if not isinstance(value, str):
-        raise BenchmarkError(f"context of type {type(value).__name__}: expected text or a list of paragraphs.")
+        raise BenchmarkError(f"{where}: '{field}' is {_kind(value)}, not text. Give the context as text, a list of "
+                             "paragraph texts or {\"contexts\": [paragraphs]}, or leave the field out.")
     return value.strip() or None
 
 
-def normalize_row(row: dict, index: int = 0, source: str = "<rows>") -> MCItem:
+def normalize_row(row: dict, index: int = 0, source: str = "<rows>", *, line: int | None = None) -> MCItem:
     """One row of any supported layout -> :class:`MCItem`.
 
     Layouts, recognised by their fields:
@@ -136,49 +205,47 @@ def normalize_row(row: dict, index: int = 0, source: str = "<rows>") -> MCItem:
     - BigBio QA schema (bigbio/med_qa ``*_bigbio_qa``, bigbio/pubmed_qa ``*_bigbio_qa``): ``question``,
       ``choices`` (list of texts), ``answer`` (list holding the correct text), optional ``context``.
 
+    ``choices`` and ``options`` may each be a list of texts or a mapping letter -> text; trailing null options (as
+    :mod:`datasets` fills in for a row with fewer options than others) are left out, other nulls are errors.
+
     Args:
         row: the parsed row.
-        index: its 0-based position (used as id when the row has none, and in messages as ``index + 1``).
+        index: its 0-based position (used as id when the row has none, and in messages as ``row index + 1``).
         source: where it came from, for messages.
+        line: its 1-based line in a JSONL file; when given, messages name ``line <line>`` instead of the row.
 
     Raises:
-        BenchmarkError: unknown layout (names the fields seen), empty question, fewer than 2 options, or an
-            answer that is not one of the options.
+        BenchmarkError: unknown layout (names the fields seen); options null, a string, not a list/mapping, with a
+            null, non-text or empty option, or fewer than 2; a context that is not text; an empty question; an
+            answer that is not one of the options. The message starts with ``<source> line N`` (or ``row N``).
     """
-    where = f"{source} row {index + 1}"
+    where = f"{source} line {line}" if line is not None else f"{source} row {index + 1}"
     if not isinstance(row, dict):
         raise BenchmarkError(f"{where}: expected a JSON object, got {type(row).__name__}.")
     context = None
     if "problem_text" in row and "choices" in row:
-        question, options = row["problem_text"], list(row["choices"])
+        question = row["problem_text"]
+        options = _options(row["choices"], "choices", where, _gold(row.get("answer")))
         answer = _letter(row.get("answer"), len(options), where)
-        context = _join_context(row.get("context"))
+        context = _join_context(row.get("context"), "context", where)
         item_id = row.get("problem_id", index)
     elif "options" in row and "answer_idx" in row:
-        opts = row["options"]
-        if isinstance(opts, dict):
-            keys = sorted(k for k in opts if opts[k] is not None)
-            options = [opts[k] for k in keys]
-        elif isinstance(opts, list) and all(isinstance(o, dict) and "key" in o and "value" in o for o in opts):
-            keys = [o["key"] for o in sorted(opts, key=lambda o: o["key"])]
-            options = [o["value"] for o in sorted(opts, key=lambda o: o["key"])]
-        else:
-            raise BenchmarkError(f"{where}: 'options' must be {{'A': text, ...}} or [{{'key', 'value'}}, ...].")
-        if [k.upper() for k in keys] != list(LETTERS[:len(keys)]):
-            raise BenchmarkError(f"{where}: option keys {keys} are not the letters A, B, C... in order.")
         question = row.get("question")
+        options = _options(row["options"], "options", where, _gold(row["answer_idx"]))
         answer = _letter(row["answer_idx"], len(options), where)
         item_id = row.get("id", index)
     elif "final_decision" in row:
         question = row.get("question", row.get("QUESTION"))
         options = list(PUBMEDQA_OPTIONS)
         answer = _text_answer(row["final_decision"], options, where)
-        context = _join_context(row.get("context", row.get("CONTEXTS")))
+        field = "context" if "context" in row else "CONTEXTS"
+        context = _join_context(row.get(field), field, where)
         item_id = row.get("pubid", row.get("PUBMED_ID", row.get("pubmed_id", index)))
     elif "question" in row and "choices" in row and "answer" in row:
-        question, options = row["question"], list(row["choices"])
+        question = row["question"]
+        options = _options(row["choices"], "choices", where)
         answer = _text_answer(row["answer"], options, where)
-        context = _join_context(row.get("context"))
+        context = _join_context(row.get("context"), "context", where)
         item_id = row.get("id", row.get("question_id", index))
     else:
         raise BenchmarkError(
@@ -188,8 +255,6 @@ def normalize_row(row: dict, index: int = 0, source: str = "<rows>") -> MCItem:
         )
     if not isinstance(question, str) or not question.strip():
         raise BenchmarkError(f"{where}: the question is missing or empty.")
-    if len(options) < 2 or not all(isinstance(o, str) and o.strip() for o in options):
-        raise BenchmarkError(f"{where}: needs at least 2 non-empty options, got {options!r}.")
     return MCItem(id=str(item_id), question=question.strip(), options=tuple(o.strip() for o in options),
                   answer=answer, context=context)
 
@@ -210,45 +275,198 @@ def spec_of(value) -> dict:
     )
 
 
+# A Hub dataset id: owner/name, each of letters, digits, "-", "_", ".".
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+_PATH_FIX = "Fix the path in the profile's 'benchmarks' (a relative path starts from the working directory)"
+
+
+def _locate(source: str) -> tuple[str, Path | str]:
+    """Where a source is read from, without reading it: ``("file", path)`` (local or ``package:``), ``("folder",
+    source)`` (a local dataset folder, for :func:`datasets.load_dataset`) or ``("hub", source)`` (an ``owner/name``
+    id; nothing is fetched here).
+
+    Raises:
+        BenchmarkError: a ``package:`` file or a ``.jsonl``/``.json`` path that does not exist, a package not
+            installed, or a source that is neither an existing file or folder nor shaped like a Hub id (shows the
+            resolved path it looked for).
+    """
+    if source.startswith("package:"):
+        try:
+            path = _data._package_path(source)
+        except _data.DataError as err:
+            raise BenchmarkError(str(err)) from None
+        if not path.is_file():
+            raise BenchmarkError(f"benchmark file not found: {source} (looked for {path}). Give a file that the "
+                                 "package ships, a local JSONL path, or a Hub dataset id 'owner/name'.")
+        return "file", path
+    path = Path(source).expanduser()
+    if path.is_file():
+        return "file", path
+    if path.suffix.lower() in (".jsonl", ".json"):
+        raise BenchmarkError(f"benchmark file not found: {path.resolve()}. {_PATH_FIX}, or give a Hub dataset id "
+                             "'owner/name'.")
+    if path.is_dir():
+        return "folder", source
+    if HUB_ID.fullmatch(source):
+        return "hub", source
+    raise BenchmarkError(
+        f"benchmark source {source!r} is neither an existing file (looked for {path.resolve()}) nor a Hub dataset id "
+        f"'owner/name'. {_PATH_FIX}, or give a Hub id such as GBaker/MedQA-USMLE-4-options."
+    )
+
+
+def _network_error(err: BaseException) -> bool:
+    """Whether ``err`` or an error it was raised from is a connection failure, a timeout or offline mode."""
+    try:
+        from huggingface_hub.utils import httpx
+
+        kinds: tuple = (ConnectionError, TimeoutError, httpx.TransportError)
+    except ImportError:  # pragma: no cover - an older huggingface_hub
+        kinds = (ConnectionError, TimeoutError)
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, kinds):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _load_dataset(source: str, config: str | None, split: str, kind: str):
+    """:func:`datasets.load_dataset` (a Hub id or a local dataset folder) with its failures as one message each.
+
+    Raises:
+        BenchmarkError: the Hub cannot be reached (network, offline mode, timeout), the dataset is not found or is
+            gated, or the config/split does not exist; the message names the source and the fix.
+    """
+    import datasets
+
+    where = f"benchmark {'Hub dataset' if kind == 'hub' else 'dataset folder'} {source!r}"
+    try:
+        return datasets.load_dataset(source, config, split=split)
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0][:300].rstrip(".")
+        why = f"{type(err).__name__}: {first}"
+        if kind == "hub" and _network_error(err):
+            raise BenchmarkError(
+                f"{where}: the Hugging Face Hub could not be reached ({why}). Check the network (or HF_ENDPOINT and "
+                "proxy settings) and retry; to work offline, load it once where the Hub is reachable (it is then read "
+                "from the cache with HF_HUB_OFFLINE=1), or save it as a JSONL file and give that path. No local file "
+                f"{Path(source).resolve()} exists either."
+            ) from err
+        if kind == "hub" and isinstance(err, FileNotFoundError):
+            raise BenchmarkError(
+                f"{where}: not found ({why}). Check the id on https://huggingface.co/datasets; a gated dataset needs "
+                "its terms accepted and a token (HF_TOKEN or `hf auth login`). No local file "
+                f"{Path(source).resolve()} exists either."
+            ) from err
+        if isinstance(err, ValueError):
+            raise BenchmarkError(
+                f"{where} (config {config!r}, split {split!r}): {why}. Give the right ones in the profile: "
+                f"{{source: {source}, config: ..., split: ...}}."
+            ) from err
+        if isinstance(err, OSError):
+            raise BenchmarkError(f"{where}: could not be loaded ({why}).") from err
+        raise
+
+
+def _rows(source: str, config: str | None = None, split: str | None = None,
+          limit: int | None = None) -> tuple[str, str, list[tuple[int, object]]]:
+    """The raw rows of a source, before :func:`normalize_row`: ``(name for messages, unit, [(number, row)])``.
+
+    ``unit`` is "line" (a JSONL file: 1-based line numbers, blank lines counted) or "row" (a JSON array, a dataset:
+    1-based position). An unparseable line is kept as a :class:`medtune.data.Unreadable`.
+
+    Raises:
+        BenchmarkError: see :func:`_locate` and :func:`_load_dataset`; a file that is not JSONL at all; no rows.
+    """
+    kind, where = _locate(source)
+    if kind == "file":
+        try:
+            records = _data.read_records(where)
+        except _data.DataError as err:
+            raise BenchmarkError(str(err)) from None
+        name, unit, rows = str(where), records.unit, list(records)
+        if not rows:
+            raise BenchmarkError(f"{name}: no items (the file has no rows). Give a benchmark file with at least one "
+                                 "item (one JSON object a line), or remove it from the profile's 'benchmarks'.")
+    else:
+        ds = _load_dataset(source, config, split or "test", kind)
+        if len(ds) == 0:
+            raise BenchmarkError(f"{source} (config {config!r}, split {split or 'test'!r}): no items (the split has "
+                                 "no rows). Give a split with items, or remove it from the profile's 'benchmarks'.")
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        name, unit, rows = source, "row", list(enumerate(ds.to_list(), start=1))
+    return name, unit, rows if limit is None else rows[:limit]
+
+
+def _item(number: int, value, index: int, name: str, unit: str) -> MCItem:
+    """One raw row from :func:`_rows` -> :class:`MCItem`; an unreadable line is a :class:`BenchmarkError` too."""
+    if isinstance(value, _data.Unreadable):
+        raise BenchmarkError(f"{name} {unit} {number}: {value}. A benchmark file must be JSONL: one JSON object a "
+                             "line.")
+    return normalize_row(value, index, name, line=number if unit == "line" else None)
+
+
 def read_benchmark(source: str, config: str | None = None, split: str | None = None,
                    limit: int | None = None) -> list[MCItem]:
     """Read a benchmark and normalize every row (:func:`normalize_row`).
 
     Args:
-        source: a local JSONL path, ``package:<pkg>/<file>.jsonl``, or a :func:`datasets.load_dataset` source (a Hub
-            id like ``GBaker/MedQA-USMLE-4-options``, or a local dataset folder).
+        source: a local JSONL path, ``package:<pkg>/<file>.jsonl``, a Hub dataset id ``owner/name`` (like
+            ``GBaker/MedQA-USMLE-4-options``) or a local dataset folder (both read by :func:`datasets.load_dataset`).
+            Anything else is an error at once (no Hub request).
         config: the dataset config (``qiaojin/PubMedQA`` needs ``pqa_labeled``); ignored for JSONL files.
         split: the split (default "test"; ``qiaojin/PubMedQA`` has only "train"); ignored for JSONL files.
         limit: keep the first ``limit`` items, in source order (``None``: all).
 
     Returns:
-        The items, in source order.
+        The items, in source order (at least one).
 
     Raises:
-        BenchmarkError: a missing file, an unreadable line, or a bad row (names the row).
+        BenchmarkError: a missing file (shows the resolved path), a source that is neither a file nor a Hub id
+            ``owner/name``, an unreachable Hub or a missing dataset/config/split, an unreadable line, a bad row (names
+            the file and line), or no items at all.
     """
-    if source.startswith("package:"):
-        path = _data._package_path(source)
-    else:
-        path = Path(source)
-    if source.startswith("package:") or path.suffix in (".jsonl", ".json") or path.is_file():
-        if not path.is_file():
-            raise BenchmarkError(f"benchmark file not found: {path}. Give an existing JSONL file or a Hub dataset id.")
-        try:
-            rows = _data.read_jsonl(path)
-        except _data.DataError as err:
-            raise BenchmarkError(str(err)) from err
-        name = str(path)
-    else:
-        import datasets
+    name, unit, rows = _rows(source, config, split, limit)
+    return [_item(number, value, i, name, unit) for i, (number, value) in enumerate(rows)]
 
-        ds = datasets.load_dataset(source, config, split=split or "test")
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        rows, name = ds.to_list(), source
-    if limit is not None:
-        rows = rows[:limit]
-    return [normalize_row(r, i, name) for i, r in enumerate(rows)]
+
+def validate(cfg) -> list[str]:
+    """Check every benchmark of ``cfg.benchmarks`` before any model loads (the preflight of notebook 00).
+
+    For each entry: the spec's shape (:func:`spec_of`); for a local JSONL file, a ``package:`` file or a local
+    dataset folder, every row of the whole source (``benchmark_limit`` ignored) read and normalized as
+    :func:`read_benchmark` does (a missing file, an unreadable line, a bad row, no items); for a Hub id, only that it
+    is shaped ``owner/name``: no network call, so the dataset itself is checked when 04 reads it.
+
+    Returns:
+        Human-readable problems, each ``"benchmarks.<name>: <message>"`` (the message names the file and line and
+        the fix), in profile order; for one source at most 20 bad rows are spelled out, then a count of the rest.
+        An empty list when every benchmark is fine (or the profile lists none).
+    """
+    problems: list[str] = []
+    for name, value in (cfg.benchmarks or {}).items():
+        label = f"benchmarks.{name}"
+        try:
+            spec = spec_of(value)
+            if _locate(spec["source"])[0] == "hub":
+                continue
+            source, unit, rows = _rows(spec["source"], spec["config"], spec["split"])
+        except BenchmarkError as err:
+            problems.append(f"{label}: {err}")
+            continue
+        bad = []
+        for i, (number, row) in enumerate(rows):
+            try:
+                _item(number, row, i, source, unit)
+            except BenchmarkError as err:
+                bad.append(f"{label}: {err}")
+        problems += bad[:_LISTED]
+        if len(bad) > _LISTED:
+            problems.append(f"{label}: ... and {len(bad) - _LISTED} more bad rows in {source} "
+                            f"({len(bad)} of {len(rows)}).")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -133,6 +133,178 @@ def test_reader_errors_name_the_problem(tmp_path):
         B.spec_of({"path": "x.jsonl"})
 
 
+def bench_file(tmp_path, bad: dict | str, name: str = "bench.jsonl") -> Path:
+    """A JSONL file: a good row on line 1, a blank line 2, then ``bad`` (a row, or raw text) on line 3."""
+    path = tmp_path / name
+    third = bad if isinstance(bad, str) else json.dumps(bad)
+    path.write_text(json.dumps(MEDQA_ROWS["shared file"]) + "\n\n" + third + "\n")
+    return path
+
+
+def reader_error(source, **kw) -> str:
+    with pytest.raises(B.BenchmarkError) as err:
+        B.read_benchmark(str(source), **kw)
+    return str(err.value)
+
+
+FIX_OPTIONS = "Give 'choices' as a list of option texts [\"text A\", \"text B\", ...] or a mapping {\"A\": text, ...}."
+
+
+def test_null_choices_names_file_and_line(tmp_path):
+    path = bench_file(tmp_path, {**MEDQA_ROWS["shared file"], "choices": None})
+    assert reader_error(path) == f"{path} line 3: 'choices' is null, not a list of options. {FIX_OPTIONS}"
+
+
+def test_string_choices_is_an_error_not_four_letters(tmp_path):
+    path = bench_file(tmp_path, {**MEDQA_ROWS["shared file"], "choices": "ABCD"})
+    assert reader_error(path) == f"{path} line 3: 'choices' is str ('ABCD'), not a list of options. {FIX_OPTIONS}"
+    # a mapping letter -> text is accepted for choices too
+    assert B.normalize_row({**MEDQA_ROWS["shared file"], "choices": dict(zip("ABCD", OPTS))}) == EXPECTED_MEDQA
+
+
+def test_empty_benchmark_file_is_an_error(tmp_path):
+    for text in ("", "\n\n"):
+        path = tmp_path / "empty.jsonl"
+        path.write_text(text)
+        assert reader_error(path) == (
+            f"{path}: no items (the file has no rows). Give a benchmark file with at least one item (one JSON object "
+            "a line), or remove it from the profile's 'benchmarks'.")
+
+
+def test_null_option_in_a_mapping_is_named(tmp_path):
+    row = {"id": 1, "question": "Q?", "options": {"A": "x", "B": None}, "answer_idx": "B"}
+    path = bench_file(tmp_path, row)
+    assert reader_error(path) == (f"{path} line 3: option B of 'options' has no text (null). Give option B its text; "
+                                  "every option needs one.")
+    middle = {**MEDQA_ROWS["GBaker/MedQA-USMLE-4-options"], "options": {"A": "x", "B": None, "C": "z", "D": "w"}}
+    with pytest.raises(B.BenchmarkError, match=r"^f line 3: option B of 'options' has no text \(null\)"):
+        B.normalize_row(middle, 0, "f", line=3)
+    # trailing nulls, as datasets fills in for a 4-option row among 5-option ones, are absent options
+    hub_row = {**MEDQA_ROWS["GBaker/MedQA-USMLE-4-options"],
+               "options": {**MEDQA_ROWS["GBaker/MedQA-USMLE-4-options"]["options"], "E": None}}
+    assert B.normalize_row(hub_row) == EXPECTED_MEDQA
+    with pytest.raises(B.BenchmarkError, match=r"^f row 1: option E of 'options' has no text \(null\)"):
+        B.normalize_row({**hub_row, "answer_idx": "E"}, 0, "f")  # ... unless the answer is that option
+
+
+def test_non_text_context_names_file_and_line(tmp_path):
+    path = bench_file(tmp_path, {**PUBMED_ROWS["shared file"], "context": 5})
+    assert reader_error(path) == (
+        f"{path} line 3: 'context' is int (5), not text. Give the context as text, a list of paragraph texts or "
+        "{\"contexts\": [paragraphs]}, or leave the field out.")
+    with pytest.raises(B.BenchmarkError, match=r"^f row 1: 'CONTEXTS' is list \(\[1, 2\]\), not text"):
+        B.normalize_row({**PUBMED_ROWS["bigbio/pubmed_qa source"], "CONTEXTS": [1, 2]}, 0, "f")
+
+
+def test_unreadable_line_names_file_and_line(tmp_path):
+    path = bench_file(tmp_path, "{not json")
+    assert reader_error(path).startswith(f"{path} line 3: not valid JSON (")
+
+
+@pytest.fixture
+def no_hub(monkeypatch):
+    """datasets.load_dataset replaced: calls are recorded, and each raises what ``no_hub.error`` holds."""
+    import datasets
+
+    class Hub:
+        calls: list = []
+        error: BaseException = AssertionError("datasets.load_dataset must not be called")
+
+    def fake(*args, **kw):
+        Hub.calls.append(args)
+        raise Hub.error
+
+    Hub.calls = []
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    return Hub
+
+
+def test_source_neither_file_nor_hub_id_fails_at_once(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    assert reader_error("nosuch_no_ext") == (
+        f"benchmark source 'nosuch_no_ext' is neither an existing file (looked for {tmp_path / 'nosuch_no_ext'}) nor "
+        "a Hub dataset id 'owner/name'. Fix the path in the profile's 'benchmarks' (a relative path starts from the "
+        "working directory), or give a Hub id such as GBaker/MedQA-USMLE-4-options.")
+    assert reader_error("data/nosuch.jsonl") == (
+        f"benchmark file not found: {tmp_path / 'data' / 'nosuch.jsonl'}. Fix the path in the profile's 'benchmarks' "
+        "(a relative path starts from the working directory), or give a Hub dataset id 'owner/name'.")
+    assert "looked for" in reader_error("package:medtune/assets/nosuch.jsonl")
+    assert no_hub.calls == []
+
+
+def test_hub_network_failure_is_one_message(tmp_path, monkeypatch, no_hub):
+    monkeypatch.chdir(tmp_path)
+    no_hub.error = ConnectionError("Couldn't reach 'owner/nosuch' on the Hub (LocalEntryNotFoundError)")
+    assert reader_error("owner/nosuch") == (
+        "benchmark Hub dataset 'owner/nosuch': the Hugging Face Hub could not be reached (ConnectionError: Couldn't "
+        "reach 'owner/nosuch' on the Hub (LocalEntryNotFoundError)). Check the network (or HF_ENDPOINT and proxy "
+        "settings) and retry; to work offline, load it once where the Hub is reachable (it is then read from the "
+        "cache with HF_HUB_OFFLINE=1), or save it as a JSONL file and give that path. No local file "
+        f"{tmp_path / 'owner' / 'nosuch'} exists either.")
+    assert no_hub.calls == [("owner/nosuch", None)]
+    from datasets.exceptions import DatasetNotFoundError
+
+    no_hub.error = DatasetNotFoundError("Dataset 'owner/gated' is a gated dataset on the Hub.")
+    msg = reader_error("owner/gated")
+    assert msg.startswith("benchmark Hub dataset 'owner/gated': not found (DatasetNotFoundError: Dataset "
+                          "'owner/gated' is a gated dataset on the Hub). ") and "HF_TOKEN" in msg
+    no_hub.error = ValueError('Unknown split "test". Should be one of [\'train\'].')
+    assert reader_error("qiaojin/PubMedQA", config="pqa_labeled") == (
+        "benchmark Hub dataset 'qiaojin/PubMedQA' (config 'pqa_labeled', split 'test'): ValueError: Unknown split "
+        "\"test\". Should be one of ['train']. Give the right ones in the profile: {source: qiaojin/PubMedQA, "
+        "config: ..., split: ...}.")
+
+
+def test_validate_good_sources(bench_dir, no_hub):
+    cfg = C.load(PARAMS / "smoke.yaml").replace(benchmarks={
+        "illustrative": "package:medtune/assets/mc_medqa_style_illustrative.jsonl",
+        "medqa": str(bench_dir / "medqa_usmle_4op_test.jsonl"),
+        "pubmedqa": {"source": str(bench_dir / "pubmedqa_pqa_labeled_test.jsonl")},
+        "hub": {"source": "qiaojin/PubMedQA", "config": "pqa_labeled", "split": "train"},
+    })
+    assert B.validate(cfg) == []
+    assert no_hub.calls == []  # a Hub id: its shape only, no network
+    assert B.validate(C.load(PARAMS / "default.yaml")) == []
+    assert B.validate(cfg.replace(benchmarks={})) == []
+
+
+def test_validate_reports_every_bad_source(tmp_path, monkeypatch, no_hub):
+    from types import SimpleNamespace
+
+    monkeypatch.chdir(tmp_path)
+    good = json.dumps(MEDQA_ROWS["shared file"])
+    bad = json.dumps({**MEDQA_ROWS["shared file"], "choices": None})
+    (tmp_path / "many.jsonl").write_text("\n".join([good] + [bad] * 22 + ["{oops"]) + "\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    null_opt = bench_file(tmp_path, {"id": 1, "question": "Q?", "options": {"A": "x", "B": None}, "answer_idx": "B"},
+                          "null_option.jsonl")
+    cfg = SimpleNamespace(benchmarks={"ok": "package:medtune/assets/mc_pubmedqa_style_illustrative.jsonl",
+                                      "many": "many.jsonl", "empty": "empty.jsonl", "typo": "nosuch_no_ext",
+                                      "gone": "gone.jsonl", "null_opt": str(null_opt), "hub": "owner/name",
+                                      "spec": {"path": "x.jsonl"}})
+    problems = B.validate(cfg)
+    null_choices = "'choices' is null, not a list of options."
+    assert problems[:20] == [f"benchmarks.many: many.jsonl line {n}: {null_choices} {FIX_OPTIONS}"
+                             for n in range(2, 22)]
+    assert problems[20:] == [
+        "benchmarks.many: ... and 3 more bad rows in many.jsonl (23 of 24).",
+        "benchmarks.empty: empty.jsonl: no items (the file has no rows). Give a benchmark file with at least one item "
+        "(one JSON object a line), or remove it from the profile's 'benchmarks'.",
+        f"benchmarks.typo: benchmark source 'nosuch_no_ext' is neither an existing file (looked for "
+        f"{tmp_path / 'nosuch_no_ext'}) nor a Hub dataset id 'owner/name'. Fix the path in the profile's 'benchmarks' "
+        "(a relative path starts from the working directory), or give a Hub id such as GBaker/MedQA-USMLE-4-options.",
+        f"benchmarks.gone: benchmark file not found: {tmp_path / 'gone.jsonl'}. Fix the path in the profile's "
+        "'benchmarks' (a relative path starts from the working directory), or give a Hub dataset id 'owner/name'.",
+        f"benchmarks.null_opt: {null_opt} line 3: option B of 'options' has no text (null). Give option B its text; "
+        "every option needs one.",
+        "benchmarks.spec: benchmark spec {'path': 'x.jsonl'}: give a source (local JSONL, package:<pkg>/<file>, or "
+        "Hub id) or {source: ..., config: ..., split: ...}.",
+    ]
+    assert no_hub.calls == []
+    # the limit does not hide a bad row past it: 04 would read only the first items, validate reads all
+    assert len(B.read_benchmark("many.jsonl", limit=1)) == 1
+
+
 def test_profile_keys_are_validated(tmp_path):
     cfg = C.load(PARAMS / "smoke.yaml")
     assert cfg.replace(benchmark_limit=3, benchmark_mode="generate", eval_questions=2).benchmark_limit == 3
