@@ -293,6 +293,41 @@ def check_access(cfg: _config.RunConfig, status: dict | None = None) -> tuple[Ch
     return Check("access", "ok", f"{status['source']} ({status['endpoint']}) {who}: model and dataset readable."), status
 
 
+def check_push(cfg: _config.RunConfig) -> Check:
+    """With ``push: true``, the token 07 uploads with must be set now, not found missing after training.
+
+    (``hub_repo_id`` is required at load: :mod:`medtune.config`. Write access itself is checked by 07's upload.)
+    """
+    from medtune import sources
+
+    if not cfg.push:
+        return Check("push", "ok", "dry run (push: false): 07 writes the folder it would upload.")
+    var = sources.TOKEN_VARIABLES[cfg.push_to][0]
+    try:
+        token = sources.get_token(cfg.push_to)
+    except sources.TokenError as err:
+        return Check("push", "error", str(err))
+    if token is None:
+        return Check("push", "error", f"push: true to {cfg.push_to} ({cfg.hub_repo_id}), but {var} is not set.",
+                     f"create a token with write access ({sources.TOKEN_PAGES[cfg.push_to]}) and `export {var}=...` "
+                     "before starting, or push: false for a dry run")
+    return Check("push", "ok", f"07 will upload to {cfg.push_to}: {cfg.hub_repo_id} ({var} is set).")
+
+
+def check_benchmark_files(cfg: _config.RunConfig) -> Check:
+    """Every local or ``package:`` benchmark file read in full now (:func:`medtune.benchmarks.validate`), so a bad
+    file stops the run in 00 instead of in 04 after the baseline answers; Hub ids are only checked for shape."""
+    from medtune import benchmarks
+
+    if not cfg.benchmarks:
+        return Check("benchmarks", "ok", "no multiple-choice benchmarks in this profile.")
+    problems = benchmarks.validate(cfg)
+    if problems:
+        return Check("benchmarks", "error", "; ".join(problems),
+                     "fix the file(s) named, or remove them from the profile's benchmarks section")
+    return Check("benchmarks", "ok", f"{', '.join(cfg.benchmarks)}: readable.")
+
+
 def model_config(cfg: _config.RunConfig):
     """The model's transformers config, from its ``config.json`` only (no weights), or None when not available
     without work (a ``package:`` model not yet converted by 01; it is small).
@@ -511,6 +546,8 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
     from medtune import sources
 
     checks = check_settings(cfg)
+    checks.append(check_push(cfg))
+    checks.append(check_benchmark_files(cfg))
     access_check, status = check_access(cfg, access)
     checks.append(access_check)
     conf = estimate = None

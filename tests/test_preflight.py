@@ -91,10 +91,33 @@ def test_default_profiles_pass_offline(name, capsys):
     assert report["ok"] is True
     status = {c["name"]: c["status"] for c in report["checks"]}
     assert status["settings"] == status["access"] == "ok" and status["disk"] == "ok"
+    assert status["push"] == "ok" and status["benchmarks"] == "ok"  # dry run; shipped MC files read in full
     assert status["versions"] in ("ok", "warning")  # a warning never fails the run
     out = capsys.readouterr().out
     assert "OK    access: model and dataset are local" in out
     assert time.perf_counter() - start < 30  # seconds, on a busy 2-core machine; ~1 s once imports are warm
+
+
+def test_push_without_its_token_fails_in_00_not_after_training(monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    cfg = C.load(PARAMS / "smoke.yaml").replace(push=True, hub_repo_id="me/medtune-test")
+    with pytest.raises(P.PreflightError) as err:
+        P.run(cfg)
+    msg = str(err.value)
+    assert "push: true to hub (me/medtune-test), but HF_TOKEN is not set" in msg and "write access" in msg
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", "ms-" + "x" * 30)
+    check = P.check_push(cfg.replace(push_to="modelscope"))
+    assert check.status == "ok" and "MODELSCOPE_API_TOKEN is set" in check.detail
+
+
+def test_bad_benchmark_file_fails_in_00_not_in_04(tmp_path):
+    bad = tmp_path / "mc.jsonl"
+    bad.write_text('{"question": "q?", "choices": null, "answer": "A"}\n', encoding="utf-8")
+    cfg = C.load(PARAMS / "smoke.yaml").replace(benchmarks={"medqa": str(bad)})
+    with pytest.raises(P.PreflightError) as err:
+        P.run(cfg)
+    assert f"benchmarks.medqa: {bad} line 1: 'choices' is null" in str(err.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
