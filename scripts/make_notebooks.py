@@ -4,9 +4,11 @@ The notebooks are the source users open and edit in JupyterLab; this script only
 (title, imports, one `parameters` cell, numbered sections, a last cell that records) consistent when many change.
 """
 
+import hashlib
 from pathlib import Path
 
 import nbformat
+
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 PARAMS = (
@@ -40,6 +42,8 @@ def nb(title: str, line: str, imports: str, params: str, cells: list) -> nbforma
     out.append(new_code_cell(params, metadata={"tags": ["parameters"]}))
     for kind, text in cells:
         out.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    for i, cell in enumerate(out):  # stable ids: regenerating an unchanged notebook changes nothing in git
+        cell.id = hashlib.sha1(f"{title}|{i}".encode()).hexdigest()[:8]
     book = new_notebook(cells=out)
     book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
     book.metadata["language_info"] = {"name": "python"}
@@ -64,12 +68,12 @@ NOTEBOOKS = {
             ("code", "# preflight: settings vs. this machine, memory, disk, versions; all failures at once, before any download\n"
                      "run.record(\"preflight\", preflight.run(cfg, access=status))"),
             ("md", "## Record"),
-            ("code", 'run.record("auth", status)'),
+            ("code", 'run.record("auth", status);'),
         ],
     ),
     "01_load_quantized_model": nb(
         "01 · Load the model in 4-bit (QLoRA's NF4)",
-        "The walkthrough's `BitsAndBytesConfig` (4-bit NF4, no double quantization, bf16 compute) with "
+        "The walkthrough's `BitsAndBytesConfig` (4-bit NF4, no double quantization, bf16 compute; the CPU profiles compute in float32) with "
         "`device_map=\"auto\"`, the matching tokenizer, and a report of what was quantized and what was not.",
         "from medtune import config, modeling, preflight, runs",
         PARAMS.format(empty=LATEST),
@@ -89,7 +93,7 @@ NOTEBOOKS = {
             ("md", "## 4. What was quantized, and the memory it takes"),
             ("code", "report = modeling.quantization_report(model)\nmodeling.show_quantization(report)"),
             ("md", "## Record"),
-            ("code", 'run.record("preflight", checks)\nrun.record("load", report)'),
+            ("code", 'run.record("preflight", checks)\nrun.record("load", report);'),
         ],
     ),
     "02_check_gpu": nb(
@@ -106,7 +110,7 @@ NOTEBOOKS = {
             ("code", 'rows = hardware.memory_table(model_gib=run.metrics().get("load", {}).get("footprint_gib", 0.0))\n'
                      "hardware.show(rows)"),
             ("md", "## Record"),
-            ("code", 'run.record("gpu", {"devices": rows})'),
+            ("code", 'run.record("gpu", {"devices": rows});'),
         ],
     ),
     "03_format_prompts": nb(
@@ -130,7 +134,7 @@ NOTEBOOKS = {
             ("md", "## 4. The test template (what 04 and 06 send)"),
             ("code", 'print(data.test_prompt("<question>", cfg.language))'),
             ("md", "## Record"),
-            ("code", 'run.record("data", {k: v for k, v in summary.items() if k != "first_text"} | {"language": cfg.language})'),
+            ("code", 'run.record("data", {k: v for k, v in summary.items() if k != "first_text"} | {"language": cfg.language});'),
         ],
     ),
     "04_baseline": nb(
@@ -155,14 +159,14 @@ NOTEBOOKS = {
             ("code", 'bench = benchmarks.measure(cfg, run, model, tokenizer, "baseline")\n'
                      "display(Markdown(benchmarks.show(bench)))"),
             ("md", "## Record"),
-            ("code", 'run.record("baseline", loss | scores | {"benchmarks": bench})'),
+            ("code", 'run.record("baseline", loss | scores | {"benchmarks": bench});'),
         ],
     ),
     "05_train_lora": nb(
         "05 · LoRA SFT",
         "LoRA (r=64, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down_proj) on the 4-bit model, trained with TRL's "
         "`SFTTrainer` and the walkthrough's arguments. Checkpoints go into the run; re-running resumes from the last.",
-        "from medtune import config, modeling, runs, train",
+        "from IPython.display import Image, display\n\nfrom medtune import config, modeling, runs, train",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)\nmodel, tokenizer = modeling.load_model(cfg)"),
@@ -173,9 +177,9 @@ NOTEBOOKS = {
             ("md", "## 2. Train"),
             ("code", "result = train.train(trainer, run)\nresult"),
             ("md", "## 3. Loss curve"),
-            ("code", "train.loss_curve(run);"),
+            ("code", "display(Image(filename=train.loss_curve(run)))"),
             ("md", "## Record"),
-            ("code", 'run.record("train", result)'),
+            ("code", 'run.record("train", result);'),
         ],
     ),
     "06_evaluate_finetuned": nb(
@@ -198,7 +202,7 @@ NOTEBOOKS = {
             ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
             ("code", 'bench = benchmarks.measure(cfg, run, model, tokenizer, "finetuned")\n'
                      "display(Markdown(benchmarks.show(bench)))"),
-            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, "paper_anchor": benchmarks.PAPER_ANCHOR})'),
+            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, "paper_anchor": benchmarks.PAPER_ANCHOR});'),
             ("md", "## 5. Baseline vs fine-tuned\n\nEvery metric of 04 and 06; the difference is fine-tuned minus "
                    "baseline."),
             ("code", "display(Markdown(evaluate.metrics_table(run)))"),
@@ -212,7 +216,7 @@ NOTEBOOKS = {
             ("md", "## Record\n\nEverything above is in the run's `metrics.json` (sections `baseline` and "
                    "`finetuned`); per-item benchmark predictions are in the run's `benchmarks/`, the figure in "
                    "`evaluation.png`."),
-            ("code", "run.metrics()"),
+            ("code", 'print(f"metrics: {run.metrics_path}")'),
         ],
     ),
     "07_push": nb(
@@ -243,7 +247,7 @@ NOTEBOOKS = {
                    "memory it needs are printed first; with `EXPORT_MERGED` off, only that is shown."),
             ("code", "merged = hub.export_merged(cfg, run)"),
             ("md", "## Record"),
-            ("code", 'run.record("push", result | {"merged": merged})'),
+            ("code", 'run.record("push", result | {"merged": merged});'),
         ],
     ),
 }
