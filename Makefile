@@ -36,7 +36,7 @@ env: $(STAMP) ## create .venv with the pinned versions (done automatically by th
 run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/ (PARAMS=..., RESUME=...)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m medtune.pipeline $(PARAMS_ARG) $(if $(RESUME),--resume $(RESUME))
 
-test: $(STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~15 min on 2 CPU cores)
+test: $(STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~10-15 min on 2 CPU cores)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
 test-fast: $(STAMP) ## the tests that take seconds (no model runs)
