@@ -20,6 +20,7 @@ import sys
 import torch
 
 from medtune import benchmarks as _benchmarks
+from medtune import config as _config
 from medtune import data as _data
 
 
@@ -233,8 +234,16 @@ def answer_heldout(cfg, run, model, tokenizer, out_path, max_new_tokens: int | N
     """Generate answers to the run's held-out questions and save them as JSONL to ``out_path``.
 
     The questions are the first ``cfg.eval_questions`` held-out rows (all when ``None``; ``heldout_rows`` come
-    first). ``max_new_tokens`` overrides ``cfg.max_new_tokens`` (use the same value in 04 and 06 to compare).
+    first). ``max_new_tokens`` overrides ``cfg.max_new_tokens`` (use the same value in 04 and 06 to compare; 0 or
+    None: the profile's).
+
+    Raises:
+        ConfigError: ``max_new_tokens`` is not a whole number >= 0 (04's and 06's MAX_NEW_TOKENS parameter).
     """
+    if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                       or max_new_tokens < 0):
+        raise _config.ConfigError(f"MAX_NEW_TOKENS must be a whole number >= 0 (0: the profile's max_new_tokens, "
+                                  f"{cfg.max_new_tokens}), got {max_new_tokens!r}.")
     _, heldout = _data.read_split(run)
     heldout = heldout[:cfg.eval_questions]
     answers = generate_answers(model, tokenizer, heldout, language=cfg.language,

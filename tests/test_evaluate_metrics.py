@@ -388,3 +388,14 @@ def test_answers_markdown_shows_think_tags():
     a = [{"row": 0, "question": "Q?", "answer": "<think>\nr & s\n</think>\nA", "new_tokens": 5, "stopped": True}]
     assert "&lt;think&gt;\nr &amp; s\n&lt;/think&gt;\nA" in E.show_answers(a)
     assert "| &lt;think&gt;<br>r &amp; s<br>&lt;/think&gt;<br>A | &lt;think&gt;" in E.side_by_side(a, a)
+
+
+@pytest.mark.parametrize("bad", [-5, 2.5, "24", True])
+def test_max_new_tokens_parameter_is_checked_before_generating(bad):
+    """04/06's MAX_NEW_TOKENS reaches answer_heldout unchecked by the profile; -5 used to fail inside transformers."""
+    from medtune import config as C
+    from medtune import evaluate as E
+
+    cfg = C.load(Path(__file__).resolve().parents[1] / "params" / "smoke.yaml")
+    with pytest.raises(C.ConfigError, match=r"MAX_NEW_TOKENS must be a whole number >= 0 \(0: the profile's max_new_tokens, 24\)"):
+        E.answer_heldout(cfg, run=None, model=None, tokenizer=None, out_path=None, max_new_tokens=bad)
