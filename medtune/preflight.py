@@ -399,14 +399,29 @@ def _free_at(path: Path) -> tuple[int, int]:
     return shutil.disk_usage(path).free, os.stat(path).st_dev
 
 
+def _local_row_count(dataset: str) -> int | None:
+    """Non-blank lines of a local or ``package:`` JSONL dataset (an upper bound on its rows), else None."""
+    from medtune import data
+
+    try:
+        path = data._package_path(dataset) if dataset.startswith("package:") else Path(dataset).expanduser()
+        if path.is_file() and path.suffix == ".jsonl":
+            with path.open("rb") as f:
+                return sum(1 for line in f if line.strip())
+    except Exception:  # an estimate only: the data check in 03 reports what is wrong with the file
+        return None
+    return None
+
+
 def _checkpoint_bytes(cfg: _config.RunConfig, lora_params: int) -> int:
     """Disk for the run's checkpoints: each holds the LoRA weights (fp32) and AdamW's two states (3 x 4 B per
     parameter); their number is ``save_total_limit``, else steps / ``save_steps`` (steps from ``max_steps``, or
     ``max_rows`` rows; one checkpoint when unknown)."""
     steps = int(cfg.sft.get("max_steps", -1) or -1)
-    if steps <= 0 and cfg.max_rows:
+    rows = cfg.max_rows or _local_row_count(cfg.dataset)
+    if steps <= 0 and rows:
         batch = int(_sft(cfg, "per_device_train_batch_size")) * int(cfg.sft.get("gradient_accumulation_steps", 1))
-        steps = math.ceil((cfg.max_rows - cfg.heldout_size) / batch) * math.ceil(float(_sft(cfg, "num_train_epochs")))
+        steps = math.ceil(max(rows - cfg.heldout_size, 1) / batch) * math.ceil(float(_sft(cfg, "num_train_epochs")))
     count = math.ceil(steps / int(_sft(cfg, "save_steps"))) if steps > 0 else 1
     if cfg.sft.get("save_total_limit"):
         count = min(count, int(cfg.sft["save_total_limit"]))

@@ -326,3 +326,15 @@ def test_notebooks_00_and_01_run_preflight_before_the_model_loads():
     load = next(i for i, s in enumerate(nb01) if "modeling.load_model(cfg)" in s)
     assert first < load
     assert 'run.record("preflight", checks)' in nb01[-1]
+
+
+def test_checkpoint_estimate_counts_the_rows_of_a_local_dataset():
+    """The default profile (64 shipped rows, 8 held out, 2 sequences per step: 28 steps, save_steps 10) writes 3
+    checkpoints; measured 2026-12-01: 228 MiB each (LoRA fp32 + AdamW states) plus the 75 MiB adapter. The estimate
+    counted one checkpoint before, since max_rows is null there."""
+    cfg = C.load(PARAMS / "default.yaml")
+    assert P._local_row_count(cfg.dataset) == 64
+    estimate = P._checkpoint_bytes(cfg, 19_537_920)
+    assert estimate == (3 + 1) * 19_537_920 * 12
+    measured = 3 * 228 * 2**20 + 75 * 2**20
+    assert abs(estimate - measured) / measured < 0.25
