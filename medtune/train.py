@@ -139,6 +139,11 @@ def train(trainer, run) -> dict:
     steps_now = int(trainer.state.global_step) - int(steps_before)
     trainer.save_model(str(run.adapter_dir))
     trainer.processing_class.save_pretrained(str(run.adapter_dir))
+    # PEFT writes a template card ("[More Information Needed]", a local base path); the real one is 07's push/README.md
+    (run.adapter_dir / "README.md").write_text(
+        f"# LoRA adapter of medtune run `{run.run_id}`\n\nWritten by notebook 05. Its model card, with the training "
+        "settings, the evaluation and usage, is written by notebook 07 into the run's `push/README.md`.\n",
+        encoding="utf-8")
     history = trainer.state.log_history
     run.train_log_path.write_text(json.dumps(history, indent=2), encoding="utf-8")
     epochs = float(trainer.state.epoch or 0)

@@ -72,6 +72,7 @@ def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
     t = m["train"]
     assert t["steps"] == 4 and t["trainable_params"] == 19_537_920 and t["tokens_per_s"] > 0
     assert (run.adapter_dir / "adapter_config.json").is_file() and run.loss_curve_path.stat().st_size > 5_000
+    assert "More Information Needed" not in (run.adapter_dir / "README.md").read_text()  # not PEFT's template card
     nb05 = nbformat.read(run.notebooks_dir / "05_train_lora.ipynb", as_version=4)
     assert any("image/png" in o.get("data", {}) for c in nb05.cells for o in c.get("outputs", []))  # the curve shows
     # 07: dry run wrote exactly the folder it would upload
