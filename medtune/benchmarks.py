@@ -370,7 +370,7 @@ def _load_dataset(source: str, config: str | None, split: str, kind: str):
 
 
 def _rows(source: str, config: str | None = None, split: str | None = None,
-          limit: int | None = None) -> tuple[str, str, list[tuple[int, object]]]:
+          limit: int | None = None, remote=None) -> tuple[str, str, list[tuple[int, object]]]:
     """The raw rows of a source, before :func:`normalize_row`: ``(name for messages, unit, [(number, row)])``.
 
     ``unit`` is "line" (a JSONL file: 1-based line numbers, blank lines counted) or "row" (a JSON array, a dataset:
@@ -389,6 +389,23 @@ def _rows(source: str, config: str | None = None, split: str | None = None,
         if not rows:
             raise BenchmarkError(f"{name}: no items (the file has no rows). Give a benchmark file with at least one "
                                  "item (one JSON object a line), or remove it from the profile's 'benchmarks'.")
+    elif kind == "hub" and remote is not None:  # through medtune.sources: the profile's source, mirror and token
+        from medtune import sources as _sources
+
+        try:
+            ds = remote.load_dataset(source, config, split or "test")
+        except _sources.SourceError as err:
+            raise BenchmarkError(f"benchmark {source!r}: {err}") from None
+        except ValueError as err:  # from datasets: an unknown config or split
+            raise BenchmarkError(f"benchmark Hub dataset {source!r} (config {config!r}, split {split or 'test'!r}): "
+                                 f"{err}. Give the right ones in the profile: {{source: {source}, config: ..., "
+                                 "split: ...}.") from None
+        if len(ds) == 0:
+            raise BenchmarkError(f"{source} (config {config!r}, split {split or 'test'!r}): no items (the split has "
+                                 "no rows). Give a split with items, or remove it from the profile's 'benchmarks'.")
+        if limit is not None:
+            ds = ds.select(range(min(limit, len(ds))))
+        name, unit, rows = source, "row", list(enumerate(ds.to_list(), start=1))
     else:
         ds = _load_dataset(source, config, split or "test", kind)
         if len(ds) == 0:
@@ -409,7 +426,7 @@ def _item(number: int, value, index: int, name: str, unit: str) -> MCItem:
 
 
 def read_benchmark(source: str, config: str | None = None, split: str | None = None,
-                   limit: int | None = None) -> list[MCItem]:
+                   limit: int | None = None, remote=None) -> list[MCItem]:
     """Read a benchmark and normalize every row (:func:`normalize_row`).
 
     Args:
@@ -419,6 +436,8 @@ def read_benchmark(source: str, config: str | None = None, split: str | None = N
         config: the dataset config (``qiaojin/PubMedQA`` needs ``pqa_labeled``); ignored for JSONL files.
         split: the split (default "test"; ``qiaojin/PubMedQA`` has only "train"); ignored for JSONL files.
         limit: keep the first ``limit`` items, in source order (``None``: all).
+        remote: the :class:`medtune.sources.Source` to download a Hub id from (the profile's source, mirror and
+            token: :func:`measure` passes it); None reads a Hub id with ``datasets.load_dataset`` directly.
 
     Returns:
         The items, in source order (at least one).
@@ -428,7 +447,7 @@ def read_benchmark(source: str, config: str | None = None, split: str | None = N
             ``owner/name``, an unreachable Hub or a missing dataset/config/split, an unreadable line, a bad row (names
             the file and line), or no items at all.
     """
-    name, unit, rows = _rows(source, config, split, limit)
+    name, unit, rows = _rows(source, config, split, limit, remote)
     return [_item(number, value, i, name, unit) for i, (number, value) in enumerate(rows)]
 
 
@@ -734,6 +753,23 @@ def predictions_path(run, stage: str, name: str) -> Path:
     return run.path / "benchmarks" / f"{stage}-{name}.jsonl"
 
 
+def _remote(cfg, source: str):
+    """Where a benchmark's Hub id is downloaded from: the dataset's source (``dataset_source`` or ``source``) and
+    ``hub_endpoint``, through :mod:`medtune.sources` like the training data; None for local files and folders.
+
+    Raises:
+        BenchmarkError: a Hub id with ``source: local`` (no downloads).
+    """
+    from medtune import sources as _sources
+
+    if _locate(source)[0] != "hub":
+        return None
+    try:
+        return _sources.for_spec(source, cfg.dataset_source or cfg.source, cfg.hub_endpoint, "benchmark dataset")
+    except FileNotFoundError as err:
+        raise BenchmarkError(str(err)) from None
+
+
 def measure(cfg, run, model, tokenizer, stage: str) -> dict:
     """Score every benchmark of ``cfg.benchmarks`` (first ``cfg.benchmark_limit`` items, ``cfg.benchmark_mode``).
 
@@ -754,7 +790,8 @@ def measure(cfg, run, model, tokenizer, stage: str) -> dict:
         print("no benchmarks in this profile (the 'benchmarks' key is empty): nothing to score.")
     for name, value in cfg.benchmarks.items():
         spec = spec_of(value)
-        items = read_benchmark(spec["source"], spec["config"], spec["split"], cfg.benchmark_limit)
+        items = read_benchmark(spec["source"], spec["config"], spec["split"], cfg.benchmark_limit,
+                               remote=_remote(cfg, spec["source"]))
         print(f"{name}: {len(items)} items from {spec['source']}, mode {cfg.benchmark_mode}", flush=True)
         if cfg.benchmark_mode == "loglik":
             preds = predict_loglik(model, tokenizer, items, language=cfg.language, batch_size=cfg.eval_batch_size)

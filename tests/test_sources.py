@@ -526,3 +526,28 @@ def test_network_failure_while_checking_the_token_reads_well(monkeypatch, tmp_pa
     with pytest.raises(S.NetworkDown) as err:
         S.get("hub", MIRROR).whoami()
     assert "while checking the token (ConnectError)" in str(err.value)
+
+
+def test_benchmarks_from_the_hub_go_through_the_seam_and_the_profile_mirror(monkeypatch, tmp_path):
+    """A benchmark given as a Hub id is downloaded like the training data: through medtune.sources, from the
+    profile's hub_endpoint (or ModelScope), with its card selecting the split's file; then read locally."""
+    from medtune import benchmarks as B
+
+    medqa = Path(__file__).resolve().parents[2] / "shared" / "data" / "benchmarks" / "medqa_usmle_4op_test.jsonl"
+    repo = tmp_path / "medqa"
+    repo.mkdir()
+    (repo / "test.jsonl").write_text("".join(medqa.read_text(encoding="utf-8").splitlines(True)[:5]), encoding="utf-8")
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: test\n"
+                                    "    path: test.jsonl\n---\n# MedQA\n", encoding="utf-8")
+    fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("dataset", "Org/medqa"): repo}))
+    cfg = C.from_dict({"hub_endpoint": MIRROR, "benchmarks": {"medqa": "Org/medqa"}})
+    items = B.read_benchmark("Org/medqa", split="test", remote=B._remote(cfg, "Org/medqa"))
+    assert len(items) == 5 and fake.endpoint == MIRROR
+    assert [c["repo_type"] for m, c in fake.calls if m == "snapshot_download"] == ["dataset", "dataset"]
+    assert B._remote(cfg, "package:medtune/assets/mc_medqa_style_illustrative.jsonl") is None  # local: no client
+    with pytest.raises(B.BenchmarkError, match="source is 'local'"):
+        B._remote(cfg.replace(source="local"), "Org/medqa")
+    fake.errors.update(files=httpx2.ConnectError("down"), snapshot_download=httpx2.ConnectError("down"))
+    with pytest.raises(B.BenchmarkError) as err:  # one actionable message, from the seam's translation
+        B.read_benchmark("Org/pubmedqa", split="test", remote=B._remote(cfg, "Org/pubmedqa"))
+    assert str(err.value).startswith("benchmark 'Org/pubmedqa': cannot reach https://hf-mirror.com")
