@@ -277,7 +277,7 @@ def spec_of(value) -> dict:
 
 # A Hub dataset id: owner/name, each of letters, digits, "-", "_", ".".
 HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
-_PATH_FIX = "Fix the path in the profile's 'benchmarks' (a relative path starts from the working directory)"
+_PATH_FIX = "Fix the path in the profile's 'benchmarks' (a relative path starts from the project folder, where make runs)"
 
 
 def _locate(source: str) -> tuple[str, Path | str]:

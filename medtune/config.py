@@ -275,9 +275,12 @@ def _check_library_sections(cfg: RunConfig, source: str) -> None:
     """
     import tempfile
 
-    bnb_config(cfg)
-    lora_config(cfg)
-    sft_config(cfg, Path(tempfile.gettempdir()) / "medtune-config-check", use_cpu=True)
+    try:
+        bnb_config(cfg)
+        lora_config(cfg)
+        sft_config(cfg, Path(tempfile.gettempdir()) / "medtune-config-check", use_cpu=True)
+    except ConfigError as err:  # name the file too, as every other profile error does
+        raise ConfigError(f"{source}: {err}") from None
     ranges = [  # (section, key, ok(value), what is accepted)
         ("lora", "r", lambda v: v >= 1, "an integer >= 1 (walkthrough: 64)"),
         ("lora", "lora_alpha", lambda v: v > 0, "> 0 (walkthrough: 16)"),
@@ -382,6 +385,9 @@ def load(path: str | Path, **overrides: Any) -> RunConfig:
     Raises:
         ConfigError: the file is missing, empty, not UTF-8 or not YAML, a key is given twice, or a key or type is
             wrong (the message names it).
+
+    Relative local paths (``model``, ``dataset``, benchmark sources) are taken from the project folder, wherever
+    the profile is loaded from (:func:`_absolute_path`).
     """
     path = Path(path)
     if not path.is_file():
@@ -394,8 +400,44 @@ def load(path: str | Path, **overrides: Any) -> RunConfig:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:
         raise ConfigError(f"{path}: the profile is empty. Start from a copy of params/default.yaml.")
+    if isinstance(data, dict):
+        data = _absolute_paths(data)
     cfg = from_dict(data, source=str(path))
     return cfg.replace(**overrides) if overrides else cfg
+
+
+def _project_root() -> Path:
+    """The folder holding ``pyproject.toml`` and ``params/`` at or above the working directory (notebooks run in
+    notebooks/, ``make`` in the project folder); the working directory when there is none."""
+    here = Path.cwd().resolve()
+    return next((f for f in (here, *here.parents) if (f / "pyproject.toml").is_file() and (f / "params").is_dir()), here)
+
+
+def _absolute_path(value):
+    """A relative local path of a profile, made absolute against the project folder, so that it means the same in
+    ``make run-all`` (run from the project folder) and in each notebook's kernel (run in notebooks/). A value that is
+    no existing path and does not look like a file (``owner/name``: a Hub id) is left as it is."""
+    if not isinstance(value, str) or not value.strip() or value.startswith(("package:", "/", "~")):
+        return value
+    candidate = _project_root() / value
+    if candidate.exists() or value.endswith((".jsonl", ".json")) or value.startswith(("./", "../")):
+        return str(candidate.resolve())
+    return value
+
+
+def _absolute_paths(data: dict) -> dict:
+    """``model``, ``dataset`` and the benchmark sources of a profile through :func:`_absolute_path`."""
+    data = dict(data)
+    for key in ("model", "dataset"):
+        if key in data:
+            data[key] = _absolute_path(data[key])
+    if isinstance(data.get("benchmarks"), dict):
+        data["benchmarks"] = {
+            name: ({**spec, "source": _absolute_path(spec["source"])} if isinstance(spec, dict) and "source" in spec
+                   else _absolute_path(spec))
+            for name, spec in data["benchmarks"].items()
+        }
+    return data
 
 
 def dump(cfg: RunConfig, path: str | Path) -> None:

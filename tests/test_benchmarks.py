@@ -224,10 +224,10 @@ def test_source_neither_file_nor_hub_id_fails_at_once(tmp_path, monkeypatch, no_
     assert reader_error("nosuch_no_ext") == (
         f"benchmark source 'nosuch_no_ext' is neither an existing file (looked for {tmp_path / 'nosuch_no_ext'}) nor "
         "a Hub dataset id 'owner/name'. Fix the path in the profile's 'benchmarks' (a relative path starts from the "
-        "working directory), or give a Hub id such as GBaker/MedQA-USMLE-4-options.")
+        "project folder, where make runs), or give a Hub id such as GBaker/MedQA-USMLE-4-options.")
     assert reader_error("data/nosuch.jsonl") == (
         f"benchmark file not found: {tmp_path / 'data' / 'nosuch.jsonl'}. Fix the path in the profile's 'benchmarks' "
-        "(a relative path starts from the working directory), or give a Hub dataset id 'owner/name'.")
+        "(a relative path starts from the project folder, where make runs), or give a Hub dataset id 'owner/name'.")
     assert "looked for" in reader_error("package:medtune/assets/nosuch.jsonl")
     assert no_hub.calls == []
 
@@ -292,9 +292,9 @@ def test_validate_reports_every_bad_source(tmp_path, monkeypatch, no_hub):
         "(one JSON object a line), or remove it from the profile's 'benchmarks'.",
         f"benchmarks.typo: benchmark source 'nosuch_no_ext' is neither an existing file (looked for "
         f"{tmp_path / 'nosuch_no_ext'}) nor a Hub dataset id 'owner/name'. Fix the path in the profile's 'benchmarks' "
-        "(a relative path starts from the working directory), or give a Hub id such as GBaker/MedQA-USMLE-4-options.",
+        "(a relative path starts from the project folder, where make runs), or give a Hub id such as GBaker/MedQA-USMLE-4-options.",
         f"benchmarks.gone: benchmark file not found: {tmp_path / 'gone.jsonl'}. Fix the path in the profile's "
-        "'benchmarks' (a relative path starts from the working directory), or give a Hub dataset id 'owner/name'.",
+        "'benchmarks' (a relative path starts from the project folder, where make runs), or give a Hub dataset id 'owner/name'.",
         f"benchmarks.null_opt: {null_opt} line 3: option B of 'options' has no text (null). Give option B its text; "
         "every option needs one.",
         "benchmarks.spec: benchmark spec {'path': 'x.jsonl'}: give a source (local JSONL, package:<pkg>/<file>, or "

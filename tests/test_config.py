@@ -421,3 +421,23 @@ def test_lora_targets_that_match_no_module_are_named_with_the_models_layers(targ
         modeling.check_lora_targets(cfg.replace(lora={**cfg.lora, "target_modules": targets}), model)
     assert message in str(err.value)
     assert "Linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(err.value)
+
+
+def test_relative_paths_in_a_profile_mean_the_project_folder_wherever_it_is_loaded(tmp_path, monkeypatch):
+    """make runs in the project folder, each notebook's kernel in notebooks/: a relative dataset or benchmark path
+    must name the same file in both. Hub ids (owner/name, no such folder) stay as they are."""
+    root = Path(__file__).resolve().parents[1]
+    profile = tmp_path / "rel.yaml"
+    profile.write_text("dataset: medtune/assets/medical_reasoning_illustrative.jsonl\n"
+                       "model: HuggingFaceTB/SmolLM2-135M-Instruct\n"
+                       "benchmarks:\n  medqa: medtune/assets/mc_medqa_style_illustrative.jsonl\n"
+                       "  pubmedqa: {source: qiaojin/PubMedQA, config: pqa_labeled, split: train}\n"
+                       "  missing: data/nosuch.jsonl\n", encoding="utf-8")
+    for where in (root, root / "notebooks"):
+        monkeypatch.chdir(where)
+        cfg = C.load(profile)
+        assert cfg.dataset == str(root / "medtune" / "assets" / "medical_reasoning_illustrative.jsonl")
+        assert cfg.benchmarks["medqa"] == str(root / "medtune" / "assets" / "mc_medqa_style_illustrative.jsonl")
+        assert cfg.benchmarks["missing"] == str(root / "data" / "nosuch.jsonl")  # error messages show where it looked
+        assert cfg.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        assert cfg.benchmarks["pubmedqa"]["source"] == "qiaojin/PubMedQA"
