@@ -20,7 +20,9 @@ On the default profile (model and data inside installed packages) nothing is con
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import importlib.metadata
 import math
 import os
@@ -314,6 +316,43 @@ def check_push(cfg: _config.RunConfig) -> Check:
     return Check("push", "ok", f"07 will upload to {cfg.push_to}: {cfg.hub_repo_id} ({var} is set).")
 
 
+def check_tokens() -> Check:
+    """The token variables that are set must hold a token and nothing else (a pasted line break, say): found here,
+    in 00, rather than by the first download or load that reads them. Never shows a value."""
+    from medtune import sources
+
+    problems = []
+    for kind in sources.TOKEN_VARIABLES:
+        try:
+            sources.get_token(kind)
+        except sources.TokenError as err:
+            problems.append(str(err))
+    if problems:
+        return Check("tokens", "error", " ".join(problems))
+    return Check("tokens", "ok", "token variables: unset or well-formed (values never shown).")
+
+
+def check_dataset_file(cfg: _config.RunConfig) -> Check:
+    """A local or ``package:`` JSONL dataset read and every row checked now (:func:`medtune.data.load_rows`, without
+    the token-length check, which needs the tokenizer and comes in 03), so a broken file stops the run in 00, before
+    01 loads the model. Hub datasets are checked by 00's access check here and read in 03."""
+    from medtune import data
+
+    spec = cfg.dataset
+    report = data.RowReport()
+    try:
+        path = data._package_path(spec) if spec.startswith("package:") else Path(spec).expanduser()
+        if not (path.is_file() or spec.endswith((".jsonl", ".json"))):
+            return Check("dataset", "ok", "read in 03 (a Hub dataset or a dataset folder).")
+        with contextlib.redirect_stdout(io.StringIO()):  # 03 prints the skipped rows; here only the verdict counts
+            rows = data.load_rows(spec, cfg.dataset_config, cfg.dataset_split, cfg.max_rows, source=cfg.source,
+                                  bad_rows=cfg.bad_rows, report=report)
+    except data.DataError as err:
+        return Check("dataset", "error", str(err))
+    skipped = f", {len(report.bad)} bad rows to skip (listed in 03)" if report.bad else ""
+    return Check("dataset", "ok", f"{path.name}: {len(rows)} usable rows{skipped}.")
+
+
 def check_benchmark_files(cfg: _config.RunConfig) -> Check:
     """Every local or ``package:`` benchmark file read in full now (:func:`medtune.benchmarks.validate`), so a bad
     file stops the run in 00 instead of in 04 after the baseline answers; Hub ids are only checked for shape."""
@@ -561,7 +600,9 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
     from medtune import sources
 
     checks = check_settings(cfg)
+    checks.append(check_tokens())
     checks.append(check_push(cfg))
+    checks.append(check_dataset_file(cfg))
     checks.append(check_benchmark_files(cfg))
     access_check, status = check_access(cfg, access)
     checks.append(access_check)

@@ -338,3 +338,31 @@ def test_checkpoint_estimate_counts_the_rows_of_a_local_dataset():
     assert estimate == (3 + 1) * 19_537_920 * 12
     measured = 3 * 228 * 2**20 + 75 * 2**20
     assert abs(estimate - measured) / measured < 0.25
+
+
+def test_malformed_token_fails_in_00_even_when_the_run_needs_none(monkeypatch):
+    """A line break pasted into HF_TOKEN made 01 fail after 00 had said OK (the smoke run needs no token)."""
+    canary = "hf_" + "Zz9" * 10
+    monkeypatch.setenv("HF_TOKEN", canary + "\n" + canary)
+    with pytest.raises(P.PreflightError) as err:
+        P.run(C.load(PARAMS / "smoke.yaml"))
+    assert "[tokens] HF_TOKEN holds a space or line break inside the token" in str(err.value)
+    assert canary not in str(err.value)
+
+
+@pytest.mark.parametrize(("content", "words"), [
+    ('{"Question": "\\ud800 x", "Complex_CoT": "c", "Response": "r"}\n{"Question": "q2", "Complex_CoT": "c", "Response": "r"}\n',
+     "line 1: field 'Question' is not valid Unicode"),
+    (b"\xff\xfe" + '{"Question": "q"}\n'.encode("utf-16-le"), "the file is UTF-16 encoded"),
+    ("", "rows.jsonl"),
+])
+def test_broken_local_dataset_fails_in_00_before_01_loads_the_model(tmp_path, content, words):
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    check = P.check_dataset_file(C.load(PARAMS / "smoke.yaml").replace(dataset=str(path), max_rows=None))
+    assert check.status == "error" and words in check.detail
+
+
+def test_shipped_dataset_passes_the_00_check():
+    check = P.check_dataset_file(C.load(PARAMS / "default.yaml"))
+    assert (check.status, check.detail) == ("ok", "medical_reasoning_illustrative.jsonl: 64 usable rows.")
