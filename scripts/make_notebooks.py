@@ -145,11 +145,11 @@ NOTEBOOKS = {
         "from IPython.display import Markdown, display\n\nfrom medtune import benchmarks, evaluate, modeling, runs",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (walkthrough: 1200)"),
         [
-            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, eval_questions=EVAL_QUESTIONS, "
-                     "benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
+            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, max_new_tokens=MAX_NEW_TOKENS or None, "
+                     "eval_questions=EVAL_QUESTIONS, benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
                      "model, tokenizer = modeling.load_model(cfg)"),
             ("md", "## 1. Answers to the held-out questions"),
-            ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.baseline_path, MAX_NEW_TOKENS)"),
+            ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.baseline_path)"),
             ("code", "display(Markdown(evaluate.show_answers(answers, rows=cfg.heldout_rows)))"),
             ("md", "## 2. The answers against the reference responses\n\n" + SCORES_MD),
             ("code", "scores = evaluate.score_answers(cfg, run, answers)\nscores"),
@@ -190,11 +190,11 @@ NOTEBOOKS = {
         "from IPython.display import Image, Markdown, display\n\nfrom medtune import benchmarks, data, evaluate, modeling, runs",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (use 04's values)"),
         [
-            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, eval_questions=EVAL_QUESTIONS, "
-                     "benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
+            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, max_new_tokens=MAX_NEW_TOKENS or None, "
+                     "eval_questions=EVAL_QUESTIONS, benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
                      "model, tokenizer = modeling.load_model(cfg, adapter=run.adapter_dir)"),
             ("md", "## 1. Answers with the adapter"),
-            ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.finetuned_path, MAX_NEW_TOKENS)"),
+            ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.finetuned_path)"),
             ("md", "## 2. The answers against the reference responses\n\n" + SCORES_MD),
             ("code", "scores = evaluate.score_answers(cfg, run, answers)\nscores"),
             ("md", "## 3. Held-out loss and perplexity"),

@@ -105,3 +105,18 @@ def test_failing_notebook_stops_the_run_and_keeps_the_error(tmp_path, monkeypatc
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
     assert executed[-1] == "03_format_prompts.ipynb" and "04_baseline.ipynb" not in executed
     assert "dataset file not found" in (run_dir / "notebooks" / "03_format_prompts.ipynb").read_text()
+
+
+@pytest.mark.parametrize("name", ["04_baseline", "06_evaluate_finetuned"])
+def test_eval_parameters_are_validated_before_the_model_loads(name, outputs):
+    """04/06 hand MAX_NEW_TOKENS to runs.session with the other parameters, in the cell before the model loads, so
+    -5 is a ConfigError there, not a failure after a (for Scout: minutes-long) load."""
+    from medtune import config as C
+    from medtune import runs
+
+    nb = nbformat.read(ROOT / "notebooks" / f"{name}.ipynb", as_version=4)
+    (first,) = [c.source for c in nb.cells if "runs.session(" in c.source]
+    assert "max_new_tokens=MAX_NEW_TOKENS or None" in first
+    assert first.index("runs.session(") < first.index("modeling.load_model(")
+    with pytest.raises(C.ConfigError, match="'max_new_tokens' must be at least 1, got -5"):
+        runs.session(str(ROOT / "params" / "smoke.yaml"), "", new_run=True, max_new_tokens=-5)
