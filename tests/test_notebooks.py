@@ -94,7 +94,8 @@ def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_failing_notebook_stops_the_run_and_keeps_the_error(tmp_path, monkeypatch):
-    """A bad dataset path fails in 03: the run stops, exits non-zero, and 03's executed copy shows the error."""
+    """A bad dataset path fails in 00 (preflight reads local datasets before any model loads): the run stops, exits
+    non-zero, and 00's executed copy shows the error."""
     monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
     profile = tmp_path / "bad.yaml"
     text = (ROOT / "params" / "smoke.yaml").read_text()
@@ -103,8 +104,8 @@ def test_failing_notebook_stops_the_run_and_keeps_the_error(tmp_path, monkeypatc
     assert code == 1
     run_dir = next((tmp_path / "outputs").iterdir())
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
-    assert executed[-1] == "03_format_prompts.ipynb" and "04_baseline.ipynb" not in executed
-    assert "dataset file not found" in (run_dir / "notebooks" / "03_format_prompts.ipynb").read_text()
+    assert executed == ["00_authenticate.ipynb"]
+    assert "dataset file not found" in (run_dir / "notebooks" / "00_authenticate.ipynb").read_text()
 
 
 @pytest.mark.parametrize("name", ["04_baseline", "06_evaluate_finetuned"])
