@@ -400,14 +400,9 @@ def _rows(source: str, config: str | None = None, split: str | None = None,
             raise BenchmarkError(f"benchmark Hub dataset {source!r} (config {config!r}, split {split or 'test'!r}): "
                                  f"{err}. Give the right ones in the profile: {{source: {source}, config: ..., "
                                  "split: ...}.") from None
-        if len(ds) == 0:
-            raise BenchmarkError(f"{source} (config {config!r}, split {split or 'test'!r}): no items (the split has "
-                                 "no rows). Give a split with items, or remove it from the profile's 'benchmarks'.")
-        if limit is not None:
-            ds = ds.select(range(min(limit, len(ds))))
-        name, unit, rows = source, "row", list(enumerate(ds.to_list(), start=1))
     else:
         ds = _load_dataset(source, config, split or "test", kind)
+    if kind != "file":
         if len(ds) == 0:
             raise BenchmarkError(f"{source} (config {config!r}, split {split or 'test'!r}): no items (the split has "
                                  "no rows). Give a split with items, or remove it from the profile's 'benchmarks'.")
