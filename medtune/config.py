@@ -406,20 +406,15 @@ def load(path: str | Path, **overrides: Any) -> RunConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
-def _project_root() -> Path:
-    """The folder holding ``pyproject.toml`` and ``params/`` at or above the working directory (notebooks run in
-    notebooks/, ``make`` in the project folder); the working directory when there is none."""
-    here = Path.cwd().resolve()
-    return next((f for f in (here, *here.parents) if (f / "pyproject.toml").is_file() and (f / "params").is_dir()), here)
-
-
 def _absolute_path(value):
     """A relative local path of a profile, made absolute against the project folder, so that it means the same in
     ``make run-all`` (run from the project folder) and in each notebook's kernel (run in notebooks/). A value that is
     no existing path and does not look like a file (``owner/name``: a Hub id) is left as it is."""
+    from medtune.runs import project_root  # runs imports this module: imported here, when called
+
     if not isinstance(value, str) or not value.strip() or value.startswith(("package:", "/", "~")):
         return value
-    candidate = _project_root() / value
+    candidate = project_root() / value
     if candidate.exists() or value.endswith((".jsonl", ".json")) or value.startswith(("./", "../")):
         return str(candidate.resolve())
     return value
