@@ -1,10 +1,12 @@
 """medtune: QLoRA fine-tuning of Llama 4 (and small Llama-architecture models) on medical reasoning.
 
 The notebooks in ``notebooks/`` tell the walkthrough's story; this package holds the logic they call.
-Modules, one per stage: ``config`` (run settings), ``runs`` (the run directory), ``auth``, ``modeling``
-(quantized load), ``hardware`` (GPU check), ``data`` (prompt templates, held-out split), ``train`` (LoRA SFT),
-``evaluate``, ``hub`` (push, model card, merged export), ``sources`` (every Hub, mirror and ModelScope call),
-``pipeline`` (headless papermill runs), ``llama4`` (what is Llama 4 specific) and ``compat`` (every workaround for a library bug, in one place).
+Subpackages: ``settings`` (``config``: run settings; ``runs``: the run directory), ``io`` (``sources``: every Hub,
+mirror and ModelScope call), ``stages`` (one module per stage: ``auth``, ``preflight``, ``modeling`` (quantized
+load), ``hardware`` (GPU check), ``data`` (prompt templates, held-out split), ``train`` (LoRA SFT), ``publish``
+(push, model card, merged export)), ``evaluation`` (``heldout``, ``multiple_choice``), ``llama4`` (what is Llama 4
+specific); and the modules ``pipeline`` (headless papermill runs) and ``compat`` (every workaround for a library bug,
+in one place).
 """
 
 import os as _os

@@ -1,5 +1,5 @@
 """Workarounds for library bugs, all in one place. Each names the versions it was seen with and how to tell it is
-no longer needed (tests/test_compat.py holds a test per workaround that fails once upstream fixes the bug).
+no longer needed (tests/llama4/test_compat.py holds a test per workaround that fails once upstream fixes the bug).
 
 TRL 1.16 ``SFTTrainer`` + Llama 4 (seen 2026-11-29 with transformers 5.23.0, trl 1.16.0)
 =========================================================================================

@@ -18,8 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from medtune import config as _config
-from medtune.runs import RunDir, outputs_root, project_root
+from medtune.settings import config as _config
+from medtune.settings.runs import RunDir, outputs_root, project_root
 
 
 class KernelDied(RuntimeError):

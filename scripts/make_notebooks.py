@@ -57,7 +57,7 @@ NOTEBOOKS = {
         "Hub mirror (`hub_endpoint`, e.g. hf-mirror.com) or ModelScope (`source: modelscope`). Tokens come from "
         "`HF_TOKEN` / `MODELSCOPE_API_TOKEN` in the environment and are never typed, printed or written. This "
         "notebook starts a new run.",
-        "from medtune import auth, preflight, runs",
+        "from medtune.settings import runs\nfrom medtune.stages import auth, preflight",
         PARAMS.format(empty="start a new run"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, new_run=True)"),
@@ -75,7 +75,7 @@ NOTEBOOKS = {
         "01 · Load the model in 4-bit (QLoRA's NF4)",
         "The walkthrough's `BitsAndBytesConfig` (4-bit NF4, no double quantization, bf16 compute; the CPU profiles compute in float32) with "
         "`device_map=\"auto\"`, the matching tokenizer, and a report of what was quantized and what was not.",
-        "from medtune import config, modeling, preflight, runs",
+        "from medtune.settings import config, runs\nfrom medtune.stages import modeling, preflight",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
@@ -100,7 +100,7 @@ NOTEBOOKS = {
         "02 · Check the GPU",
         "`nvidia-smi` as the walkthrough shows it, and per device: total, used and free memory, and the headroom left "
         "for training once the 4-bit model (size from 01) is loaded. Without a GPU it says so and shows CPU memory.",
-        "from medtune import hardware, runs",
+        "from medtune.settings import runs\nfrom medtune.stages import hardware",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
@@ -118,7 +118,7 @@ NOTEBOOKS = {
         "The walkthrough's training template (task, clinical-expert role, `### Question`, `### Response` with the "
         "reasoning in `<think>` and the answer) in the profile's `language` (en or zh), the tokenizer's EOS appended, "
         "and a held-out split saved to the run that is never trained on.",
-        "from medtune import data, modeling, runs",
+        "from medtune.settings import runs\nfrom medtune.stages import data, modeling",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
@@ -142,22 +142,22 @@ NOTEBOOKS = {
         "Numbers before training, on the same held-out data that 06 uses after it: answers to the held-out questions "
         "scored against the reference responses (ROUGE-L, length, EOS, template), the held-out loss and perplexity, "
         "and multiple-choice accuracy on the profile's benchmarks (MedQA, PubMedQA).",
-        "from IPython.display import Markdown, display\n\nfrom medtune import benchmarks, evaluate, modeling, runs",
+        "from IPython.display import Markdown, display\n\nfrom medtune.evaluation import heldout, multiple_choice\nfrom medtune.settings import runs\nfrom medtune.stages import modeling",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (walkthrough: 1200)"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, max_new_tokens=MAX_NEW_TOKENS or None, "
                      "eval_questions=EVAL_QUESTIONS, benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
                      "model, tokenizer = modeling.load_model(cfg)"),
             ("md", "## 1. Answers to the held-out questions"),
-            ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.baseline_path)"),
-            ("code", "display(Markdown(evaluate.show_answers(answers, rows=cfg.heldout_rows)))"),
+            ("code", "answers = heldout.answer_heldout(cfg, run, model, tokenizer, run.baseline_path)"),
+            ("code", "display(Markdown(heldout.show_answers(answers, rows=cfg.heldout_rows)))"),
             ("md", "## 2. The answers against the reference responses\n\n" + SCORES_MD),
-            ("code", "scores = evaluate.score_answers(cfg, run, answers)\nscores"),
+            ("code", "scores = heldout.score_answers(cfg, run, answers)\nscores"),
             ("md", "## 3. Held-out loss and perplexity (response tokens)"),
-            ("code", "loss = evaluate.heldout_loss(cfg, run, model, tokenizer)\nloss"),
+            ("code", "loss = heldout.heldout_loss(cfg, run, model, tokenizer)\nloss"),
             ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
-            ("code", 'bench = benchmarks.measure(cfg, run, model, tokenizer, "baseline")\n'
-                     "display(Markdown(benchmarks.show(bench)))"),
+            ("code", 'bench = multiple_choice.measure(cfg, run, model, tokenizer, "baseline")\n'
+                     "display(Markdown(multiple_choice.show(bench)))"),
             ("md", "## Record"),
             ("code", 'run.record("baseline", loss | scores | {"benchmarks": bench});'),
         ],
@@ -166,7 +166,7 @@ NOTEBOOKS = {
         "05 · LoRA SFT",
         "LoRA (r=64, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down_proj) on the 4-bit model, trained with TRL's "
         "`SFTTrainer` and the walkthrough's arguments. Checkpoints go into the run; re-running resumes from the last.",
-        "from IPython.display import Image, display\n\nfrom medtune import config, modeling, runs, train",
+        "from IPython.display import Image, display\n\nfrom medtune.settings import config, runs\nfrom medtune.stages import modeling, train",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)\nmodel, tokenizer = modeling.load_model(cfg)"),
@@ -187,32 +187,32 @@ NOTEBOOKS = {
         "The same held-out questions, reference responses and benchmark items as 04, with the LoRA adapter from 05: "
         "every metric baseline against fine-tuned, with plots, the HuatuoGPT-o1 paper's figures for context, and "
         "the answers side by side.",
-        "from IPython.display import Image, Markdown, display\n\nfrom medtune import benchmarks, data, evaluate, modeling, runs",
+        "from IPython.display import Image, Markdown, display\n\nfrom medtune.evaluation import heldout, multiple_choice\nfrom medtune.settings import runs\nfrom medtune.stages import data, modeling",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (use 04's values)"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, max_new_tokens=MAX_NEW_TOKENS or None, "
                      "eval_questions=EVAL_QUESTIONS, benchmark_limit=BENCHMARK_LIMIT, benchmark_mode=BENCHMARK_MODE)\n"
                      "model, tokenizer = modeling.load_model(cfg, adapter=run.adapter_dir)"),
             ("md", "## 1. Answers with the adapter"),
-            ("code", "answers = evaluate.answer_heldout(cfg, run, model, tokenizer, run.finetuned_path)"),
+            ("code", "answers = heldout.answer_heldout(cfg, run, model, tokenizer, run.finetuned_path)"),
             ("md", "## 2. The answers against the reference responses\n\n" + SCORES_MD),
-            ("code", "scores = evaluate.score_answers(cfg, run, answers)\nscores"),
+            ("code", "scores = heldout.score_answers(cfg, run, answers)\nscores"),
             ("md", "## 3. Held-out loss and perplexity"),
-            ("code", "loss = evaluate.heldout_loss(cfg, run, model, tokenizer)\nloss"),
+            ("code", "loss = heldout.heldout_loss(cfg, run, model, tokenizer)\nloss"),
             ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
-            ("code", 'bench = benchmarks.measure(cfg, run, model, tokenizer, "finetuned")\n'
-                     "display(Markdown(benchmarks.show(bench)))"),
-            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, "paper_anchor": benchmarks.PAPER_ANCHOR});'),
+            ("code", 'bench = multiple_choice.measure(cfg, run, model, tokenizer, "finetuned")\n'
+                     "display(Markdown(multiple_choice.show(bench)))"),
+            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, "paper_anchor": multiple_choice.PAPER_ANCHOR});'),
             ("md", "## 5. Baseline vs fine-tuned\n\nEvery metric of 04 and 06; the difference is fine-tuned minus "
                    "baseline."),
-            ("code", "display(Markdown(evaluate.metrics_table(run)))"),
-            ("code", "display(Image(filename=evaluate.plot_comparison(run)))"),
+            ("code", "display(Markdown(heldout.metrics_table(run)))"),
+            ("code", "display(Image(filename=heldout.plot_comparison(run)))"),
             ("md", "## 6. For context: the HuatuoGPT-o1 paper\n\nThe paper that built the dataset fine-tuned "
                    "Llama-3.1-8B-Instruct on it. A different, larger model, trained on all of it and evaluated by "
                    "generation on the full test sets: its figures are context for this run's, not a target."),
-            ("code", "display(Markdown(benchmarks.anchor_table(run)))"),
+            ("code", "display(Markdown(multiple_choice.anchor_table(run)))"),
             ("md", "## 7. The answers side by side"),
-            ("code", "display(Markdown(evaluate.side_by_side(data.read_jsonl(run.baseline_path), answers)))"),
+            ("code", "display(Markdown(heldout.side_by_side(data.read_jsonl(run.baseline_path), answers)))"),
             ("md", "## Record\n\nEverything above is in the run's `metrics.json` (sections `baseline` and "
                    "`finetuned`); per-item benchmark predictions are in the run's `benchmarks/`, the figure in "
                    "`evaluation.png`."),
@@ -224,7 +224,7 @@ NOTEBOOKS = {
         "The adapter, its tokenizer and a model card written from this run, to the Hugging Face Hub or ModelScope "
         "(private by default). The default is a dry run: it writes exactly the folder that would be uploaded, `push/` "
         "in the run. Optionally, the LoRA merged into the bf16 base weights as a standalone model.",
-        "from IPython.display import Markdown, display\n\nfrom medtune import hub, runs",
+        "from IPython.display import Markdown, display\n\nfrom medtune.settings import runs\nfrom medtune.stages import publish",
         PARAMS.format(empty=LATEST)
         + "\nPUSH: bool | None = None  # True uploads, False writes the folder only (dry run); None: the profile's push"
         + '\nPUSH_TO: str = ""  # "hub" (HF_TOKEN) or "modelscope" (MODELSCOPE_API_TOKEN); empty: the profile\'s push_to'
@@ -235,17 +235,17 @@ NOTEBOOKS = {
                      "                        hub_repo_id=REPO_ID or None, export_merged=EXPORT_MERGED)"),
             ("md", "## 1. The folder to upload\n\nThe adapter and tokenizer from 05 (no checkpoints or optimizer "
                    "states) and a generated model card."),
-            ("code", "files = hub.build_folder(cfg, run)\nhub.list_folder(run)"),
+            ("code", "files = publish.build_folder(cfg, run)\npublish.list_folder(run)"),
             ("md", "## 2. The model card, as the Hub shows it\n\nMetadata (base model, license, dataset), how it was "
                    "trained, the evaluation of 04 and 06, the prompt template and a usage snippet."),
-            ("code", "display(Markdown(hub.card(run)))"),
+            ("code", "display(Markdown(publish.card(run)))"),
             ("md", "## 3. Push, or dry run\n\nWith `PUSH = True` the same folder is uploaded to `REPO_ID` (created "
                    "private). The token is read from the environment."),
-            ("code", "result = hub.push(cfg, run)\nresult"),
+            ("code", "result = publish.push(cfg, run)\nresult"),
             ("md", "## 4. Merged model (optional)\n\nThe LoRA merged into the base loaded in bf16 (never into the "
                    "4-bit weights, which would round the update away), saved in the standard layout. The disk and "
                    "memory it needs are printed first; with `EXPORT_MERGED` off, only that is shown."),
-            ("code", "merged = hub.export_merged(cfg, run)"),
+            ("code", "merged = publish.export_merged(cfg, run)"),
             ("md", "## Record"),
             ("code", 'run.record("push", result | {"merged": merged});'),
         ],

@@ -57,8 +57,10 @@ def build_checkpoint(folder: Path) -> None:
 def main() -> None:
     import yaml
 
-    from medtune import config, data, evaluate, modeling, train
-    from medtune.runs import RunDir
+    from medtune.settings import config
+    from medtune.stages import data, modeling, train
+    from medtune.evaluation import heldout
+    from medtune.settings.runs import RunDir
 
     ckpt = WORK / "scout-2layer"
     if not (ckpt / "config.json").is_file():
@@ -92,10 +94,10 @@ def main() -> None:
 
     summary = data.prepare(cfg, run, tok)
     log("data", {k: v for k, v in summary.items() if k != "first_text"})
-    before = evaluate.heldout_loss(cfg, run, model, tok)
+    before = heldout.heldout_loss(cfg, run, model, tok)
     log("baseline_loss", before)
     t = time.perf_counter()
-    answers = evaluate.answer_heldout(cfg, run, model, tok, run.baseline_path)
+    answers = heldout.answer_heldout(cfg, run, model, tok, run.baseline_path)
     log("generate_s", round(time.perf_counter() - t, 1))
     log("baseline_new_tokens", [a["new_tokens"] for a in answers])
 
@@ -103,7 +105,7 @@ def main() -> None:
     trainer = train.build_trainer(cfg, run, model, tok)
     result = train.train(trainer, run)
     log("train", result)
-    after = evaluate.heldout_loss(cfg, run, trainer.model, tok)
+    after = heldout.heldout_loss(cfg, run, trainer.model, tok)
     log("trained_loss", after)
     del trainer, model
     torch.cuda.empty_cache()
@@ -111,7 +113,7 @@ def main() -> None:
     t = time.perf_counter()
     model2, tok2 = modeling.load_model(cfg, adapter=run.adapter_dir)  # NF4 experts from the cache this time
     log("reload_with_adapter_s", round(time.perf_counter() - t, 1))
-    answers = evaluate.answer_heldout(cfg, run, model2, tok2, run.finetuned_path)
+    answers = heldout.answer_heldout(cfg, run, model2, tok2, run.finetuned_path)
     log("finetuned_new_tokens", [a["new_tokens"] for a in answers])
     log("ok", True)
 

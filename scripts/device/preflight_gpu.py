@@ -7,7 +7,8 @@ config is Scout's dimensions (scout_text_config). Run as docs/bench-h200.md's "R
 memory 66.6 GiB needed of 139.2 free (fast), 196.9 GiB (walkthrough) -> error naming llama4_fast: true.
 """
 import json, sys, torch
-from medtune import config, preflight
+from medtune.settings import config
+from medtune.stages import preflight
 from medtune.llama4 import scout_text_config
 from transformers import Llama4Config
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0))

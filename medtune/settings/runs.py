@@ -1,0 +1,179 @@
+"""The run directory: ``outputs/<run-id>/`` and the path of every artifact in it.
+
+A run is created once (a new id each time; never overwritten) and then continued by each notebook of the
+pipeline. Its ``config.yaml`` is the settings every notebook of the run reads; ``metrics.json`` collects one
+section per notebook.
+
+Layout::
+
+    outputs/<run-id>/
+        config.yaml          settings of the run (RunConfig)
+        metrics.json         one section per notebook ("auth", "load", "gpu", "data", "baseline", "train", ...)
+        notebooks/           executed notebooks (the reports), written by the pipeline
+        data/heldout.jsonl   held-out examples (never trained on)
+        data/train.jsonl     training examples, formatted
+        data/skipped_rows.jsonl  every row left out with bad_rows: skip (number and reason), when there are any
+        baseline.jsonl       un-tuned answers to the held-out questions (04)
+        finetuned.jsonl      answers with the adapter (06)
+        checkpoints/         SFT checkpoints (05)
+        adapter/             the trained LoRA adapter + tokenizer (05)
+        train_log.json       the trainer's log history (05)
+        loss_curve.png       training loss (05)
+        push/                exactly the folder 07 uploads (or would, in a dry run)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medtune.settings import config as _config
+
+
+def project_root() -> Path:
+    """The repository root: the nearest folder above the working directory holding ``pyproject.toml`` and
+    ``params/``; falls back to the working directory."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "params").is_dir():
+            return folder
+    return here
+
+
+def outputs_root() -> Path:
+    """Where runs are written: ``$MEDTUNE_OUTPUTS`` if set, else ``<project root>/outputs``."""
+    env = os.environ.get("MEDTUNE_OUTPUTS")
+    return Path(env).resolve() if env else project_root() / "outputs"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One run's folder. Every artifact path the notebooks use comes from here."""
+
+    path: Path
+
+    @property
+    def run_id(self) -> str:
+        return self.path.name
+
+    config_path = property(lambda self: self.path / "config.yaml")
+    metrics_path = property(lambda self: self.path / "metrics.json")
+    notebooks_dir = property(lambda self: self.path / "notebooks")
+    heldout_path = property(lambda self: self.path / "data" / "heldout.jsonl")
+    train_data_path = property(lambda self: self.path / "data" / "train.jsonl")
+    skipped_rows_path = property(lambda self: self.path / "data" / "skipped_rows.jsonl")
+    baseline_path = property(lambda self: self.path / "baseline.jsonl")
+    finetuned_path = property(lambda self: self.path / "finetuned.jsonl")
+    checkpoints_dir = property(lambda self: self.path / "checkpoints")
+    adapter_dir = property(lambda self: self.path / "adapter")
+    train_log_path = property(lambda self: self.path / "train_log.json")
+    loss_curve_path = property(lambda self: self.path / "loss_curve.png")
+    push_dir = property(lambda self: self.path / "push")
+
+    # ---------------------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, cfg: _config.RunConfig, root: Path | None = None) -> "RunDir":
+        """Make a new run folder ``<root>/<UTC time>-<profile>-<random>`` and write ``cfg`` to its config.yaml.
+
+        The time is to the microsecond (``20261129-120000-123456``), so ids sort in creation order even for runs
+        made within one second (:meth:`latest` relies on it). Never reuses a folder: the id has 6 random hex
+        digits and creation fails if it exists.
+        """
+        root = Path(root) if root else outputs_root()
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        path = root / f"{stamp}-{cfg.profile}-{secrets.token_hex(3)}"
+        path.mkdir(parents=True, exist_ok=False)
+        (path / "data").mkdir()
+        run = cls(path)
+        _config.dump(cfg, run.config_path)
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDir":
+        """An existing run. Raises FileNotFoundError naming the folder if it has no config.yaml."""
+        path = Path(path).resolve()
+        if not (path / "config.yaml").is_file():
+            raise FileNotFoundError(
+                f"{path} is not a medtune run (no config.yaml). Pass RUN_DIR=outputs/<run-id> of an existing run, "
+                "or leave RUN_DIR empty in 00 to start a new one."
+            )
+        return cls(path)
+
+    @classmethod
+    def latest(cls, root: Path | None = None) -> "RunDir | None":
+        """The most recently created run under ``root`` (by id, which starts with its UTC time), or None."""
+        root = Path(root) if root else outputs_root()
+        runs = sorted(p for p in root.glob("*/config.yaml")) if root.is_dir() else []
+        return cls(runs[-1].parent) if runs else None
+
+    def config(self) -> _config.RunConfig:
+        """The run's settings, read from its config.yaml."""
+        return _config.load(self.config_path)
+
+    # ---------------------------------------------------------------------------------------------------------
+    def metrics(self) -> dict:
+        """All recorded metrics, ``{}`` if none yet."""
+        if not self.metrics_path.is_file():
+            return {}
+        return json.loads(self.metrics_path.read_text(encoding="utf-8"))
+
+    def record(self, section: str, values: dict[str, Any]) -> dict:
+        """Merge ``values`` into ``metrics.json[section]`` (written atomically) and return the section."""
+        data = self.metrics()
+        data.setdefault(section, {}).update(values)
+        tmp = self.metrics_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+        tmp.replace(self.metrics_path)
+        return data[section]
+
+    def __str__(self) -> str:  # notebooks print the run
+        return str(self.path)
+
+
+def session(params: str, run_dir: str = "", *, new_run: bool = False, **overrides: Any):
+    """Open the run a notebook works in, and its settings. The first call of every notebook.
+
+    Args:
+        params: path of the profile YAML (relative paths are tried against the working directory, then the
+            project root). Used to create a new run; an existing run keeps the config.yaml it was created with.
+        run_dir: ``outputs/<run-id>`` of an existing run; empty: a new run if ``new_run`` (notebook 00 or 01),
+            else the latest run under outputs/.
+        new_run: create a run when ``run_dir`` is empty.
+        **overrides: notebook parameters; ``None`` keeps the run's value. Applied for this notebook only.
+
+    Returns:
+        ``(cfg, run)``: the :class:`~medtune.settings.config.RunConfig` and the :class:`RunDir`.
+
+    Raises:
+        ConfigError: bad profile or parameter. FileNotFoundError: no such run, or no run yet.
+    """
+    if run_dir:
+        run = RunDir.open(_resolve(run_dir))
+    elif new_run:
+        run = RunDir.create(_config.load(_resolve(params)))
+    else:
+        run = RunDir.latest()
+        if run is None:
+            raise FileNotFoundError(
+                f"no run under {outputs_root()} yet: run notebook 00 first, or `make run-all`, or set RUN_DIR."
+            )
+    cfg = run.config().replace(**overrides)
+    print(f"run: {run.path}\nprofile: {cfg.profile}  model: {cfg.model}  dataset: {cfg.dataset}")
+    return cfg, run
+
+
+def _resolve(path: str | Path) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p.resolve()
+    alt = project_root() / p
+    if alt.exists():
+        return alt
+    # notebooks live one folder down: "../params/x.yaml" from notebooks/ and "params/x.yaml" from the root
+    alt = project_root() / Path(*[part for part in p.parts if part != ".."])
+    return alt if alt.exists() else p

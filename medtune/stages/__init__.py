@@ -1,0 +1,1 @@
+"""One module per notebook stage: auth, preflight, modeling, hardware, data, train, publish. Built on settings and io."""

@@ -1,0 +1,192 @@
+"""The pipeline when things go wrong: a kernel that dies (out of memory), resuming a run only when asked, a run
+that does not exist, and secrets that must not reach the terminal or the run's files. Throwaway notebooks in a
+tmp folder stand in for the real ones (``pipeline.run_all(notebooks_dir=...)``), so each kernel does little."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from medtune import pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+SMOKE = ROOT / "params" / "smoke.yaml"
+HF_CANARY = "hf_medtuneCANARYpipeline" + "Kq4" * 6
+MS_CANARY = "ms-medtuneCANARYpipeline" + "8" * 16
+
+
+def notebook(folder: Path, name: str, *cells: str) -> Path:
+    """A notebook laid out as the real ones: title, parameters cell, then ``cells``."""
+    book = new_notebook(cells=[
+        new_markdown_cell(f"# {name}"),
+        new_code_cell('PARAMS: str = ""  # profile\nRUN_DIR: str = ""  # run', metadata={"tags": ["parameters"]}),
+        *[new_code_cell(c) for c in cells],
+    ])
+    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    book.metadata["language_info"] = {"name": "python"}
+    folder.mkdir(parents=True, exist_ok=True)
+    nbformat.write(book, folder / f"{name}.ipynb")
+    return folder / f"{name}.ipynb"
+
+
+ACCESS = ("from medtune.settings import runs\nfrom medtune.stages import auth, preflight\n"
+          "cfg, run = runs.session(PARAMS, RUN_DIR)\n"
+          "status = auth.check_access(cfg)\nauth.show(status)\n"
+          "run.record('auth', status)\nrun.record('preflight', preflight.run(cfg, access=status))")
+DIE = "import os, signal\nprint('loading a model too large for this machine ...', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)"
+
+
+@pytest.mark.slow
+def test_dead_kernel_is_shown_in_the_notebook_exits_nonzero_and_the_run_resumes(tmp_path, monkeypatch, capfd):
+    """SIGKILL of the kernel (what the out-of-memory killer sends): the executed notebook shows it in the cell that
+    was running, with how to resume; main exits 1; the next notebook does not run. Resuming the run (only when
+    asked) skips what completed and runs the rest in the same folder. Tokens in the environment of every kernel
+    reach no file and no line of the pipeline's output."""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("HF_TOKEN", HF_CANARY)
+    monkeypatch.setenv("MODELSCOPE_API_TOKEN", MS_CANARY)
+    books = tmp_path / "notebooks"
+    notebook(books, "00_access", ACCESS)
+    notebook(books, "01_load", "print('cell before')", DIE, "print('never runs')")
+    notebook(books, "02_after", "print('after the load')")
+
+    code = pipeline.main(["--params", str(SMOKE), "--notebooks-dir", str(books)])
+    assert code == 1
+    out, err = capfd.readouterr()
+    (run_dir,) = (tmp_path / "outputs").iterdir()
+    assert "the kernel died in 01_load.ipynb, cell In [4]" in err and "out of memory" in err
+    assert f"RESUME={run_dir.name}" in err
+    executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
+    assert executed == ["00_access.ipynb", "01_load.ipynb"]
+    nb = nbformat.read(run_dir / "notebooks" / "01_load.ipynb", as_version=4)
+    assert nb.cells[0].cell_type == "markdown" and "The kernel died" in nb.cells[0].source
+    assert f"make run-all RESUME={run_dir.name}" in nb.cells[0].source
+    dead = next(c for c in nb.cells if c.cell_type == "code" and "os.kill" in c.source)
+    assert dead.metadata.papermill.status == "failed"
+    assert [o.output_type for o in dead.outputs][-1] == "error" and dead.outputs[-1].ename == "DeadKernelError"
+    assert "out of memory" in dead.outputs[-1].evalue
+    later = next(c for c in nb.cells if c.cell_type == "code" and "never runs" in c.source)
+    assert later.metadata.papermill.status == "pending" and not later.outputs
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["pipeline"]["completed"] == ["00_access.ipynb"]
+    assert metrics["preflight"]["ok"] is True and metrics["auth"]["hub_needed"] is False
+
+    notebook(books, "01_load", "print('loaded this time')")  # e.g. after freeing memory
+    run = pipeline.run_all(SMOKE, resume=run_dir.name, notebooks_dir=books)
+    assert run.path == run_dir
+    out2, _ = capfd.readouterr()
+    assert "00_access" in out2 and "done earlier, skipped" in out2
+    assert json.loads((run_dir / "metrics.json").read_text())["pipeline"]["completed"] == [
+        "00_access.ipynb", "01_load.ipynb", "02_after.ipynb"]
+    assert "loaded this time" in (run_dir / "notebooks" / "01_load.ipynb").read_text()
+
+    for text in (out, err, out2):
+        assert HF_CANARY not in text and MS_CANARY not in text
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert HF_CANARY.encode() not in data and MS_CANARY.encode() not in data, path
+
+
+def test_runs_are_new_unless_resume_is_asked(tmp_path, monkeypatch):
+    """Two run_all calls with the same profile make two runs; neither touches the other. (No notebooks here: the
+    folder is empty, so nothing is executed.)"""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    empty = tmp_path / "none"
+    empty.mkdir()
+    a = pipeline.run_all(SMOKE, notebooks_dir=empty)
+    a.record("train", {"steps": 4})
+    b = pipeline.run_all(SMOKE, notebooks_dir=empty)
+    assert a.path != b.path and a.path.parent == b.path.parent
+    assert a.metrics()["train"] == {"steps": 4} and "train" not in b.metrics()
+    c = pipeline.run_all(SMOKE, resume=a.path, notebooks_dir=empty)  # by folder
+    d = pipeline.run_all(SMOKE, resume=a.run_id, notebooks_dir=empty)  # by id, as make run-all RESUME=<id>
+    assert c.path == d.path == a.path
+    assert sorted(p.name for p in (tmp_path / "outputs").iterdir()) == sorted([a.run_id, b.run_id])
+
+
+def test_resume_of_a_run_that_does_not_exist(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    assert pipeline.main(["--resume", "20990101-000000-000000-smoke-abcdef"]) == 1
+    err = capsys.readouterr().err
+    assert "no run to resume" in err and "20990101-000000-000000-smoke-abcdef" in err
+    assert not (tmp_path / "outputs").exists()  # nothing was created instead
+
+
+def test_dotenv_is_ignored_by_git():
+    """Tokens kept in a .env file must never be committed."""
+    for name in (".env", ".env.local"):
+        done = subprocess.run(["git", "check-ignore", "-q", name], cwd=ROOT, capture_output=True)
+        assert done.returncode == 0, f"{name} is not ignored by git (.gitignore)"
+
+
+def test_kernels_run_over_ipc_sockets_not_loopback_tcp(tmp_path, monkeypatch, capfd):
+    """The pipeline starts kernels over Unix-domain sockets (medtune.pipeline.kernel_manager_class): nothing listens
+    on a loopback TCP port another user of the machine could reach, and ipykernel's "running over TCP without
+    encryption" warning is not printed once per notebook. Fails when the kernel manager goes back to TCP."""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    books = tmp_path / "notebooks"
+    notebook(books, "00_transport", "from ipykernel.kernelapp import IPKernelApp\n"
+                                    "app = IPKernelApp.instance()\nprint('TRANSPORT', app.transport)")
+    run = pipeline.run_all(SMOKE, notebooks_dir=books)
+    out, err = capfd.readouterr()
+    executed = (run.notebooks_dir / "00_transport.ipynb").read_text()
+    assert "TRANSPORT ipc" in executed
+    assert "without encryption" not in out + err
+
+
+def _profile(tmp_path: Path, name: str, **changes) -> Path:
+    import yaml
+
+    d = yaml.safe_load(SMOKE.read_text(encoding="utf-8"))
+    for key, value in changes.items():
+        d[key] = {**d[key], **value} if isinstance(value, dict) and isinstance(d.get(key), dict) else value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d), encoding="utf-8")
+    return path
+
+
+def test_resume_with_a_fixed_sft_section_before_05_ran_takes_it_and_keeps_the_old(tmp_path, monkeypatch):
+    """05 failed on a training setting: RESUME with the fixed profile continues the run with it (00-04 are not
+    redone); the previous config.yaml is kept and the change recorded."""
+    from medtune.settings import config as C
+    from medtune.settings.runs import RunDir
+
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    run = RunDir.create(C.load(SMOKE))
+    run.record("pipeline", {"completed": ["00_authenticate.ipynb", "01_load_quantized_model.ipynb",
+                                          "02_check_gpu.ipynb", "03_format_prompts.ipynb", "04_baseline.ipynb"]})
+    fixed = _profile(tmp_path, "fixed", profile="smoke-fixed", sft={"learning_rate": 1.0e-4})
+    assert pipeline.update_resumed_config(run, fixed) == ["sft"]
+    assert run.config().sft["learning_rate"] == 1.0e-4 and run.config().profile == "smoke"
+    (kept,) = run.path.glob("config.*.yaml")
+    assert C.load(kept).sft["learning_rate"] == 2.0e-4
+    assert run.metrics()["pipeline"]["config_changes"][0]["keys"] == ["sft"]
+    assert pipeline.update_resumed_config(run, fixed) == []  # same settings now: nothing to do
+
+
+@pytest.mark.parametrize(("changes", "named"), [
+    ({"max_new_tokens": 48}, "max_new_tokens (used since 04_baseline)"),
+    ({"heldout_size": 6}, "heldout_size (used since 00_authenticate)"),
+    ({"lora": {"r": 8}}, "lora (05 already wrote checkpoints with the old value)"),
+])
+def test_resume_refuses_a_change_a_finished_notebook_already_used(tmp_path, monkeypatch, changes, named):
+    from medtune.settings import config as C
+    from medtune.settings.runs import RunDir
+
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    run = RunDir.create(C.load(SMOKE))
+    run.record("pipeline", {"completed": ["00_authenticate.ipynb", "01_load_quantized_model.ipynb",
+                                          "02_check_gpu.ipynb", "03_format_prompts.ipynb", "04_baseline.ipynb"]})
+    (run.checkpoints_dir / "checkpoint-2").mkdir(parents=True)
+    before = run.config_path.read_text()
+    with pytest.raises(C.ConfigError) as err:
+        pipeline.update_resumed_config(run, _profile(tmp_path, "changed", **changes))
+    assert named in str(err.value)
+    assert f"make run-all RESUME={run.run_id}, without PARAMS" in str(err.value)
+    assert run.config_path.read_text() == before and not list(run.path.glob("config.*.yaml"))  # nothing touched

@@ -1,0 +1,1 @@
+"""Unit tests: one module of medtune each, offline, on the real data in ../shared."""
