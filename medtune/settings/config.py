@@ -406,12 +406,20 @@ def load(path: str | Path, **overrides: Any) -> RunConfig:
     return cfg.replace(**overrides) if overrides else cfg
 
 
+def project_root() -> Path:
+    """The repository root: the nearest folder above the working directory holding ``pyproject.toml`` and
+    ``params/``; falls back to the working directory."""
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "pyproject.toml").is_file() and (folder / "params").is_dir():
+            return folder
+    return here
+
+
 def _absolute_path(value):
     """A relative local path of a profile, made absolute against the project folder, so that it means the same in
     ``make run-all`` (run from the project folder) and in each notebook's kernel (run in notebooks/). A value that is
     no existing path and does not look like a file (``owner/name``: a Hub id) is left as it is."""
-    from medtune.settings.runs import project_root  # runs imports this module: imported here, when called
-
     if not isinstance(value, str) or not value.strip() or value.startswith(("package:", "/", "~")):
         return value
     candidate = project_root() / value

@@ -33,16 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from medtune.settings import config as _config
-
-
-def project_root() -> Path:
-    """The repository root: the nearest folder above the working directory holding ``pyproject.toml`` and
-    ``params/``; falls back to the working directory."""
-    here = Path.cwd().resolve()
-    for folder in (here, *here.parents):
-        if (folder / "pyproject.toml").is_file() and (folder / "params").is_dir():
-            return folder
-    return here
+from medtune.settings.config import project_root
 
 
 def outputs_root() -> Path:

@@ -527,7 +527,7 @@ def _version(dist: str) -> str | None:
 def tested_versions(pyproject: Path | None = None) -> dict[str, str]:
     """``{distribution: version}`` pinned with ``==`` in pyproject.toml's dependencies (and in its optional groups,
     for packages that are installed); from the installed medtune's metadata when there is no pyproject.toml."""
-    from medtune.settings.runs import project_root
+    from medtune.settings.config import project_root
 
     path = pyproject or project_root() / "pyproject.toml"
     specs: list[str] = []
@@ -551,7 +551,7 @@ def tested_versions(pyproject: Path | None = None) -> dict[str, str]:
 def check_versions(pyproject: Path | None = None, required: set[str] | None = None) -> Check:
     """Installed versions (``importlib.metadata``) against :func:`tested_versions`. A difference is a warning
     listing package, installed and tested version; a local build tag (``2.13.0+cpu``) is not a difference."""
-    from medtune.settings.runs import project_root
+    from medtune.settings.config import project_root
 
     path = pyproject or project_root() / "pyproject.toml"
     pins = tested_versions(path)
