@@ -4,7 +4,7 @@
 - :func:`response_loss`: mean negative log-likelihood of the reference response (reasoning + answer + EOS)
   given the test prompt, and its perplexity ``exp(loss)`` (Jelinek et al. 1977; the usual LM definition).
 - :func:`generation_metrics`: scores of generated answers against the dataset's ``Response``: ROUGE-L F1 of the
-  answer part (:func:`medtune.evaluation.multiple_choice.answer_part`: the text after ``</think>``), answer length, the share that
+  answer part (:func:`answer_part`: the text after ``</think>``), answer length, the share that
   stopped with EOS, the share that follows the template (:func:`follows_template`).
 - :func:`metrics_table` and :func:`plot_comparison`: baseline (04) against fine-tuned (06).
 
@@ -19,7 +19,6 @@ import sys
 
 import torch
 
-from medtune.evaluation import multiple_choice as _benchmarks
 from medtune.settings import config as _config
 from medtune.stages import data as _data
 
@@ -28,8 +27,9 @@ def _device(model) -> torch.device:
     return next(p for p in model.parameters()).device
 
 
-def _progress(iterable, total: int, desc: str):
-    """A text progress bar that reads both live in JupyterLab and in the executed notebook (no widgets)."""
+def progress(iterable, total: int, desc: str):
+    """A text progress bar over ``iterable`` (``total`` items, labelled ``desc``) that reads both live in JupyterLab
+    and in the executed notebook (no widgets). Also used by :mod:`medtune.evaluation.multiple_choice`."""
     from tqdm.std import tqdm
 
     return tqdm(iterable, total=total, desc=desc, file=sys.stdout, mininterval=2.0, ascii=True)
@@ -57,7 +57,7 @@ def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en"
     out: list[dict] = []
     try:
         batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        for batch in _progress(batches, len(batches), "generating"):
+        for batch in progress(batches, len(batches), "generating"):
             prompts = [_data.test_prompt(r["Question"], language) for r in batch]
             enc = tokenizer(prompts, return_tensors="pt", padding=True).to(_device(model))
             gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
@@ -106,7 +106,7 @@ def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", b
                 full, labels = full[:max_length], labels[:max_length]
             seqs.append((full, labels))
         batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
-        for batch in _progress(batches, len(batches), "held-out loss"):
+        for batch in progress(batches, len(batches), "held-out loss"):
             width = max(len(f) for f, _ in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -162,6 +162,14 @@ def rouge_l(prediction: str, reference: str, language: str = "en") -> float:
     return scorer.score(reference, prediction)["rougeL"].fmeasure
 
 
+def answer_part(text: str) -> str:
+    """The answer of a generation: the text after the last ``</think>``; without one, the whole text (a leading
+    ``<think>`` removed). Stripped of surrounding whitespace."""
+    if _data.THINK_CLOSE in text:
+        return text.rsplit(_data.THINK_CLOSE, 1)[1].strip()
+    return text.strip().removeprefix(_data.THINK_OPEN).strip()
+
+
 def follows_template(text: str) -> bool:
     """True when a generation has the trained shape: reasoning in one think block, then an answer.
 
@@ -187,7 +195,7 @@ def generation_metrics(answers: list[dict], references: dict, language: str = "e
 
     Returns:
         :func:`summarize`'s counts plus ``"rouge_l"`` (mean ROUGE-L F1 of each answer's part after ``</think>``,
-        :func:`medtune.evaluation.multiple_choice.answer_part`, against its Response; in [0, 1]), ``"mean_answer_chars"`` (mean
+        :func:`answer_part`, against its Response; in [0, 1]), ``"mean_answer_chars"`` (mean
         length of that answer part, characters) and ``"template_share"`` (share with :func:`follows_template`).
         Shares and means are rounded (3 and 1 decimals, 4 for ROUGE-L); ``None`` when there are no answers.
 
@@ -195,7 +203,7 @@ def generation_metrics(answers: list[dict], references: dict, language: str = "e
         KeyError: an answer's row has no reference.
     """
     n = len(answers)
-    parts = [_benchmarks.answer_part(a["answer"]) for a in answers]
+    parts = [answer_part(a["answer"]) for a in answers]
     out = summarize(answers)
     out["rouge_l"] = round(sum(rouge_l(p, references[a["row"]], language) for p, a in zip(parts, answers)) / n, 4) if n else None
     out["mean_answer_chars"] = round(sum(len(p) for p in parts) / n, 1) if n else None

@@ -36,6 +36,7 @@ from typing import Sequence
 
 import torch
 
+from medtune.evaluation.heldout import answer_part  # also multiple_choice.answer_part, as before
 from medtune.stages import data as _data
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -292,7 +293,7 @@ def _locate(source: str) -> tuple[str, Path | str]:
     """
     if source.startswith("package:"):
         try:
-            path = _data._package_path(source)
+            path = _data.package_path(source)
         except _data.DataError as err:
             raise BenchmarkError(str(err)) from None
         if not path.is_file():
@@ -548,14 +549,6 @@ def _statement_choice(rest: str, options: Sequence[str]) -> str | None | bool:
     return None
 
 
-def answer_part(text: str) -> str:
-    """The answer of a generation: the text after the last ``</think>``; without one, the whole text (a leading
-    ``<think>`` removed). Stripped of surrounding whitespace."""
-    if _data.THINK_CLOSE in text:
-        return text.rsplit(_data.THINK_CLOSE, 1)[1].strip()
-    return text.strip().removeprefix(_data.THINK_OPEN).strip()
-
-
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
     """The option letter a free-text answer gives, or ``None`` when it cannot be read (counted as wrong).
 
@@ -635,13 +628,13 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
         targets.append((tuple(full[:-1]), start, full[start:]))
     unique = list(dict.fromkeys(t[0] for t in targets))
     logprobs: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}  # sequence -> (first position, log-probs)
-    from medtune.evaluation.heldout import _progress
+    from medtune.evaluation.heldout import progress
 
     batches = [unique[i:i + batch_size] for i in range(0, len(unique), batch_size)]
     needed: dict[tuple[int, ...], int] = {}
     for seq, start, _ in targets:  # earliest scored position per sequence: only those logits are kept
         needed[seq] = min(needed.get(seq, len(seq)), start - 1)
-    for batch in _progress(batches, len(batches), "option log-likelihood"):
+    for batch in progress(batches, len(batches), "option log-likelihood"):
         width = max(len(s) for s in batch)
         ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
