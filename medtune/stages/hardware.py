@@ -21,8 +21,9 @@ def nvidia_smi() -> str | None:
         return None
 
 
-def _cpu_memory() -> tuple[float, float]:
-    """(total, available) system memory in GiB, from /proc/meminfo (Linux) or psutil."""
+def cpu_memory() -> tuple[float, float]:
+    """(total, available) system memory in GiB, from /proc/meminfo (Linux) or psutil. Also preflight's memory
+    check on a machine without a GPU."""
     try:
         info = {}
         with open("/proc/meminfo", encoding="ascii") as fh:
@@ -59,7 +60,7 @@ def memory_table(model_gib: float = 0.0) -> list[dict]:
                 "free_gib": round(free / GIB, 2), "headroom_gib": round(free / GIB - share, 2),
             })
     else:
-        total, free = _cpu_memory()
+        total, free = cpu_memory()
         rows.append({
             "device": "cpu", "name": "system memory (no GPU visible)", "total_gib": round(total, 2),
             "used_gib": round(total - free, 2), "free_gib": round(free, 2), "headroom_gib": round(free - model_gib, 2),

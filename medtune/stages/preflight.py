@@ -342,7 +342,7 @@ def check_dataset_file(cfg: _config.RunConfig) -> Check:
     spec = cfg.dataset
     report = data.RowReport()
     try:
-        path = data._package_path(spec) if spec.startswith("package:") else Path(spec).expanduser()
+        path = data.package_path(spec) if spec.startswith("package:") else Path(spec).expanduser()
         if not (path.is_file() or spec.endswith((".jsonl", ".json"))):
             return Check("dataset", "ok", "read in 03 (a Hub dataset or a dataset folder).")
         with contextlib.redirect_stdout(io.StringIO()):  # 03 prints the skipped rows; here only the verdict counts
@@ -380,10 +380,10 @@ def model_config(cfg: _config.RunConfig):
     from medtune.io import sources
 
     if cfg.model.startswith("package:"):
-        from medtune.stages.data import _package_path
+        from medtune.stages.data import package_path
         from medtune.stages.modeling import cache_dir
 
-        folder = cache_dir() / "models" / _package_path(cfg.model).stem
+        folder = cache_dir() / "models" / package_path(cfg.model).stem
         return AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
     src = sources.for_model(cfg)
     if src is None:
@@ -401,9 +401,9 @@ def _free_memory(cfg: _config.RunConfig, single_device: bool) -> tuple[float, st
         if single_device or len(frees) == 1:
             return frees[0], f"GPU 0 ({torch.cuda.get_device_name(0)})"
         return sum(frees), f"{len(frees)} GPUs together (device_map=\"auto\")"
-    from medtune.stages.hardware import _cpu_memory
+    from medtune.stages.hardware import cpu_memory
 
-    return _cpu_memory()[1], "system RAM (no GPU used)"
+    return cpu_memory()[1], "system RAM (no GPU used)"
 
 
 def check_memory(cfg: _config.RunConfig, conf) -> tuple[Check, dict | None]:
@@ -444,7 +444,7 @@ def _local_row_count(dataset: str) -> int | None:
     from medtune.stages import data
 
     try:
-        path = data._package_path(dataset) if dataset.startswith("package:") else Path(dataset).expanduser()
+        path = data.package_path(dataset) if dataset.startswith("package:") else Path(dataset).expanduser()
         if path.is_file() and path.suffix == ".jsonl":
             with path.open("rb") as f:
                 return sum(1 for line in f if line.strip())
@@ -478,11 +478,11 @@ def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) 
     needs: list[tuple[str, Path, int]] = []
     src = sources.for_model(cfg)
     if src is not None:
-        listed = src._listing(cfg.model, "model", cfg.model_revision)
+        listed = src.listing(cfg.model, "model", cfg.model_revision)
         if listed is None:
             return Check("disk", "skipped", "file sizes unknown (HF_HUB_OFFLINE is set): the cached copy is used.")
         ignore, kept = sources.select_model_files(listed)
-        cached = src._cached(cfg.model, "model", cfg.model_revision, None, ignore)
+        cached = src.cached(cfg.model, "model", cfg.model_revision, None, ignore)
         missing = {f: n for f, n in kept.items() if cached is None or not (cached / f).is_file()}
         needs.append((f"model download ({len(missing)} of {len(kept)} files)", sources.cache_dir(src.kind),
                       sum(missing.values())))

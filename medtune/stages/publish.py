@@ -528,7 +528,7 @@ def merge_plan(cfg: _config.RunConfig, run, out_dir: str | Path | None = None, *
     out = Path(out_dir) if out_dir else merged_dir(run)
     disk = params * 2 / GIB
     return {"base": str(base), "params": params, "adapter_params": adapter, "disk_gib": round(disk, 3),
-            "memory_gib": round((params + adapter) * 2 * 1.1 / GIB, 3), "free_disk_gib": round(_sources._free_bytes(out) / GIB, 1),
+            "memory_gib": round((params + adapter) * 2 * 1.1 / GIB, 3), "free_disk_gib": round(_sources.free_bytes(out) / GIB, 1),
             "available_memory_gib": round(_available_memory() / GIB, 1), "out_dir": str(out)}
 
 
@@ -571,7 +571,7 @@ def export_merged(cfg: _config.RunConfig, run, out_dir: str | Path | None = None
 
     start = time.perf_counter()
     cls = AutoModelForCausalLM
-    if modeling._model_type(plan["base"]) == "llama4":  # Scout is multimodal; adapters were trained on this class
+    if modeling.model_type(plan["base"]) == "llama4":  # Scout is multimodal; adapters were trained on this class
         from transformers import Llama4ForConditionalGeneration as cls
     model = cls.from_pretrained(plan["base"], dtype=torch.bfloat16, device_map={"": "cpu"})
     if any(type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Params4bit") for mod in model.modules()):

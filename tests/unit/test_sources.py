@@ -308,7 +308,7 @@ def test_model_download_takes_one_copy_of_the_weights_and_states_its_size(monkey
 
 def test_download_warns_when_the_disk_is_too_small(monkeypatch, tmp_path, capsys):
     use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
-    monkeypatch.setattr(S, "_free_bytes", lambda path: 10)
+    monkeypatch.setattr(S, "free_bytes", lambda path: 10)
     S.get("hub").download_model("org/m")
     assert "WARNING: the disk" in capsys.readouterr().out
 
