@@ -36,10 +36,19 @@ env: $(STAMP) ## create .venv with the pinned versions (done automatically by th
 run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/ (PARAMS=..., RESUME=...)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m medtune.pipeline $(PARAMS_ARG) $(if $(RESUME),--resume $(RESUME))
 
-test: $(STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~10-15 min on 2 CPU cores)
+# The Triton kernels' numerics are tested on the CPU in Triton's interpreter. CUDA builds of torch bring the Triton they
+# were built with; the CPU build brings none, so the tests add the one tested here (not a pyproject pin: it would
+# fight the CUDA build's own on a GPU box).
+TRITON_FOR_TESTS := triton==3.6.0
+TEST_STAMP := $(VENV)/.test-installed
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q $(TRITON_FOR_TESTS)
+	touch $@
+
+test: $(TEST_STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~10-15 min on 2 CPU cores)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-test-fast: $(STAMP) ## the tests that take seconds (no model runs)
+test-fast: $(TEST_STAMP) ## the tests that take seconds (no model runs)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 lab: $(STAMP) ## open JupyterLab on notebooks/ with the project's environment

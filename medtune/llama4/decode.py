@@ -1,0 +1,180 @@
+"""Batched greedy decoding of Llama 4 with a static KV cache and one CUDA graph per decode step.
+
+Why: decoding Scout token by token through ``model.generate`` is bound by the host, not the GPU: each of the 48
+layers launches dozens of small kernels from Python (bitsandbytes' 4-bit Linears, LoRA, routing, the experts), so
+the CPU spends several milliseconds per layer per token while the GPU idles (docs/bench-h200.md). Here the prompt
+is run once (prefill, eager), then one decode step (model forward for one token per sequence, argmax, EOS
+bookkeeping, cache and position updates) is captured once in a ``torch.cuda.CUDAGraph`` and replayed: the host
+issues one launch per token. Nothing in the step reads a device value on the host; the loop checks every
+``check_every`` steps whether all sequences have stopped.
+
+The cache is transformers' ``StaticCache`` (device-side lengths, written in place: made for CUDA graphs). The 4-D
+attention masks are built here from a device-side position, for both of Llama 4's layer kinds (full attention,
+and chunked attention with ``attention_chunk_size``), and passed as the ``{layer type: mask}`` mapping that
+``Llama4TextModel.forward`` accepts in place of a 2-D mask. Sequences are left-padded; positions count real tokens
+only, as ``generate`` does, so greedy tokens match ``generate``'s up to floating-point summation order.
+
+On the CPU (or ``cuda_graph=False``) the same loop runs eagerly; the tests compare it with ``generate``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["KV_BYTES_PER_TOKEN_FACTOR", "fits_static_cache", "greedy_decode", "kv_cache_bytes"]
+
+KV_BYTES_PER_TOKEN_FACTOR = 2  # keys and values
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def kv_cache_bytes(model, tokens: int, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes of a static KV cache holding ``tokens`` positions (all sequences together) for ``model``.
+
+    2 (K and V) x layers x KV heads x head dim x element size per position; Scout: 2 x 48 x 8 x 128 x 2 B
+    = 196,608 B (192 KiB) per token.
+    """
+    cfg = _text_config(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    per_token = KV_BYTES_PER_TOKEN_FACTOR * cfg.num_hidden_layers * kv_heads * head_dim * dtype.itemsize
+    return tokens * per_token
+
+
+def fits_static_cache(model, total_len: int) -> bool:
+    """True when a static cache of ``total_len`` positions behaves like a plain growing cache: within Llama 4's
+    attention chunk (``StaticSlidingWindowLayer`` rolls past it, which a captured graph cannot follow)."""
+    chunk = getattr(_text_config(model), "attention_chunk_size", None)
+    return chunk is None or total_len <= chunk
+
+
+def _masks(kv_valid: torch.Tensor, q_pos: torch.Tensor, chunk: int | None) -> dict[str, torch.Tensor]:
+    """Boolean attention masks (B, 1, Q, L), True = attend, for query cache positions ``q_pos`` (Q,) over the
+    cache's L slots: causal, real keys only (``kv_valid`` (B, L)); the chunked kind also keeps keys in the query's
+    chunk. A padded query row keeps its own slot so that no row is fully masked (SDPA would give NaN)."""
+    slots = torch.arange(kv_valid.shape[1], device=kv_valid.device)
+    causal = slots[None, :] <= q_pos[:, None]  # (Q, L)
+    full = causal[None] & kv_valid[:, None, :]  # (B, Q, L)
+    full = full | (slots[None, None, :] == q_pos[None, :, None])
+    masks = {"full_attention": full[:, None]}
+    if chunk is not None:
+        same_chunk = (slots[None, :] // chunk) == (q_pos[:, None] // chunk)
+        masks["chunked_attention"] = (full & same_chunk[None])[:, None]
+    return masks
+
+
+@torch.no_grad()
+def greedy_decode(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    cuda_graph: bool = True,
+    check_every: int = 32,
+    on_tokens: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Greedy continuation of a left-padded batch with a static KV cache (module doc).
+
+    Args:
+        model: a Llama 4 causal LM (``Llama4ForCausalLM``/``Llama4ForConditionalGeneration``, PEFT-wrapped or not),
+            in eval mode; any other model whose forward takes a ``{layer type: 4-D mask}`` mapping works too.
+        input_ids: (B, P) int64, left-padded, on the model's device.
+        attention_mask: (B, P) 0/1, 0 on the left padding.
+        max_new_tokens: tokens to generate per sequence (>= 1).
+        eos_token_ids: ids that end a sequence (the EOS itself is kept in the output).
+        pad_token_id: written after a sequence's EOS.
+        cuda_graph: capture the decode step in a CUDA graph (CUDA only; ignored on the CPU).
+        check_every: decode steps between host checks for "all sequences stopped".
+        on_tokens: called with the number of new tokens per sequence generated so far (progress).
+
+    Returns:
+        (B, max_new_tokens) int64 new tokens on the model's device; ``pad_token_id`` after each sequence's EOS and
+        in the columns never generated once all sequences stopped.
+
+    Raises:
+        ValueError: ``max_new_tokens`` < 1, shapes differ, or P + max_new_tokens exceeds the attention chunk
+            (:func:`fits_static_cache`; use ``model.generate`` then).
+    """
+    from transformers import StaticCache
+
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
+                         "must both be (batch, prompt length)")
+    batch, prompt_len = input_ids.shape
+    total = prompt_len + max_new_tokens
+    if not fits_static_cache(model, total):
+        raise ValueError(f"{total} positions exceed the attention chunk "
+                         f"({_text_config(model).attention_chunk_size}); decode with model.generate")
+    device = input_ids.device
+    chunk = getattr(_text_config(model), "attention_chunk_size", None)
+    cache = StaticCache(config=model.config, max_cache_len=total)
+
+    kv_valid = torch.ones(batch, total, dtype=torch.bool, device=device)
+    kv_valid[:, :prompt_len] = attention_mask.bool()
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=_masks(kv_valid, torch.arange(prompt_len, device=device), chunk),
+                position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].argmax(-1)
+    del out
+
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    tokens[:, 0] = first
+    finished = (first[:, None] == eos[None]).any(-1)
+    ids = first[:, None].clone()  # (B, 1) the token fed to the next step
+    pos = positions[:, -1:] + 1  # (B, 1) its position
+    cur = torch.tensor([prompt_len], dtype=torch.long, device=device)  # its cache slot
+    col = torch.ones(batch, 1, dtype=torch.long, device=device)  # its column in ``tokens``
+    pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
+
+    def step() -> None:
+        logits = model(input_ids=ids, attention_mask=_masks(kv_valid, cur, chunk), position_ids=pos,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        nxt = torch.where(finished, pad, logits[:, -1].argmax(-1))
+        tokens.scatter_(1, col.clamp(max=max_new_tokens - 1), nxt[:, None])
+        finished.logical_or_(((nxt[:, None] == eos[None]).any(-1)))
+        ids.copy_(nxt[:, None])
+        pos.add_(1)
+        cur.add_(1)
+        col.add_(1)
+
+    steps = max_new_tokens - 1
+    graph = None
+    done = 0
+    use_graph = cuda_graph and device.type == "cuda" and steps > 1
+    if use_graph:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up, a real step: compiles kernels, sizes the workspace
+            step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        done = 1
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                step()
+        except RuntimeError as err:  # something in the forward needs the host: decode eagerly, say so once
+            logger.warning("decode step could not be captured in a CUDA graph (%s); decoding eagerly", err)
+            graph = None
+    while done < steps:
+        graph.replay() if graph is not None else step()
+        done += 1
+        if done % check_every == 0 or done == steps:
+            if on_tokens is not None:
+                on_tokens(done + 1)
+            if bool(finished.all()):
+                break
+    return tokens

@@ -1,0 +1,191 @@
+"""The decode path on the CPU: the fused NF4 expert kernel (Triton's interpreter, fp32) against bitsandbytes'
+dequantize followed by a matmul, and greedy decoding with a static cache against transformers' ``generate`` on a
+tiny Llama 4 whose routed experts are the same NF4 weights dequantized (transformers' dense ``Llama4TextMoe`` math).
+
+``TRITON_INTERPRET=1`` is set by tests/conftest.py before Triton is imported. The interpreter (Triton 3.6, numpy 2.4)
+gets bf16 ``tl.dot`` wrong and rounds fp32 -> bf16 toward zero, so the CPU checks run in fp32 (exact arithmetic
+there: ``input_precision="ieee"``); bf16 is checked on the GPU (scripts/device/decode_gpu.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
+
+from medtune import llama4 as l4
+from medtune.llama4 import decode, kernels
+
+
+
+def tiny_text(**overrides):
+    dims = dict(vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1)
+    return l4.scout_text_config(**{**dims, **overrides})
+
+
+def test_interpreter_is_on():
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    assert kernels.available(), "triton is a test dependency (pyproject [dev]); the kernels' numerics run on the CPU"
+
+
+def quantized(num_experts, k, n, seed):
+    """(packed (E, k*n/2) uint8, absmax (E, k*n/64) fp32, dequantized (E, k, n) fp32) from bitsandbytes.
+
+    ``n`` is a multiple of 64 as in every Llama 4 shape: bitsandbytes 0.50.2's native CPU dequantize disagrees with
+    its own generic one when a 64-weight block straddles two rows (seen with n = 96)."""
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(seed)
+    w = torch.randn(num_experts, k, n) * 0.2
+    packed, absmax, deq = [], [], []
+    for e in range(num_experts):
+        q, st = bnbf.quantize_4bit(w[e], blocksize=64, quant_type="nf4")
+        packed.append(q.reshape(-1))
+        absmax.append(st.absmax.reshape(-1))
+        deq.append(bnbf.dequantize_4bit(q, quant_state=st))
+    return torch.stack(packed), torch.stack(absmax), torch.stack(deq)
+
+
+def code():
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.get_4bit_type("nf4", device="cpu")
+
+
+def test_dequantize_kernel_matches_bitsandbytes_exactly():
+    packed, absmax, deq = quantized(3, 64, 128, seed=1)
+    out = kernels.nf4_dequantize(packed.reshape(-1), absmax.reshape(-1), code(), (3, 64, 128), torch.float32)
+    assert torch.equal(out, deq)
+
+
+@pytest.mark.parametrize("counts", [[1, 0, 0, 0], [0, 3, 0, 2], [5, 17, 0, 1], [0, 0, 0, 0], [33, 1, 1, 1],
+                                    [0, 0, 0, 7]])
+@pytest.mark.parametrize("gated", [False, True])
+def test_moe_matmul_matches_dequantize_then_matmul(counts, gated):
+    k, n = 64, 64
+    packed, absmax, w = quantized(4, k, 2 * n if gated else n, seed=sum(counts) + gated)
+    x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(7))
+    out = kernels.nf4_moe_matmul(x, torch.tensor(counts), packed, absmax, code(), k=k, n_out=n, gated=gated)
+    ref, start = [], 0
+    for e, c in enumerate(counts):
+        y = x[start:start + c] @ w[e]
+        if gated:
+            g, u = y.chunk(2, dim=-1)
+            y = torch.nn.functional.silu(g) * u
+        ref.append(y)
+        start += c
+    ref = torch.cat(ref)
+    assert out.shape == (sum(counts), n)
+    if ref.numel():
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-6  # fp32, same products, another summation order
+
+
+def test_moe_matmul_rejects_wrong_shapes():
+    packed, absmax, _ = quantized(2, 64, 64, seed=3)
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.nf4_moe_matmul(torch.randn(3, 32), torch.tensor([1, 2]), packed, absmax, code(), k=64, n_out=64,
+                               gated=False)
+    with pytest.raises(ValueError, match="do not hold 2 NF4 matrices of 64x128"):
+        kernels.nf4_moe_matmul(torch.randn(3, 64), torch.tensor([1, 2]), packed, absmax, code(), k=64, n_out=64,
+                               gated=True)
+
+
+def test_moe_matmul_declines_shapes_that_do_not_tile():
+    packed, absmax, _ = quantized(2, 40, 64, seed=4)  # K = 40 is no multiple of 16
+    assert kernels.nf4_moe_matmul(torch.randn(2, 40), torch.tensor([1, 1]), packed, absmax, code(), k=40, n_out=64,
+                                  gated=False) is None
+
+
+def tiny_nf4_model(seed=0):
+    """A 2-layer tiny Llama 4 (fp32) with NF4 routed experts and sparse dispatch, and its reference: the same model
+    with transformers' dense ``Llama4TextMoe`` over the NF4 experts dequantized (fp32 parameters)."""
+    from transformers import Llama4ForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_text(vocab_size=256, num_local_experts=4, attn_implementation="sdpa")
+    model = Llama4ForCausalLM(config).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    reference = copy.deepcopy(model)
+    l4.prepare_llama4_for_qlora(model, compute_dtype=torch.float32)
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+        experts = layer.feed_forward.experts
+        assert isinstance(experts, l4.Llama4NF4Experts)
+        gate_up, down = experts.dequantized_weights()
+        assert isinstance(ref_layer.feed_forward, Llama4TextMoe)
+        ref_experts: Llama4TextExperts = ref_layer.feed_forward.experts
+        with torch.no_grad():
+            ref_experts.gate_up_proj.copy_(gate_up)
+            ref_experts.down_proj.copy_(down)
+    return model, reference
+
+
+def test_fused_experts_used_and_equal_in_model_forward(monkeypatch):
+    model, reference = tiny_nf4_model(seed=1)
+    calls = []
+    original = kernels.nf4_moe_matmul
+    monkeypatch.setattr(kernels, "nf4_moe_matmul", lambda *a, **kw: calls.append(kw["gated"]) or original(*a, **kw))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        l4.Llama4NF4Experts.fused = "always"
+        try:
+            fused = model(input_ids=ids).logits
+        finally:
+            l4.Llama4NF4Experts.fused = "auto"
+        ref = reference(input_ids=ids).logits
+    assert calls == [True, False, True, False]  # both layers, both projections through the kernel
+    assert ((fused - ref).norm() / ref.norm()).item() < 1e-5
+
+
+def test_greedy_decode_matches_generate_on_the_reference_model(monkeypatch):
+    """Greedy tokens of the new path (NF4 experts through the fused kernel, static cache, left padding) equal
+    transformers' ``generate`` on the reference model for 64 new tokens, token for token."""
+    model, reference = tiny_nf4_model(seed=3)
+    monkeypatch.setattr(l4.Llama4NF4Experts, "fused", "always")
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 256, (3, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding of different lengths
+    ids[2, :1], mask[2, :1] = 0, 0
+    new = decode.greedy_decode(model, ids, mask, max_new_tokens=64, eos_token_ids=[255], pad_token_id=0)
+    want = reference.generate(input_ids=ids, attention_mask=mask, max_new_tokens=64, do_sample=False,
+                              eos_token_id=255, pad_token_id=0)[:, ids.shape[1]:]
+    assert new.shape == (3, 64)
+    assert torch.equal(new, want)
+
+
+def test_greedy_decode_stops_at_eos_and_pads():
+    model, _ = tiny_nf4_model(seed=5)
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    free = decode.greedy_decode(model, ids, mask, max_new_tokens=12, eos_token_ids=[255], pad_token_id=0)
+    eos = int(free[0, 3])  # make the 4th token of sequence 0 its EOS
+    new = decode.greedy_decode(model, ids, mask, max_new_tokens=12, eos_token_ids=[eos], pad_token_id=0)
+    row = new[0].tolist()
+    stop = row.index(eos)
+    assert stop <= 3 and all(t == 0 for t in row[stop + 1:])
+    assert torch.equal(new[0, :stop + 1], free[0, :stop + 1])
+
+
+def test_greedy_decode_refuses_bad_arguments():
+    model, _ = tiny_nf4_model(seed=7)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        decode.greedy_decode(model, ids, torch.ones_like(ids), max_new_tokens=0, eos_token_ids=[1], pad_token_id=0)
+    with pytest.raises(ValueError, match="must both be"):
+        decode.greedy_decode(model, ids, torch.ones(1, 3), max_new_tokens=2, eos_token_ids=[1], pad_token_id=0)
+    with pytest.raises(ValueError, match="exceed the attention chunk"):
+        decode.greedy_decode(model, ids, torch.ones_like(ids), max_new_tokens=model.config.attention_chunk_size,
+                             eos_token_ids=[1], pad_token_id=0)
+
+
+def test_kv_cache_bytes_scout():
+    from transformers import Llama4ForCausalLM
+
+    with torch.device("meta"):
+        model = Llama4ForCausalLM(l4.scout_text_config(num_hidden_layers=48))
+    assert decode.kv_cache_bytes(model, 1) == 2 * 48 * 8 * 128 * 2 == 196_608
