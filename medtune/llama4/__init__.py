@@ -40,6 +40,8 @@ from transformers import Llama4TextConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
 
+from medtune.llama4 import kernels
+
 logger = logging.getLogger(__name__)
 
 GIB = 2**30
@@ -252,57 +254,6 @@ def _nf4_code(device: torch.device) -> torch.Tensor:
     return _NF4_CODE[device]
 
 
-_TRITON_DEQUANT = {}  # the compiled kernel, built on first use
-
-
-def _triton_nf4_kernel():
-    """Build (once) the Triton NF4 dequantize kernel, or return None when Triton is not importable."""
-    if "kernel" not in _TRITON_DEQUANT:
-        try:
-            import triton
-            import triton.language as tl
-        except ImportError:
-            _TRITON_DEQUANT["kernel"] = None
-            return None
-
-        @triton.jit
-        def nf4_dequantize(packed_ptr, absmax_ptr, code_ptr, out_ptr, n_bytes,
-                           BLOCK: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr):
-            pid = tl.program_id(0).to(tl.int64)
-            offs = pid * BLOCK + tl.arange(0, BLOCK)
-            mask = offs < n_bytes
-            byte = tl.load(packed_ptr + offs, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(absmax_ptr + offs // BYTES_PER_ABSMAX, mask=mask, other=0.0)
-            hi = tl.load(code_ptr + (byte >> 4)) * scale  # element 2i: high nibble, as bitsandbytes packs
-            lo = tl.load(code_ptr + (byte & 15)) * scale  # element 2i + 1: low nibble
-            vals = tl.interleave(hi, lo).to(out_ptr.dtype.element_ty)
-            out_offs = pid * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
-            tl.store(out_ptr + out_offs, vals, mask=out_offs < 2 * n_bytes)
-
-        _TRITON_DEQUANT["kernel"] = (nf4_dequantize, triton.cdiv)
-    return _TRITON_DEQUANT["kernel"]
-
-
-def _nf4_dequantize_triton(packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, ...],
-                           dtype: torch.dtype) -> torch.Tensor | None:
-    """NF4 -> ``dtype`` in one pass on the GPU: packed uint8 (n/2,) (two 4-bit codes per byte, high nibble first),
-    absmax float32 (n/64,), returns (``shape``) with n elements, or None when Triton is unavailable.
-
-    Same arithmetic as bitsandbytes' CUDA ``kDequantizeBlockwise`` for NF4 (float32 ``code[q] * absmax``, rounded
-    to ``dtype`` once), so the result is bit-identical (checked on the GPU by scripts/device/check_triton_dequant.py and, at commit 5f21210, perf_moe.py); it
-    exists because that kernel reaches ~2.2 TB/s on an H200 on these sizes, this one closer to the copy bandwidth.
-    """
-    built = _triton_nf4_kernel()
-    if built is None:
-        return None
-    kernel, cdiv = built
-    out = torch.empty(shape, dtype=dtype, device=packed.device)
-    n_bytes, block = packed.numel(), 2048
-    kernel[(cdiv(n_bytes, block),)](packed, absmax, _nf4_code(packed.device), out, n_bytes, BLOCK=block,
-                                    BYTES_PER_ABSMAX=NF4_BLOCKSIZE // 2, num_warps=8)
-    return out
-
-
 class _NF4ExpertsFunction(torch.autograd.Function):
     """Routed experts on NF4 weights, forward and backward w.r.t. the input; the weights are frozen.
 
@@ -409,6 +360,11 @@ class Llama4NF4Experts(nn.Module):
 
     dequant_group: int | None = None  # experts per dequantize call; None = all (fewest calls, most memory)
     triton_dequant: bool = os.environ.get("MEDTUNE_NF4_TRITON", "1") != "0"  # CUDA: Triton kernel, else bitsandbytes
+    # inference on few rows (decoding, small batches): multiply straight from the packed bytes, reading only the
+    # experts that have rows. "auto": on CUDA up to ``fused_max_rows`` rows; "always": any device and size (on the
+    # CPU through Triton's interpreter: tests); "off": never. Env MEDTUNE_NF4_FUSED sets the default.
+    fused: str = os.environ.get("MEDTUNE_NF4_FUSED", "auto")
+    fused_max_rows: int = 256
 
     def __init__(
         self,
@@ -523,8 +479,8 @@ class Llama4NF4Experts(nn.Module):
         packed = getattr(self, f"{name}_packed")[start:stop]
         shape = (stop - start, *self.shapes[name])
         if self.triton_dequant and packed.is_cuda and self.compute_dtype in (torch.bfloat16, torch.float16):
-            out = _nf4_dequantize_triton(packed.reshape(-1), self._absmax(name, start, stop).contiguous(), shape,
-                                         self.compute_dtype)
+            out = kernels.nf4_dequantize(packed.reshape(-1), self._absmax(name, start, stop).contiguous(),
+                                         _nf4_code(packed.device), shape, self.compute_dtype)
             if out is not None:
                 return out
         state = bnbf.QuantState(
@@ -578,10 +534,37 @@ class Llama4NF4Experts(nn.Module):
         if counts is None:  # transformers' dense layout: (E * T, H), T tokens per expert
             counts = [hidden_states.shape[0] // self.num_experts] * self.num_experts
         _check_counts(hidden_states, counts, self.num_experts)
+        x = hidden_states.to(self.compute_dtype).contiguous()
+        if self._use_fused(x):
+            counts_t = counts if isinstance(counts, torch.Tensor) else torch.tensor(list(counts), device=x.device)
+            out = self.fused_forward(x, counts_t)
+            if out is not None:
+                return out.to(hidden_states.dtype)
         if not isinstance(counts, torch.Tensor):
             counts = tuple(int(c) for c in counts)
-        x = hidden_states.to(self.compute_dtype).contiguous()
         return _NF4ExpertsFunction.apply(x, self, counts, bool(output_needed)).to(hidden_states.dtype)
+
+    def _use_fused(self, x: torch.Tensor) -> bool:
+        """The fused kernel serves inference (no gradient wanted) on few rows: see ``fused``."""
+        if self.fused == "off" or (torch.is_grad_enabled() and x.requires_grad):
+            return False
+        if self.fused == "auto" and not (x.is_cuda and x.shape[0] <= self.fused_max_rows):
+            return False
+        return self.hidden_act == "silu" and kernels.available()
+
+    def fused_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """Both projections straight from the packed NF4 bytes (:func:`medtune.llama4.kernels.nf4_moe_matmul`):
+        x (N, H) in ``compute_dtype`` sorted by expert, counts (E,) integer tensor on x's device -> (N, H), or None
+        when the kernel does not apply (no Triton, a shape that does not tile). Reads only the experts with rows;
+        no host sync. No autograd: inference only."""
+        code = _nf4_code(x.device)
+        num = self.num_experts
+        h = kernels.nf4_moe_matmul(x, counts, self.gate_up_packed, self._absmax("gate_up", 0, num).view(num, -1),
+                                   code, k=self.hidden_size, n_out=self.intermediate_size, gated=True)
+        if h is None:
+            return None
+        return kernels.nf4_moe_matmul(h, counts, self.down_packed, self._absmax("down", 0, num).view(num, -1), code,
+                                      k=self.intermediate_size, n_out=self.hidden_size, gated=False)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -273,9 +273,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--full-steps", type=int, default=3)
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--generate", action="store_true",
+                        help="the generation and log-likelihood benchmark instead (medtune.llama4.bench_generate)")
+    parser.add_argument("--gen-layers", type=int, default=48)
+    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--gen-prompt", type=int, default=256)
+    parser.add_argument("--gen-new", type=int, default=256)
+    parser.add_argument("--gen-baseline-new", type=int, default=16)
+    parser.add_argument("--gen-baseline-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--gen-lora-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--ll-batches", type=int, nargs="*", default=[2, 8, 32, 64])
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("medtune.llama4.bench needs a CUDA GPU")
+    if args.generate:
+        from medtune.llama4 import bench_generate
+
+        res = bench_generate.run(layers=args.gen_layers, batches=args.gen_batches, prompt=args.gen_prompt,
+                                 new=args.gen_new, baseline_new=args.gen_baseline_new,
+                                 baseline_batches=args.gen_baseline_batches, lora_batches=args.gen_lora_batches,
+                                 ll_batches=args.ll_batches)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "generate.json").write_text(json.dumps(res, indent=2, default=str))
+        md = bench_generate.to_markdown(res)
+        (args.out / "generate.md").write_text(md)
+        print(md)
+        return res
 
     res = dict(environment=environment(), args={k: str(v) for k, v in vars(args).items()}, per_layer=[], full=[])
     l1, l2 = args.layers

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One device call for the decode work (device tool, carry .whl): versions, the fused-kernel checks and tile sweep,
+# greedy equality on 2 layers, then the generation benchmark at GEN_LAYERS layers (default 48).
+# Usage (device machine, repo root): bash scripts/device/decode_h200.sh "$OUT" [extra bench args]
+set -uo pipefail
+out=${1:?usage: decode_h200.sh OUT_DIR}
+shift
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
+date -u +%FT%TZ | tee -a "$out/env.txt"
+if [ "${SKIP_CHECKS:-0}" != 1 ]; then
+  timeout "${CHECK_S:-240}" python3 scripts/device/decode_gpu.py "$out" ${SWEEP:+--sweep} 2>&1 | tee "$out/decode_gpu.log" | tail -40
+  echo "decode_gpu exit: ${PIPESTATUS[0]}"
+fi
+timeout "${BENCH_S:-400}" python3 -m medtune.llama4.bench --generate --out "$out" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$out/bench_generate.log" | tail -40
+echo "bench exit: ${PIPESTATUS[0]}"
