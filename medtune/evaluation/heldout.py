@@ -16,9 +16,13 @@ from __future__ import annotations
 import math
 import re
 import sys
+import time
 
 import torch
 
+from medtune.evaluation.batching import auto_batch_size
+from medtune.llama4 import is_llama4
+from medtune.llama4.decode import fits_static_cache, greedy_decode
 from medtune.settings import config as _config
 from medtune.stages import data as _data
 
@@ -35,48 +39,91 @@ def progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, file=sys.stdout, mininterval=2.0, ascii=True)
 
 
+def resolve_batch_size(batch_size: int | str, model, seq_len: int, items: int) -> int:
+    """``batch_size`` as a number: an int as it is; ``"auto"`` on a GPU as many sequences of ``seq_len`` tokens as
+    the free memory holds (:func:`medtune.evaluation.batching.auto_batch_size`, at most ``items``), on the CPU
+    ``CPU_BATCH_SIZE`` (memory is rarely the limit there; time is)."""
+    if batch_size != "auto":
+        return int(batch_size)
+    if _device(model).type != "cuda":
+        return min(CPU_BATCH_SIZE, max(items, 1))
+    return auto_batch_size(model, seq_len, limit=max(items, 1))
+
+
+CPU_BATCH_SIZE = 4  # "auto" on the CPU: the batch the default profile has always used
+
+
+def _fast_decode_ok(model, total_len: int) -> bool:
+    """Llama 4 on a GPU whose prompt + answer fit one attention chunk: :func:`medtune.llama4.decode.greedy_decode`
+    (static cache, CUDA graph per step, fused NF4 experts) instead of ``model.generate``."""
+    return _device(model).type == "cuda" and is_llama4(model) and fits_static_cache(model, total_len)
+
+
 @torch.no_grad()
 def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en", max_new_tokens: int = 1200,
-                     batch_size: int = 4) -> list[dict]:
+                     batch_size: int | str = 4) -> list[dict]:
     """Greedy answers to ``rows``' questions with the test template.
 
+    Llama 4 on a GPU decodes with :func:`medtune.llama4.decode.greedy_decode` (the same greedy tokens as
+    ``generate`` up to floating-point summation order, several times faster: docs/bench-h200.md); other models and
+    the CPU use ``model.generate``. With ``batch_size="auto"`` on a GPU the questions are sorted by prompt length
+    and batched as far as free memory allows; with an int, batches are taken in order (the default profile's
+    answers are the same as before).
+
     Args:
-        model: a causal LM (4-bit, optionally with a PEFT adapter).
+        model: a causal LM (4-bit, optionally with a PEFT adapter, never merged).
         tokenizer: its tokenizer (pad token distinct from EOS).
         rows: held-out rows with ``Question`` (and ``row``, the dataset index).
         language: template language.
         max_new_tokens: generation budget per answer, in tokens (walkthrough: 1200).
-        batch_size: questions per ``generate`` call.
+        batch_size: questions per batch, or ``"auto"`` (:func:`resolve_batch_size`).
 
     Returns:
-        One dict per row: ``{"row", "question", "answer", "new_tokens", "stopped"}``; ``stopped`` is True when the
-        model emitted EOS before ``max_new_tokens``; ``answer`` is the decoded text without special tokens.
+        One dict per row, in ``rows``' order: ``{"row", "question", "answer", "new_tokens", "stopped"}``;
+        ``stopped`` is True when the model emitted EOS before ``max_new_tokens``; ``answer`` is the decoded text
+        without special tokens.
     """
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    out: list[dict] = []
+    prompts = [_data.test_prompt(r["Question"], language) for r in rows]
+    lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
+    longest = max(lengths, default=0)
+    size = resolve_batch_size(batch_size, model, longest + max_new_tokens, len(rows))
+    order = list(range(len(rows)))
+    if batch_size == "auto":  # similar lengths together: less padding
+        order.sort(key=lambda i: -lengths[i])
+    fast = _fast_decode_ok(model, longest + max_new_tokens)
+    results: dict[int, dict] = {}
     try:
-        batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
-        for batch in progress(batches, len(batches), "generating"):
-            prompts = [_data.test_prompt(r["Question"], language) for r in batch]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True).to(_device(model))
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            new = gen[:, enc["input_ids"].shape[1]:]
-            for r, ids in zip(batch, new):
-                ids = ids.tolist()
+        batches = [order[i:i + size] for i in range(0, len(order), size)]
+        bar = progress(batches, len(batches), "generating")
+        generated, started = 0, time.perf_counter()
+        for batch in bar:
+            enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(_device(model))
+            if fast:
+                new = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                                    eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+            else:
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                new = gen[:, enc["input_ids"].shape[1]:]
+            for i, ids in zip(batch, new.tolist()):
+                r = rows[i]
                 stopped = tokenizer.eos_token_id in ids
                 n = ids.index(tokenizer.eos_token_id) + 1 if stopped else len([t for t in ids if t != tokenizer.pad_token_id])
-                out.append({"row": r.get("row"), "question": r["Question"],
-                            "answer": tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
-                            "new_tokens": n, "stopped": stopped})
+                generated += n
+                results[i] = {"row": r.get("row"), "question": r["Question"],
+                              "answer": tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
+                              "new_tokens": n, "stopped": stopped}
+            bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.1f} new tokens/s, "
+                                f"batch {size}", refresh=False)
     finally:
         tokenizer.padding_side = side
-    return out
+    return [results[i] for i in range(len(rows))]
 
 
 @torch.no_grad()
-def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", batch_size: int = 4,
+def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", batch_size: int | str = 4,
                   max_length: int | None = None) -> dict:
     """Held-out loss and perplexity on the response part (reasoning + answer + EOS) given the test prompt.
 
@@ -85,6 +132,7 @@ def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", b
 
     Args:
         rows: held-out rows with ``Question``, ``Complex_CoT``, ``Response``.
+        batch_size: sequences per forward pass, or ``"auto"`` (:func:`resolve_batch_size`).
         max_length: truncate each sequence to this many tokens (use the training ``max_length``).
 
     Returns:
@@ -105,7 +153,10 @@ def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", b
             if max_length:
                 full, labels = full[:max_length], labels[:max_length]
             seqs.append((full, labels))
-        batches = [seqs[i:i + batch_size] for i in range(0, len(seqs), batch_size)]
+        size = resolve_batch_size(batch_size, model, max((len(f) for f, _ in seqs), default=1), len(seqs))
+        if batch_size == "auto":  # similar lengths together; the sums below do not depend on the order
+            seqs.sort(key=lambda s: -len(s[0]))
+        batches = [seqs[i:i + size] for i in range(0, len(seqs), size)]
         for batch in progress(batches, len(batches), "held-out loss"):
             width = max(len(f) for f, _ in batch)
             ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)

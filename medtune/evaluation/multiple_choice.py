@@ -36,7 +36,7 @@ from typing import Sequence
 
 import torch
 
-from medtune.evaluation.heldout import answer_part  # also multiple_choice.answer_part, as before
+from medtune.evaluation.heldout import answer_part, resolve_batch_size  # answer_part: also multiple_choice.answer_part
 from medtune.stages import data as _data
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -595,7 +595,8 @@ def _device(model) -> torch.device:
 
 
 @torch.no_grad()
-def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *, batch_size: int = 4) -> list[float]:
+def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
+                          batch_size: int | str = 4) -> list[float]:
     """Sum of log-probabilities (natural log, nats) of each continuation given its prompt.
 
     ``prompt`` is tokenized alone and ``prompt + continuation`` together; the continuation's tokens are those
@@ -607,7 +608,8 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
         model: a causal LM (4-bit, optionally with a PEFT adapter).
         tokenizer: its tokenizer (a pad token set).
         pairs: ``(prompt, continuation)`` strings.
-        batch_size: sequences per forward pass (right-padded).
+        batch_size: sequences per forward pass (right-padded), or ``"auto"``: as many as free GPU memory holds
+            (:func:`medtune.evaluation.heldout.resolve_batch_size`), longest sequences first.
 
     Returns:
         One float per pair: ``sum_t log p(token_t | tokens before it)`` over the continuation's tokens (<= 0).
@@ -630,7 +632,10 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
     logprobs: dict[tuple[int, ...], tuple[int, torch.Tensor]] = {}  # sequence -> (first position, log-probs)
     from medtune.evaluation.heldout import progress
 
-    batches = [unique[i:i + batch_size] for i in range(0, len(unique), batch_size)]
+    size = resolve_batch_size(batch_size, model, max((len(u) for u in unique), default=1), len(unique))
+    if batch_size == "auto":  # similar lengths together: less padding (results are keyed by sequence)
+        unique.sort(key=lambda u: -len(u))
+    batches = [unique[i:i + size] for i in range(0, len(unique), size)]
     needed: dict[tuple[int, ...], int] = {}
     for seq, start, _ in targets:  # earliest scored position per sequence: only those logits are kept
         needed[seq] = min(needed.get(seq, len(seq)), start - 1)
@@ -656,7 +661,7 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
 
 
 def predict_loglik(model, tokenizer, items: Sequence[MCItem], *, language: str = "en", target: str = "letter",
-                   batch_size: int = 4) -> list[dict]:
+                   batch_size: int | str = 4) -> list[dict]:
     """Pick each item's option with the highest log-likelihood after ``mc_prompt + ANSWER_PREFIX``.
 
     Args:
@@ -688,7 +693,7 @@ def predict_loglik(model, tokenizer, items: Sequence[MCItem], *, language: str =
 
 
 def predict_generate(model, tokenizer, items: Sequence[MCItem], *, language: str = "en", max_new_tokens: int = 1200,
-                     batch_size: int = 4) -> list[dict]:
+                     batch_size: int | str = 4) -> list[dict]:
     """Generate a greedy answer to each item with the test template and read its letter (:func:`extract_choice`).
 
     Returns:

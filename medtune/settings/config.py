@@ -50,8 +50,8 @@ class RunConfig:
     seed: int = 42  # seed for the split, LoRA init and training
     # --- generation and evaluation -------------------------------------------------------------------------------
     max_new_tokens: int = 1200  # tokens generated per answer in 04 and 06 (walkthrough: 1200)
-    generation_batch_size: int = 4  # questions generated at once (left padding)
-    eval_batch_size: int = 4  # sequences per forward pass for held-out loss (and benchmark log-likelihood)
+    generation_batch_size: int | Literal["auto"] = 4  # questions generated at once (left padding); auto: as many as free GPU memory holds (4 on CPU)
+    eval_batch_size: int | Literal["auto"] = 4  # sequences per forward pass for held-out loss and benchmark log-likelihood; auto as above
     eval_questions: int | None = None  # held-out questions answered in 04/06 (the first N held-out rows); null: all
     # --- multiple-choice benchmarks in 04 and 06 (medtune.evaluation.multiple_choice) --------------------------------------------
     benchmarks: dict = dataclasses.field(default_factory=dict)  # name -> source (JSONL, package:..., Hub id) or {source, config, split}
@@ -124,6 +124,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        parts = ["null" if a is type(None) else _describe(a) for a in typing.get_args(hint)]
+        return " or ".join(p.removeprefix("one of ") if len(parts) > 1 else p for p in parts)
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -241,7 +244,7 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         )
     positive = ("heldout_size", "max_new_tokens", "generation_batch_size", "eval_batch_size")
     for key in positive:
-        if getattr(cfg, key) < 1:
+        if getattr(cfg, key) != "auto" and getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1, got {getattr(cfg, key)}.")
     if cfg.max_rows is not None and cfg.max_rows < 2:
         raise ConfigError(f"{source}: 'max_rows' must be at least 2 (or null for all rows), got {cfg.max_rows}.")

@@ -236,7 +236,9 @@ def tiny_model(cls_name="Llama4ForCausalLM", seed=0, vocab=201135):
 
     torch.manual_seed(seed)
     special = dict(pad_token_id=200018, eos_token_id=200008, bos_token_id=200000) if vocab > 200018 else {}
-    text = tiny_text(vocab_size=vocab, **special)
+    # every Linear's in_features a multiple of 64: bitsandbytes 0.50.2 repacks 4-bit weights for inference on CPUs
+    # with AVX512-BF16 and fails on narrower ones (functional._convert_weight_packed_for_cpu: absmax reshape to [K, 0])
+    text = tiny_text(vocab_size=vocab, intermediate_size=64, **special)
     if cls_name == "Llama4ForCausalLM":
         return Llama4ForCausalLM(text)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,

@@ -64,7 +64,8 @@ def tiny_scout_checkpoint(folder: Path) -> Path:
     from medtune.llama4 import scout_text_config
 
     torch.manual_seed(0)
-    text = scout_text_config(vocab_size=201135, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
+    # intermediate_size 64, not 32: see tests/llama4/test_llama4.py (bitsandbytes' AVX512-BF16 CPU repacking)
+    text = scout_text_config(vocab_size=201135, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                              num_local_experts=4, num_experts_per_tok=1, pad_token_id=200018,
                              eos_token_id=200008, bos_token_id=200000)

@@ -374,7 +374,7 @@ EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"
      ["'lora.target_parameters'", "'llama4_fast: true'", "set llama4_fast: false"]),
     ({"bad_rows": "drop"}, ["key 'bad_rows' must be one of 'skip', 'fail', got 'drop'"]),
     ({"bad_row": "skip"}, ["unknown key 'bad_row'", "Did you mean 'bad_rows'?"]),
-    ({"sft": {"max_length": "2048"}}, ["'sft.max_length' must be int | None, got '2048'", "(remove the quotes)"]),
+    ({"sft": {"max_length": "2048"}}, ["'sft.max_length' must be int or null, got '2048'", "(remove the quotes)"]),
     ({"lora": {"lora_dropout": "0.05"}}, ["'lora.lora_dropout' must be float, got '0.05'"]),
 ])
 def test_impossible_or_mistyped_settings_fail_at_load(tmp_path, changes, words):
