@@ -87,10 +87,10 @@ def test_push_folder_loads_as_the_card_says_and_reproduces_06(smoke_run, monkeyp
     assert snippet_out.strip(), "the snippet printed no answer"
 
     model, tokenizer = scope["model"], scope["tokenizer"]
-    _, heldout = data.read_split(run)
+    _, heldout_rows = data.read_split(run)
     recorded = RecordGenerate(model)
-    again = heldout.generate_answers(model, tokenizer, heldout, language=cfg.language,
-                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
+    again = heldout.generate_answers(model, tokenizer, heldout_rows, language=cfg.language,
+                                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
     assert recorded.outputs == ids_06  # token for token, padding included
     assert again == data.read_jsonl(run.finetuned_path)  # 06's answers file, field for field
     assert all(a["new_tokens"] > 0 for a in again)
@@ -137,8 +137,8 @@ def test_merged_export_is_bf16_base_plus_adapter(smoke_run, capsys):
     base_q = base.state_dict()[q].clone()
     unmerged = PeftModel.from_pretrained(base, str(run.adapter_dir)).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    _, heldout = data.read_split(run)
-    enc = tok(data.test_prompt(heldout[0]["Question"]) + heldout[0]["Complex_CoT"][:400], return_tensors="pt")
+    _, heldout_rows = data.read_split(run)
+    enc = tok(data.test_prompt(heldout_rows[0]["Question"]) + heldout_rows[0]["Complex_CoT"][:400], return_tensors="pt")
     with torch.no_grad():
         a = merged(**enc).logits.float()
         b = unmerged(**enc).logits.float()
