@@ -64,22 +64,14 @@ if triton is not None:
         tl.store(out_ptr + out_offs, vals, mask=out_offs < 2 * n_bytes)
 
     @triton.jit
-    def dequant_tile(packed_ptr, absmax_ptr, code_ptr, byte_idx, BYTES_PER_ABSMAX: tl.constexpr):
-        """(BK, BN/2) global byte indices -> (BK, BN) float32 weights (columns 2j, 2j+1 from byte j)."""
-        byte = tl.load(packed_ptr + byte_idx).to(tl.int32)
-        scale = tl.load(absmax_ptr + byte_idx // BYTES_PER_ABSMAX)
-        hi = tl.load(code_ptr + (byte >> 4)) * scale
-        lo = tl.load(code_ptr + (byte & 15)) * scale
-        return tl.interleave(hi, lo)
-
-    @triton.jit
-    def moe_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr,
-                          stride_x, stride_out, K: tl.constexpr, N_OUT: tl.constexpr, ROW_BYTES: tl.constexpr,
-                          EXPERT_BYTES: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr, GATED: tl.constexpr, IEEE: tl.constexpr,
-                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    def moe_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, stride_x, stride_out,
+                          K: tl.constexpr, ROW_BYTES: tl.constexpr, EXPERT_BYTES: tl.constexpr,
+                          E: tl.constexpr, E_POW2: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                          BNB: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr,
                           BYTES_PER_ABSMAX: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
         # which expert this row block belongs to, from the counts alone (no host sync, graph-capturable)
         eidx = tl.arange(0, E_POW2)
         cnt = tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32)
@@ -95,37 +87,34 @@ if triton is not None:
         rmask = local < n_e
         rows = (row0 + local).to(tl.int64)
 
+        # a tile is BK weight rows x BNB packed bytes (2 * BNB output columns); the high nibbles are the even
+        # columns and the low nibbles the odd ones, multiplied as two halves (no interleave in the loop)
         offs_k = tl.arange(0, BK)
-        col_byte = pid_n * (BN // 2) + tl.arange(0, BN // 2)  # byte column of the output tile's first part
+        col_byte = pid_n * BNB + tl.arange(0, BNB)
         base = e.to(tl.int64) * EXPERT_BYTES
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_up = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            kk = k0 + offs_k
+        acc_hi = tl.zeros((BM, BNB), dtype=tl.float32)
+        acc_lo = tl.zeros((BM, BNB), dtype=tl.float32)
+        for i in range(0, K_SPLIT, BK):  # this program's share of K
+            kk = pid_k * K_SPLIT + i + offs_k
             a = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=rmask[:, None], other=0.0)
             byte_idx = base + kk.to(tl.int64)[:, None] * ROW_BYTES + col_byte[None, :]
-            w = dequant_tile(packed_ptr, absmax_ptr, code_ptr, byte_idx, BYTES_PER_ABSMAX).to(a.dtype)
+            byte = tl.load(packed_ptr + byte_idx).to(tl.int32)
+            scale = tl.load(absmax_ptr + byte_idx // BYTES_PER_ABSMAX)
+            w_hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(a.dtype)
+            w_lo = (tl.load(code_ptr + (byte & 15)) * scale).to(a.dtype)
             if IEEE:
-                acc = tl.dot(a, w, acc, input_precision="ieee")
+                acc_hi = tl.dot(a, w_hi, acc_hi, input_precision="ieee")
+                acc_lo = tl.dot(a, w_lo, acc_lo, input_precision="ieee")
             else:
-                acc = tl.dot(a, w, acc)
-            if GATED:  # up projection: the same rows, columns N_OUT further on
-                w_up = dequant_tile(packed_ptr, absmax_ptr, code_ptr, byte_idx + N_OUT // 2,
-                                    BYTES_PER_ABSMAX).to(a.dtype)
-                if IEEE:
-                    acc_up = tl.dot(a, w_up, acc_up, input_precision="ieee")
-                else:
-                    acc_up = tl.dot(a, w_up, acc_up)
-        out_ty = out_ptr.dtype.element_ty
-        if GATED:
-            # round where PyTorch's bf16 ops would (g, u from the matmul; silu(g); the product) so that the result
-            # matches dequantize + grouped_mm + ACT2FN["silu"] up to the matmul's summation order
-            g = acc.to(out_ty).to(tl.float32)
-            u = acc_up.to(out_ty).to(tl.float32)
-            act = (g * tl.sigmoid(g)).to(out_ty).to(tl.float32)
-            acc = act * u
-        cols = pid_n * BN + tl.arange(0, BN)
-        tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], acc.to(out_ty), mask=rmask[:, None])
+                acc_hi = tl.dot(a, w_hi, acc_hi)
+                acc_lo = tl.dot(a, w_lo, acc_lo)
+        out = out_ptr + rows[:, None] * stride_out + 2 * col_byte[None, :]
+        if SPLIT_K == 1:
+            tl.store(out, acc_hi, mask=rmask[:, None])
+            tl.store(out + 1, acc_lo, mask=rmask[:, None])
+        else:
+            tl.atomic_add(out, acc_hi, mask=rmask[:, None], sem="relaxed")
+            tl.atomic_add(out + 1, acc_lo, mask=rmask[:, None], sem="relaxed")
 
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, ...],
@@ -152,47 +141,56 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
     return out
 
 
-def pick_blocks(k: int, n_out: int, rows: int) -> tuple[int, int, int] | None:
-    """Tile sizes (BM, BN, BK) for :func:`nf4_moe_matmul`, or None when the shape does not tile (then use the
-    dequantize path). BM 16 is ``tl.dot``'s smallest; BN 64 gives Scout's down projection (N 5,120) 80 column
-    tiles and its gate/up (N 8,192) 128, about one per SM of an H100/H200 at batch 1; BK 128 keeps a tile's
-    packed bytes (BK x BN/2) at 4 KiB. Tiles must divide K and N exactly (no masks on the weight loads)."""
+def pick_blocks(k: int, n_cols: int, rows: int) -> tuple[int, int, int, int] | None:
+    """Tile sizes (BM, BNB, BK, SPLIT_K) for :func:`nf4_moe_matmul`, or None when the shape does not tile (then
+    use the dequantize path). BM: rows per tile, 16 (``tl.dot``'s smallest) up to 64; BNB: packed bytes per weight
+    row and tile (2 BNB output columns), 64 so a warp reads whole 32-byte sectors; BK: weight rows per step;
+    SPLIT_K: programs that share one output tile's K range, summed with atomics, so that a single token still
+    spreads one expert over the whole GPU (Scout's gate_up at batch 1: 16,384 / 128 column tiles x 8 splits).
+    Tiles must divide K and the columns exactly (no masks on the weight loads). Defaults from the H100 sweep in
+    scripts/device/decode_gpu.py (docs/bench-h200.md)."""
     bm = 16 if rows <= 16 else 32 if rows <= 64 else 64
-    bn = next((b for b in (64, 32, 16) if n_out % b == 0), None)
-    bk = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
-    if bn is None or bk is None:
+    bnb = next((b for b in (64, 32, 16) if (n_cols // 2) % b == 0 and n_cols % 2 == 0), None)
+    bk = next((b for b in (64, 32, 16) if k % b == 0), None)
+    if bnb is None or bk is None:
         return None
-    return bm, bn, bk
+    split = next(s for s in (8, 4, 2, 1) if k % (s * bk) == 0)
+    if rows > 64:
+        split = 1
+    return bm, bnb, bk, split
 
 
 def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                    code: torch.Tensor, *, k: int, n_out: int, gated: bool,
-                   blocks: tuple[int, int, int] | None = None, num_warps: int = 4,
+                   blocks: tuple[int, int, int, int] | None = None, num_warps: int = 4,
                    num_stages: int | None = None) -> torch.Tensor | None:
     """Rows sorted by expert times each expert's NF4 matrix, dequantized inside the matmul.
 
+    The kernel accumulates ``x @ W_e`` in float32 (atomics across K splits); PyTorch then rounds it to x's dtype
+    and, for ``gated``, applies ``silu(g) * u`` in x's dtype, the same roundings as dequantize + ``torch._grouped_mm``
+    + ``ACT2FN["silu"]`` (only the summation order differs).
+
     Args:
-        x: (N, k) bf16/fp16/fp32, row stride may differ from k (last dim contiguous); rows
-            ``[sum(counts[:e]), sum(counts[:e+1]))`` belong to expert e.
+        x: (N, k) bf16/fp16/fp32, last dim contiguous; rows ``[sum(counts[:e]), sum(counts[:e+1]))`` belong to
+            expert e.
         counts: (E,) integer tensor on x's device (not read on the host).
         packed: uint8 (E, k * w_cols / 2) contiguous, ``w_cols = 2 * n_out`` when ``gated`` else ``n_out``.
         absmax: float32 (E, k * w_cols / 64) contiguous.
         code: float32 (16,) NF4 table on x's device.
         k: inner dimension (rows of each expert's matrix).
         n_out: output columns (per half when ``gated``).
-        gated: compute ``silu(x @ W[:, :n_out]) * (x @ W[:, n_out:])`` instead of ``x @ W``.
-        blocks: (BM, BN, BK) tile sizes; default :func:`pick_blocks`.
+        gated: return ``silu(x @ W[:, :n_out]) * (x @ W[:, n_out:])`` instead of ``x @ W``.
+        blocks: (BM, BNB, BK, SPLIT_K); default :func:`pick_blocks`.
 
     Returns:
-        (N, n_out) in x's dtype (rows with no expert, i.e. beyond ``sum(counts)``, are not written), or None
-        when Triton is unavailable or the shape does not tile (the caller falls back to dequantize + matmul).
+        (N, n_out) in x's dtype (rows beyond ``sum(counts)`` are 0), or None when Triton is unavailable or the
+        shape does not tile (the caller falls back to dequantize + matmul).
 
     Raises:
         ValueError: ``packed``/``absmax`` do not hold (E, k * w_cols) NF4 weights, or ``x`` is not (N, k).
     """
     if triton is None:
         return None
-    kernel = moe_matmul_kernel
     num_experts = packed.shape[0]
     w_cols = 2 * n_out if gated else n_out
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
@@ -200,19 +198,23 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     if packed.shape != (num_experts, k * w_cols // 2) or absmax.shape != (num_experts, k * w_cols // 64):
         raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
                          f"NF4 matrices of {k}x{w_cols}")
-    blocks = blocks or pick_blocks(k, n_out, x.shape[0])
+    blocks = blocks or pick_blocks(k, w_cols, x.shape[0])
     if blocks is None:
         return None
-    bm, bn, bk = blocks
-    out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)
-    if x.shape[0] == 0:
-        return out
-    grid = (triton.cdiv(x.shape[0], bm) + num_experts, n_out // bn)
-    extra = {} if num_stages is None else {"num_stages": num_stages}
-    # the matrix dimensions are compile-time constants: one build per projection shape (two per model), and
-    # Triton's interpreter (numpy >= 2.4) cannot loop over a runtime-scalar range
-    kernel[grid](x, packed, absmax, code, counts, out, x.stride(0), out.stride(0), K=k, N_OUT=n_out,
-                 ROW_BYTES=w_cols // 2, EXPERT_BYTES=packed.shape[1], E=num_experts, E_POW2=triton.next_power_of_2(num_experts), GATED=gated,
-                 IEEE=x.dtype == torch.float32, BM=bm, BN=bn, BK=bk, BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX,
-                 num_warps=num_warps, **extra)
-    return out
+    bm, bnb, bk, split = blocks
+    acc = torch.zeros(x.shape[0], w_cols, dtype=torch.float32, device=x.device)
+    if x.shape[0]:
+        grid = (triton.cdiv(x.shape[0], bm) + num_experts, w_cols // 2 // bnb, split)
+        extra = {} if num_stages is None else {"num_stages": num_stages}
+        # the matrix dimensions are compile-time constants: one build per projection shape (two per model), and
+        # Triton's interpreter (numpy >= 2.4) cannot loop over a runtime-scalar range
+        moe_matmul_kernel[grid](x, packed, absmax, code, counts, acc, x.stride(0), acc.stride(0), K=k,
+                                ROW_BYTES=w_cols // 2, EXPERT_BYTES=packed.shape[1], E=num_experts,
+                                E_POW2=triton.next_power_of_2(num_experts), IEEE=x.dtype == torch.float32, BM=bm,
+                                BNB=bnb, BK=bk, SPLIT_K=split, K_SPLIT=k // split,
+                                BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX,
+                                num_warps=num_warps, **extra)
+    if not gated:
+        return acc.to(x.dtype)
+    g, u = acc.to(x.dtype).chunk(2, dim=-1)
+    return torch.nn.functional.silu(g) * u

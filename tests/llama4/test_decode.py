@@ -65,11 +65,13 @@ def test_dequantize_kernel_matches_bitsandbytes_exactly():
 @pytest.mark.parametrize("counts", [[1, 0, 0, 0], [0, 3, 0, 2], [5, 17, 0, 1], [0, 0, 0, 0], [33, 1, 1, 1],
                                     [0, 0, 0, 7]])
 @pytest.mark.parametrize("gated", [False, True])
-def test_moe_matmul_matches_dequantize_then_matmul(counts, gated):
+@pytest.mark.parametrize("blocks", [None, (16, 16, 16, 4)])  # default tiles; K split over 4 programs (atomics)
+def test_moe_matmul_matches_dequantize_then_matmul(counts, gated, blocks):
     k, n = 64, 64
     packed, absmax, w = quantized(4, k, 2 * n if gated else n, seed=sum(counts) + gated)
     x = torch.randn(sum(counts), k, generator=torch.Generator().manual_seed(7))
-    out = kernels.nf4_moe_matmul(x, torch.tensor(counts), packed, absmax, code(), k=k, n_out=n, gated=gated)
+    out = kernels.nf4_moe_matmul(x, torch.tensor(counts), packed, absmax, code(), k=k, n_out=n, gated=gated,
+                                 blocks=blocks)
     ref, start = [], 0
     for e, c in enumerate(counts):
         y = x[start:start + c] @ w[e]
