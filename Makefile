@@ -56,7 +56,7 @@ lab: $(STAMP) ## open JupyterLab on notebooks/ with the project's environment
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab notebooks/
 
 bench: $(STAMP) ## Scout-shaped QLoRA benchmark on a GPU (results in outputs/bench/)
-	$(BIN)/python -m medtune.llama4.bench
+	$(BIN)/python -m medtune.bench
 
 strip: $(STAMP) ## strip outputs from the source notebooks
 	$(BIN)/nbstripout --keep-id notebooks/*.ipynb

@@ -1,4 +1,4 @@
-"""Triton NF4 dequantize (medtune.llama4._nf4_dequantize_triton) vs bitsandbytes' CUDA kernel, on the GPU box.
+"""Triton NF4 dequantize (medtune.llama4.kernels.nf4_dequantize) vs bitsandbytes' CUDA kernel, on the GPU box.
 
 ``python scripts/device/check_triton_dequant.py OUTDIR``: one Scout-shaped layer of NF4 experts (16 x 5120 x 16384
 gate_up, 16 x 8192 x 5120 down), without and with double quant, fresh random weights: bit-identical outputs (all

@@ -134,7 +134,7 @@ def sweep(experts):
 
 
 def greedy_equality():
-    from medtune.llama4.bench import build_model
+    from medtune.bench.models import build_model
 
     model, _ = build_model(2, "medtune")
     model.eval()

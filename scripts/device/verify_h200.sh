@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.txt"
 python3 -c "import torch, transformers, peft, trl, bitsandbytes, datasets, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bitsandbytes', bitsandbytes.__version__, 'datasets', datasets.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
 date -u +%FT%TZ | tee -a "$out/env.txt"
-timeout "${BENCH_S:-360}" python3 -m medtune.llama4.bench --tokens 4096 --layers 1 3 --steps 3 --full 48 --full-steps 3 \
+timeout "${BENCH_S:-360}" python3 -m medtune.bench --tokens 4096 --layers 1 3 --steps 3 --full 48 --full-steps 3 \
   --no-profile --out "$out/bench" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
 timeout "${PIPELINE_S:-180}" python3 scripts/device/pipeline_gpu.py "$out/pipeline" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$out/pipeline.log"

@@ -390,7 +390,7 @@ def test_lora_library_rejection_names_section():
     [
         ("sft", "learning_rate", "1e-4", "'sft.learning_rate' must be float, got '1e-4' (str) (YAML reads 1e-4 as text: write 1.0e-4)"),
         ("sft", "max_length", "x", "'sft.max_length' must be int or null, got 'x'"),
-        ("sft", "activation_checkpointing", "yes", "'sft.activation_checkpointing' must be bool | None"),
+        ("sft", "activation_checkpointing", "yes", "'sft.activation_checkpointing' must be bool or null"),
         ("lora", "r", "64", "'lora.r' must be int, got '64' (str) (remove the quotes)"),
     ],
 )

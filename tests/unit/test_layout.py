@@ -23,6 +23,7 @@ MAY_IMPORT = {
     "llama4": {"llama4", "compat"},
     "stages": {"settings", "io", "stages", "evaluation", "llama4", "compat"},
     "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "compat"},
+    "bench": {"bench", "llama4", "evaluation", "compat"},
     "pipeline": {"settings"},
 }
 

@@ -1,6 +1,6 @@
 """Scout-shaped generation and log-likelihood benchmark on one GPU: medtune's decode path vs ``model.generate``.
 
-``python -m medtune.llama4.bench --generate`` (see :func:`run`). The model is ``bench.build_model(layers,
+``python -m medtune.bench --generate`` (see :func:`run`). The model is ``models.build_model(layers,
 "medtune")``: Scout's text config, random weights, bitsandbytes NF4 Linears, NF4 routed experts, sparse top-1
 dispatch, bf16 LM head. Measured in one run:
 
@@ -25,6 +25,8 @@ import time
 import torch
 
 from medtune import llama4 as l4
+from medtune.bench.models import LORA_TARGETS, build_model, environment
+from medtune.evaluation.batching import auto_batch_size
 from medtune.llama4 import decode
 
 GIB = 2**30
@@ -149,8 +151,6 @@ def add_lora(model):
     """LoRA r=64/alpha=16 on the seven projections, as 05 trains it; PEFT keeps it unmerged (06's setting)."""
     from peft import LoraConfig, get_peft_model
 
-    from medtune.llama4.bench import LORA_TARGETS
-
     lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
     for name, p in model.named_parameters():  # a trained adapter has B != 0: make the LoRA path do real work
@@ -186,9 +186,6 @@ def to_markdown(res: dict) -> str:
 def run(*, layers: int = 48, batches=(1, 8, 32), prompt: int = 256, new: int = 256, baseline_new: int = 16,
         baseline_batches=(1, 32), lora_batches=(1, 32), ll_tokens: int = 300, ll_batches=(2, 8, 32, 64)) -> dict:
     """The whole benchmark (module doc); returns the results dict (``to_markdown`` renders it)."""
-    from medtune.evaluation.batching import auto_batch_size
-    from medtune.llama4.bench import build_model, environment
-
     res = dict(environment=environment(), layers=layers, prompt=prompt, ll_tokens=ll_tokens, decode=[], loglik=[])
     try:
         import triton

@@ -1,0 +1,100 @@
+"""``python -m medtune.bench``: the Scout-shaped benchmarks on one GPU.
+
+Training (default; :mod:`medtune.bench.training`): ``python -m medtune.bench --tokens 2048 4096 --layers 1 3``.
+Generation and log-likelihood (:mod:`medtune.bench.generation`): ``python -m medtune.bench --generate``.
+Results go to ``--out`` (default outputs/bench/) as JSON and markdown, and the markdown is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from medtune import llama4 as l4
+from medtune.bench import generation, training
+from medtune.bench.models import add_lora_and_head, build_model, environment, free
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--layers", type=int, nargs=2, default=[1, 3], help="two model depths for per-layer time")
+    parser.add_argument("--setups", nargs="+", default=["walkthrough", "medtune"])
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--full", type=int, default=48, help="layers of the full model (0: skip)")
+    parser.add_argument("--full-steps", type=int, default=3)
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("outputs/bench"))
+    parser.add_argument("--generate", action="store_true",
+                        help="the generation and log-likelihood benchmark instead (medtune.bench.generation)")
+    parser.add_argument("--gen-layers", type=int, default=48)
+    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--gen-prompt", type=int, default=256)
+    parser.add_argument("--gen-new", type=int, default=256)
+    parser.add_argument("--gen-baseline-new", type=int, default=16)
+    parser.add_argument("--gen-baseline-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--gen-lora-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--ll-batches", type=int, nargs="*", default=[2, 8, 32, 64])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("medtune.bench needs a CUDA GPU")
+    if args.generate:
+        res = generation.run(layers=args.gen_layers, batches=args.gen_batches, prompt=args.gen_prompt,
+                                 new=args.gen_new, baseline_new=args.gen_baseline_new,
+                                 baseline_batches=args.gen_baseline_batches, lora_batches=args.gen_lora_batches,
+                                 ll_batches=args.ll_batches)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "generate.json").write_text(json.dumps(res, indent=2, default=str))
+        md = generation.to_markdown(res)
+        (args.out / "generate.md").write_text(md)
+        print(md)
+        return res
+
+    res = dict(environment=environment(), args={k: str(v) for k, v in vars(args).items()}, per_layer=[], full=[])
+    l1, l2 = args.layers
+    for setup in args.setups:
+        for tokens in args.tokens:
+            runs = {}
+            for n in (l1, l2):
+                model, layer_gib = build_model(n, setup)
+                model = add_lora_and_head(model)
+                runs[n] = training.time_training(model, tokens, steps=args.steps, warmup=args.warmup)
+                del model
+                free()
+                print(setup, tokens, n, runs[n], flush=True)
+            per_layer = (runs[l2]["step_ms"] - runs[l1]["step_ms"]) / (l2 - l1)
+            projected = runs[l1]["step_ms"] + (48 - l1) * per_layer
+            res["per_layer"].append(dict(setup=setup, tokens=tokens, layer_gib=layer_gib, ms_per_layer=per_layer,
+                                         peak_gib=runs[l2]["peak_gib"], projected_step_ms=projected,
+                                         projected_tokens_per_s=tokens / projected * 1e3, runs=runs))
+    if not args.no_profile:
+        res["profile"] = dict(tokens=max(args.tokens), **training.profile_layer(max(args.tokens)))
+    if args.full:
+        for dq in (False, True):
+            torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            model, _ = build_model(args.full, "medtune", double_quant=dq)
+            build_s = time.perf_counter() - t0
+            weights = l4.weights_gib(model)
+            model = add_lora_and_head(model)
+            run = training.time_training(model, max(args.tokens), steps=args.full_steps, warmup=1)
+            res["full"].append(dict(double_quant=dq, tokens=max(args.tokens), layers=args.full, weights_gib=weights,
+                                    build_s=build_s, **run))
+            print("full", res["full"][-1], flush=True)
+            del model
+            free()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(res, indent=2))
+    md = training.to_markdown(res)
+    (args.out / "results.md").write_text(md)
+    print(md)
+    return res
+
+
+if __name__ == "__main__":
+    main()

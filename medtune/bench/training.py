@@ -1,0 +1,159 @@
+"""Scout-shaped QLoRA benchmark on one GPU: the walkthrough's setup vs medtune's, side by side.
+
+``python -m medtune.bench --tokens 2048 4096 --layers 1 3 --out outputs/bench``
+
+Models are built from Llama 4 Scout's text config (``medtune.llama4.SCOUT_TEXT_DIMS``: hidden 5120, expert dim
+8192, 16 experts top-1, 40 heads, 8 KV heads, head dim 128, vocab 202,048) with random weights (normal, std
+0.02; nothing downloaded), one decoder layer at a time on the GPU: each layer is made in bf16, its ``nn.Linear``
+layers are converted to bitsandbytes ``Linear4bit`` (NF4, bf16 compute, as the walkthrough's
+``BitsAndBytesConfig``) and then, for medtune, its routed experts to NF4 (:class:`medtune.llama4.Llama4NF4Experts`)
+with sparse dispatch; the bf16 whole never exists. Embedding and LM head stay bf16 (bitsandbytes skips
+``lm_head``).
+
+Setups:
+- ``walkthrough``: bnb 4-bit Linears, bf16 routed experts, transformers' dense dispatch.
+- ``medtune``: bnb 4-bit Linears, NF4 routed experts (one dequantize call per projection, grouped GEMM, skipped in the
+  checkpoint recompute: :mod:`medtune.llama4`), sparse top-k dispatch.
+Both: LoRA r=64, alpha=16, dropout 0 on q/k/v/o_proj + shared expert gate/up/down_proj (PEFT), gradient
+checkpointing, bf16 autocast, TRL's fused LM head and loss (what ``SFTTrainer`` runs), AdamW (torch, fused) on the
+LoRA parameters, one sequence of ``--tokens`` tokens per step.
+
+Measured: weights GiB per decoder layer; peak GiB (``torch.cuda.max_memory_allocated``) and resident GiB after the
+last step (weights, LoRA parameters, optimizer state); step time (median of
+``--steps`` after ``--warmup``), per layer from the ``--layers`` pair (t(L2) - t(L1)) / (L2 - L1), projected to 48
+layers as t(L1) + (48 - L1) * per-layer; tokens/s = tokens / step time. Then the full 48-layer medtune model
+(with and without double quant) at the largest ``--tokens``: peak GiB and tokens/s from real optimizer steps.
+Writes ``results.json`` and ``results.md`` under ``--out`` and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+
+from medtune.bench.models import GIB, add_lora_and_head, build_model, free
+
+
+def time_training(model, tokens: int, *, steps: int, warmup: int) -> dict:
+    """Optimizer steps on one random ``tokens``-long sequence. Returns step ms (median), tokens/s, loss, peak GiB
+    (``max_memory_allocated``), resident GiB after the last step (weights + LoRA parameters + optimizer state;
+    gradients are freed), optimizer state GiB, trainable parameters (count and GiB)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
+    ids = torch.randint(0, 202048, (1, tokens), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    times, losses = [], []
+    for step in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if step >= warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    ms = statistics.median(times) * 1e3
+    state_bytes = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                      if isinstance(t, torch.Tensor))
+    return dict(step_ms=ms, tokens_per_s=tokens / ms * 1e3, loss_first=losses[0], loss_last=losses[-1],
+                peak_gib=torch.cuda.max_memory_allocated() / GIB,
+                resident_gib=torch.cuda.memory_allocated() / GIB, optimizer_state_gib=state_bytes / GIB,
+                trainable_gib=sum(p.numel() * p.element_size() for p in params) / GIB,
+                trainable_params=sum(p.numel() for p in params))
+
+
+def profile_layer(tokens: int) -> dict:
+    """ms of forward + backward (w.r.t. inputs and LoRA) of the parts of one medtune decoder layer at ``tokens``
+    (attention with its LoRA, shared expert with its LoRA, routed experts NF4 sparse, router) and of the
+    embedding + LM head + loss, measured separately with CUDA sync; each the median of 5 after 2 warm-ups."""
+    model = add_lora_and_head(build_model(1, "medtune")[0])
+    layer = model.base_model.model.model.layers[0]
+    x = torch.randn(1, tokens, 5120, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    pos = torch.arange(tokens, device="cuda")[None]
+    rope = model.base_model.model.model.rotary_emb(x, pos)
+    moe = layer.feed_forward
+    h = x.reshape(-1, 5120)
+
+    def routed():
+        scores, logits = moe.router(h)
+        idx = torch.topk(logits, 1, dim=1).indices
+        order = idx.reshape(-1).argsort(stable=True)
+        counts = torch.zeros(16, dtype=torch.int64, device=h.device).scatter_add_(0, idx.reshape(-1),
+                                                                                    torch.ones_like(idx.reshape(-1)))
+        return moe.experts(h[order] * scores.gather(1, idx)[order], counts)
+
+    parts = {
+        "attention": lambda: layer.self_attn(hidden_states=x, position_embeddings=rope, attention_mask=None)[0],
+        "shared_expert": lambda: moe.shared_expert(h),
+        "routed_experts": routed,
+        "whole_layer": lambda: layer(x, position_embeddings=rope, attention_mask=None),
+    }
+    out = {}
+    for name, fn in parts.items():
+        ts = []
+        for i in range(7):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fn()
+            y.float().square().mean().backward()
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+            x.grad = None
+        out[name] = statistics.median(ts[2:]) * 1e3
+    ids = torch.randint(0, 202048, (1, tokens), device="cuda")
+    base = model.base_model.model
+    hid = torch.randn(1, tokens, 5120, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ts = []
+    for i in range(7):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = base.lm_head(hid)
+            loss = nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+        loss.backward()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    out["lm_head_and_loss_unfused"] = statistics.median(ts[2:]) * 1e3
+    del model, layer, moe, base
+    free()
+    return out
+
+
+def to_markdown(res: dict) -> str:
+    env = res["environment"]
+    lines = [f"# Scout-shaped QLoRA benchmark, one {env['gpu']}", "",
+             f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
+             f"bitsandbytes {env['bitsandbytes']}. Random weights from Scout's text config; LoRA r=64/alpha=16 on "
+             "q/k/v/o/gate/up/down_proj; gradient checkpointing; TRL fused LM head; one sequence per step. "
+             f"NF4 experts dequantized {env.get('nf4_dequant_group', 1)} per call; routed experts skipped in the "
+             f"checkpoint recompute: {env.get('skip_recompute', False)}.", "",
+             "## Per decoder layer (from 1- and 3-layer models) and projected to 48 layers", "",
+             "| setup | tokens | weights GiB/layer | ms/layer | peak GiB (largest model) | projected 48-layer tokens/s |",
+             "|---|---|---|---|---|---|"]
+    for r in res["per_layer"]:
+        lines.append(f"| {r['setup']} | {r['tokens']:,} | {r['layer_gib']:.2f} | {r['ms_per_layer']:.1f} | "
+                     f"{r['peak_gib']:.1f} | {r['projected_tokens_per_s']:,.0f} |")
+    if res.get("full"):
+        lines += ["", "## Full 48-layer Scout-shaped model, medtune setup, real optimizer steps", "",
+                  "| double quant | tokens | weights GiB | resident GiB | peak GiB | step s | tokens/s | "
+                  "loss first → last |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in res["full"]:
+            lines.append(f"| {r['double_quant']} | {r['tokens']:,} | {r['weights_gib']:.1f} | "
+                         f"{r.get('resident_gib', float('nan')):.1f} | {r['peak_gib']:.1f} | "
+                         f"{r['step_ms'] / 1e3:.2f} | {r['tokens_per_s']:,.0f} | "
+                         f"{r['loss_first']:.3f} → {r['loss_last']:.3f} |")
+    if res.get("profile"):
+        lines += ["", f"## Where one medtune layer's time goes ({res['profile']['tokens']:,} tokens, fwd+bwd, ms)",
+                  "", "| part | ms |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in res["profile"].items() if k != "tokens"]
+    return "\n".join(lines) + "\n"
