@@ -64,9 +64,9 @@ def step_bytes(model, batch: int, context: int) -> dict:
     for m in model.modules():
         if isinstance(m, bnb.nn.Linear4bit):
             linear += m.weight.numel() * m.weight.element_size() + m.weight.quant_state.absmax.numel() * 4
-        elif isinstance(m, l4.Llama4NF4Experts):
+        elif isinstance(m, l4.Llama4NF4Experts):  # one expert of one layer (all layers alike)
             experts_per_layer = m.num_experts
-            expert += sum(b.numel() * b.element_size() for b in m.buffers()) / m.num_experts
+            expert = sum(b.numel() * b.element_size() for b in m.buffers()) / m.num_experts
     lm_head = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     moe_layers = sum(isinstance(m, l4.Llama4NF4Experts) for m in model.modules())
     touched = experts_per_layer * (1 - (1 - 1 / experts_per_layer) ** batch) if experts_per_layer else 0
@@ -165,7 +165,8 @@ def to_markdown(res: dict) -> str:
     lines = [f"# Scout-shaped generation benchmark, one {env['gpu']}", "",
              f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"bitsandbytes {env['bitsandbytes']}, triton {env.get('triton')}. {res['layers']} layers, random weights, "
-             f"greedy, {res['prompt']}-token prompts. Copy bandwidth measured: {bw:.2f} TB/s.", "",
+             f"greedy, {res['prompt']}-token prompts. Copy bandwidth measured: {bw:.2f} TB/s. Fused NF4 expert kernel up to "
+             f"{env.get('fused_max_rows')} rows per layer, above that all experts dequantized + grouped GEMM.", "",
              "## Decode", "",
              "| path | batch | new tokens | tokens/s (total) | ms/step | limit tokens/s | share of limit | "
              "prefill s | peak GiB |",
@@ -193,6 +194,7 @@ def run(*, layers: int = 48, batches=(1, 8, 32), prompt: int = 256, new: int = 2
         res["environment"]["triton"] = triton.__version__
     except ImportError:
         pass
+    res["environment"]["fused_max_rows"] = l4.Llama4NF4Experts.fused_max_rows
     res["copy_bandwidth"] = copy_bandwidth()
     model, _ = build_model(layers, "medtune")
     model.eval()

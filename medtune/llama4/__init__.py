@@ -360,11 +360,14 @@ class Llama4NF4Experts(nn.Module):
 
     dequant_group: int | None = None  # experts per dequantize call; None = all (fewest calls, most memory)
     triton_dequant: bool = os.environ.get("MEDTUNE_NF4_TRITON", "1") != "0"  # CUDA: Triton kernel, else bitsandbytes
-    # inference on few rows (decoding, small batches): multiply straight from the packed bytes, reading only the
-    # experts that have rows. "auto": on CUDA up to ``fused_max_rows`` rows; "always": any device and size (on the
-    # CPU through Triton's interpreter: tests); "off": never. Env MEDTUNE_NF4_FUSED sets the default.
+    # inference (no gradient): "auto": on CUDA up to ``fused_max_rows`` rows multiply straight from the packed bytes
+    # (fused kernel, only the experts that have rows), above that dequantize all experts + grouped GEMM without a
+    # host sync (:meth:`grouped_forward`); both can be captured in a CUDA graph. "always": the fused kernel on any
+    # device and size (on the CPU through Triton's interpreter: tests). "off": the training path (per-expert
+    # dequantize for few rows, reading the counts on the host), as before the decode work. Env MEDTUNE_NF4_FUSED
+    # and MEDTUNE_NF4_FUSED_MAX_ROWS set the defaults; the crossover is measured by scripts/device/decode_gpu.py.
     fused: str = os.environ.get("MEDTUNE_NF4_FUSED", "auto")
-    fused_max_rows: int = 256
+    fused_max_rows: int = int(os.environ.get("MEDTUNE_NF4_FUSED_MAX_ROWS", "1"))
 
     def __init__(
         self,
@@ -540,6 +543,8 @@ class Llama4NF4Experts(nn.Module):
             out = self.fused_forward(x, counts_t)
             if out is not None:
                 return out.to(hidden_states.dtype)
+        if self._inference_grouped(x, counts):
+            return self.grouped_forward(x, counts).to(hidden_states.dtype)
         if not isinstance(counts, torch.Tensor):
             counts = tuple(int(c) for c in counts)
         return _NF4ExpertsFunction.apply(x, self, counts, bool(output_needed)).to(hidden_states.dtype)
@@ -551,6 +556,23 @@ class Llama4NF4Experts(nn.Module):
         if self.fused == "auto" and not (x.is_cuda and x.shape[0] <= self.fused_max_rows):
             return False
         return self.hidden_act == "silu" and kernels.available()
+
+    def _inference_grouped(self, x: torch.Tensor, counts) -> bool:
+        """Inference on CUDA bf16 (sm90+) with device counts: :meth:`grouped_forward` (no host sync)."""
+        return (self.fused != "off" and isinstance(counts, torch.Tensor) and _grouped_mm_ok(x)
+                and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def grouped_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Inference without a host sync: every expert of a projection dequantized in one call, then
+        ``torch._grouped_mm`` over the rows sorted by expert (offsets from the device ``counts``), so a decode step
+        can be captured in a CUDA graph. x (N, H) in ``compute_dtype`` -> (N, H). Training keeps
+        :class:`_NF4ExpertsFunction`, which with few rows per expert dequantizes only the experts that have rows
+        (reading the counts on the host)."""
+        offs = _offsets(counts, x.device)
+        g, u = torch._grouped_mm(x, self.dequantize_experts("gate_up"), offs=offs).chunk(2, dim=-1)
+        h = self.act_fn(g) * u
+        del g, u
+        return torch._grouped_mm(h, self.dequantize_experts("down"), offs=offs)
 
     def fused_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
         """Both projections straight from the packed NF4 bytes (:func:`medtune.llama4.kernels.nf4_moe_matmul`):

@@ -144,14 +144,15 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
 def pick_blocks(k: int, n_cols: int, rows: int) -> tuple[int, int, int, int] | None:
     """Tile sizes (BM, BNB, BK, SPLIT_K) for :func:`nf4_moe_matmul`, or None when the shape does not tile (then
     use the dequantize path). BM: rows per tile, 16 (``tl.dot``'s smallest) up to 64; BNB: packed bytes per weight
-    row and tile (2 BNB output columns), 64 so a warp reads whole 32-byte sectors; BK: weight rows per step;
+    row and tile (2 BNB output columns); BK: weight rows per step;
     SPLIT_K: programs that share one output tile's K range, summed with atomics, so that a single token still
     spreads one expert over the whole GPU (Scout's gate_up at batch 1: 16,384 / 128 column tiles x 8 splits).
     Tiles must divide K and the columns exactly (no masks on the weight loads). Defaults from the H100 sweep in
     scripts/device/decode_gpu.py (docs/bench-h200.md)."""
     bm = 16 if rows <= 16 else 32 if rows <= 64 else 64
-    bnb = next((b for b in (64, 32, 16) if (n_cols // 2) % b == 0 and n_cols % 2 == 0), None)
-    bk = next((b for b in (64, 32, 16) if k % b == 0), None)
+    want_bnb = 64 if rows <= 16 else 32
+    bnb = next((b for b in (want_bnb, 32, 16) if (n_cols // 2) % b == 0 and n_cols % 2 == 0), None)
+    bk = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
     if bnb is None or bk is None:
         return None
     split = next(s for s in (8, 4, 2, 1) if k % (s * bk) == 0)
@@ -202,6 +203,9 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     if blocks is None:
         return None
     bm, bnb, bk, split = blocks
+    if k % (split * bk) or (w_cols // 2) % bnb or bm < 16 or bnb < 16 or bk < 16:
+        raise ValueError(f"blocks {blocks} do not tile a {k}x{w_cols} matrix: need K % (SPLIT_K * BK) == 0, "
+                         f"(columns / 2) % BNB == 0 and every tile dimension >= 16")
     acc = torch.zeros(x.shape[0], w_cols, dtype=torch.float32, device=x.device)
     if x.shape[0]:
         grid = (triton.cdiv(x.shape[0], bm) + num_experts, w_cols // 2 // bnb, split)

@@ -91,6 +91,9 @@ def test_moe_matmul_rejects_wrong_shapes():
     with pytest.raises(ValueError, match="x must be"):
         kernels.nf4_moe_matmul(torch.randn(3, 32), torch.tensor([1, 2]), packed, absmax, code(), k=64, n_out=64,
                                gated=False)
+    with pytest.raises(ValueError, match="do not tile a 64x64 matrix"):  # K 64 is no multiple of 4 x 64
+        kernels.nf4_moe_matmul(torch.randn(3, 64), torch.tensor([1, 2]), packed, absmax, code(), k=64, n_out=64,
+                               gated=False, blocks=(16, 16, 64, 4))
     with pytest.raises(ValueError, match="do not hold 2 NF4 matrices of 64x128"):
         kernels.nf4_moe_matmul(torch.randn(3, 64), torch.tensor([1, 2]), packed, absmax, code(), k=64, n_out=64,
                                gated=True)
