@@ -194,3 +194,32 @@ def test_kv_cache_bytes_scout():
     with torch.device("meta"):
         model = Llama4ForCausalLM(l4.scout_text_config(num_hidden_layers=48))
     assert decode.kv_cache_bytes(model, 1) == 2 * 48 * 8 * 128 * 2 == 196_608
+
+
+def test_greedy_decode_on_the_multimodal_class_matches_generate():
+    """04/06 load Scout as ``Llama4ForConditionalGeneration``: the static-cache path works through its forward (the
+    mask mapping passes to the language model) and gives ``generate``'s greedy tokens, with a PEFT LoRA adapter
+    (unmerged, B != 0) on the attention and shared-expert projections as 06 runs it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    torch.manual_seed(8)
+    text = tiny_text(vocab_size=256, intermediate_size=64)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                  vision_output_dim=64, image_size=56, patch_size=14, projector_input_dim=64, projector_output_dim=64)
+    model = Llama4ForConditionalGeneration(Llama4Config(text_config=text.to_dict(), vision_config=vision)).eval()
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    l4.prepare_llama4_for_qlora(model, compute_dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    model = get_peft_model(model, lora).eval()
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.3)
+    ids = torch.randint(1, 256, (2, 6), generator=torch.Generator().manual_seed(9))
+    mask = torch.ones_like(ids)
+    ids[1, :2], mask[1, :2] = 0, 0
+    new = decode.greedy_decode(model, ids, mask, max_new_tokens=24, eos_token_ids=[255], pad_token_id=0)
+    want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=255,
+                          pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(new, want)
