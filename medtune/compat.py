@@ -30,6 +30,18 @@ Upstream: no issue or PR for either Llama 4 case was found (searched the GitHub 
 TRL's own code carries the same ``num_experts`` workaround for GPT-OSS (trl issue #5754), which is how (b) was
 recognised.
 
+bitsandbytes 0.50.2 4-bit Linears on CPUs with AVX512-BF16 (seen 2026-12-06, bitsandbytes 0.50.2, torch 2.13.0 CPU)
+======================================================================================================
+``Linear4bit.forward`` on such a CPU, in eval mode without gradients, repacks the layer's NF4 weight in place into a
+CPU-kernel layout (``functional._convert_weight_packed_for_cpu``, flagged by ``quant_state.packing_format_for_cpu``)
+and never packs it back. A later training forward then multiplies with the repacked bytes: the smoke test's held-out
+loss went from 2.74 to 16.90 after 4 SFT steps that followed a held-out evaluation in the same process (it falls
+without the repacking), and Linears narrower than 64 inputs fail outright (absmax reshaped to ``[K, 0]``). Fix,
+per model instance: :func:`keep_cpu_4bit_weights_unpacked` turns the repacking off
+(``support_avx512bf16_for_cpu = False``), so CPU inference uses bitsandbytes' generic 4-bit path, as on CPUs
+without AVX512-BF16. Upstream: not reported as of 2026-12-06 (bitsandbytes' issues corpus searched for
+"packing_format_for_cpu").
+
 Note on the loss: with (b) fixed, TRL adds Mixtral's softmax load-balancing loss x 0.001 to the SFT loss of a
 Llama 4 model (whose router is a sigmoid top-1). transformers' own ``Llama4ForCausalLM.forward`` adds no
 auxiliary loss, nor did the walkthrough's trainer. Pass ``SFTConfig(router_aux_loss_coef=0.0)`` to train on the
@@ -45,7 +57,8 @@ from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llam
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_llama4_trl_fixes", "Llama4MultimodalBackbone", "cpu_adapters_in_compute_dtype"]
+__all__ = ["apply_llama4_trl_fixes", "Llama4MultimodalBackbone", "cpu_adapters_in_compute_dtype",
+           "keep_cpu_4bit_weights_unpacked"]
 
 # Llama4TextConfig.attribute_map as transformers ships it, kept so that tests can show the bug without the fix.
 ORIGINAL_LLAMA4_TEXT_ATTRIBUTE_MAP: dict[str, str] = dict(Llama4TextConfig.attribute_map)
@@ -198,5 +211,25 @@ def cpu_adapters_in_compute_dtype(trainer) -> int:
     for p in params:
         if p.dtype == torch.bfloat16:
             p.data = p.data.to(target)
+            n += 1
+    return n
+
+
+def keep_cpu_4bit_weights_unpacked(model) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights in place on CPUs with AVX512-BF16 (module doc); in place.
+
+    Args:
+        model: any model (PEFT-wrapped or not); its ``bitsandbytes.nn.Linear4bit`` modules are changed.
+
+    Returns:
+        The number of Linear4bit modules whose repacking was on and is now off (0 on other CPUs, and on a second
+        call).
+    """
+    import bitsandbytes as bnb
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
             n += 1
     return n

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from medtune.compat import keep_cpu_4bit_weights_unpacked
 from medtune.settings import config as _config
 
 GIB = 2**30
@@ -207,6 +208,7 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
             path, quantization_config=bnb, device_map=device_map(cfg), dtype=dtype, revision=cfg.model_revision,
             token=_token(),
         )
+    keep_cpu_4bit_weights_unpacked(model)  # bitsandbytes' in-place CPU repacking breaks a later training step
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if adapter is None:
