@@ -8,14 +8,17 @@ transient buffer that does not (a whole projection of NF4 routed experts, dequan
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from medtune.llama4 import Llama4NF4Experts
 from medtune.llama4.decode import kv_cache_bytes
 
-__all__ = ["ACTIVATION_SHARE", "auto_batch_size", "bytes_per_token"]
+__all__ = ["ACTIVATION_SHARE", "LOGIT_BYTES", "auto_batch_size", "bytes_per_token"]
 
 ACTIVATION_SHARE = 0.6  # of the free memory; the rest absorbs allocator fragmentation and the estimate's error
+LOGIT_BYTES = 2 + 4 + 4  # per vocabulary entry and kept position: bf16 logits, .float() copy, log-softmax
 
 
 def _text_config(model):
@@ -44,7 +47,7 @@ def _fixed_bytes(model) -> int:
 
 
 def auto_batch_size(model, seq_len: int, *, free_bytes: int | None = None, limit: int = 64,
-                    share: float = ACTIVATION_SHARE) -> int:
+                    share: float = ACTIVATION_SHARE, full_logits: bool = False) -> int:
     """Sequences of ``seq_len`` tokens per batch that fit ``share`` of the free GPU memory.
 
     Args:
@@ -53,20 +56,30 @@ def auto_batch_size(model, seq_len: int, *, free_bytes: int | None = None, limit
         free_bytes: free device memory in bytes; default ``torch.cuda.mem_get_info()`` of the model's device.
         limit: the most sequences per batch (also the answer when the memory would allow more).
         share: fraction of the free memory to plan for.
+        full_logits: the caller keeps logits for every position (held-out loss): add ``LOGIT_BYTES`` bytes per
+            vocabulary entry and token (bf16 logits, their float32 copy, float32 log-softmax). Scoring and
+            generation keep a few positions (``logits_to_keep``) and leave it False.
 
     Returns:
         An int in [1, ``limit``].
 
     Raises:
-        ValueError: ``seq_len`` < 1 or ``limit`` < 1; no ``free_bytes`` given and the model is not on a GPU.
+        ValueError: ``seq_len`` or ``limit`` not a whole number >= 1; ``free_bytes`` negative or not finite; no
+            ``free_bytes`` given and the model is not on a GPU.
     """
-    if seq_len < 1 or limit < 1:
-        raise ValueError(f"seq_len and limit must be >= 1, got {seq_len} and {limit}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1 \
+            or isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"seq_len and limit must be whole numbers >= 1, got {seq_len!r} and {limit!r}")
     if free_bytes is None:
         device = next(p for p in model.parameters()).device
         if device.type != "cuda":
             raise ValueError("auto_batch_size: the model is not on a GPU; pass free_bytes or a fixed batch size")
         free_bytes = torch.cuda.mem_get_info(device)[0]
+    if not math.isfinite(free_bytes) or free_bytes < 0:
+        raise ValueError(f"free_bytes must be a finite number of bytes >= 0, got {free_bytes!r}")
+    per_token = bytes_per_token(model)
+    if full_logits:
+        per_token += LOGIT_BYTES * _text_config(model).vocab_size
     budget = free_bytes * share - _fixed_bytes(model)
-    fit = int(budget // (seq_len * bytes_per_token(model)))
+    fit = int(budget // (seq_len * per_token))
     return max(1, min(limit, fit))

@@ -39,15 +39,21 @@ def progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, file=sys.stdout, mininterval=2.0, ascii=True)
 
 
-def resolve_batch_size(batch_size: int | str, model, seq_len: int, items: int) -> int:
+def resolve_batch_size(batch_size: int | str, model, seq_len: int, items: int, *, full_logits: bool = False) -> int:
     """``batch_size`` as a number: an int as it is; ``"auto"`` on a GPU as many sequences of ``seq_len`` tokens as
-    the free memory holds (:func:`medtune.evaluation.batching.auto_batch_size`, at most ``items``), on the CPU
-    ``CPU_BATCH_SIZE`` (memory is rarely the limit there; time is)."""
+    the free memory holds (:func:`medtune.evaluation.batching.auto_batch_size`, at most ``items``; ``full_logits``
+    when every position's logits are kept), on the CPU ``CPU_BATCH_SIZE`` (memory is rarely the limit there; time is).
+
+    Raises:
+        ValueError: ``batch_size`` is neither a whole number >= 1 nor ``"auto"``.
+    """
     if batch_size != "auto":
-        return int(batch_size)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch size must be a whole number >= 1 or 'auto', got {batch_size!r}")
+        return batch_size
     if _device(model).type != "cuda":
         return min(CPU_BATCH_SIZE, max(items, 1))
-    return auto_batch_size(model, seq_len, limit=max(items, 1))
+    return auto_batch_size(model, max(seq_len, 1), limit=max(items, 1), full_logits=full_logits)
 
 
 CPU_BATCH_SIZE = 4  # "auto" on the CPU: the batch the default profile has always used
@@ -153,7 +159,8 @@ def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", b
             if max_length:
                 full, labels = full[:max_length], labels[:max_length]
             seqs.append((full, labels))
-        size = resolve_batch_size(batch_size, model, max((len(f) for f, _ in seqs), default=1), len(seqs))
+        size = resolve_batch_size(batch_size, model, max((len(f) for f, _ in seqs), default=1), len(seqs),
+                                  full_logits=True)
         if batch_size == "auto":  # similar lengths together; the sums below do not depend on the order
             seqs.sort(key=lambda s: -len(s[0]))
         batches = [seqs[i:i + size] for i in range(0, len(seqs), size)]

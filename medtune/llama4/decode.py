@@ -56,6 +56,13 @@ def fits_static_cache(model, total_len: int) -> bool:
     return chunk is None or total_len <= chunk
 
 
+def _accepts_mask_mapping(model) -> bool:
+    """Llama 4 (bare or PEFT-wrapped): its text model takes the ``{layer type: 4-D mask}`` mapping built here."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(getattr(model, "config", None), "model_type", None) in ("llama4", "llama4_text")
+
+
 def _masks(kv_valid: torch.Tensor, q_pos: torch.Tensor, chunk: int | None) -> dict[str, torch.Tensor]:
     """Boolean attention masks (B, 1, Q, L), True = attend, for query cache positions ``q_pos`` (Q,) over the
     cache's L slots: causal, real keys only (``kv_valid`` (B, L)); the chunked kind also keeps keys in the query's
@@ -88,11 +95,13 @@ def greedy_decode(
 
     Args:
         model: a Llama 4 causal LM (``Llama4ForCausalLM``/``Llama4ForConditionalGeneration``, PEFT-wrapped or not),
-            in eval mode; any other model whose forward takes a ``{layer type: 4-D mask}`` mapping works too.
+            in eval mode.
         input_ids: (B, P) int64, left-padded, on the model's device.
-        attention_mask: (B, P) 0/1, 0 on the left padding.
+        attention_mask: (B, P) 0/1, 0 on the left padding; the last column is 1 in every row. A row of padding only
+            except its last token still decodes from that token.
         max_new_tokens: tokens to generate per sequence (>= 1).
-        eos_token_ids: ids that end a sequence (the EOS itself is kept in the output).
+        eos_token_ids: ids that end a sequence (the EOS itself is kept in the output); an int or a sequence, which
+            may be empty (then every sequence runs ``max_new_tokens``).
         pad_token_id: written after a sequence's EOS.
         cuda_graph: capture the decode step in a CUDA graph (CUDA only; ignored on the CPU).
         check_every: decode steps between host checks for "all sequences stopped".
@@ -103,16 +112,27 @@ def greedy_decode(
         in the columns never generated once all sequences stopped.
 
     Raises:
-        ValueError: ``max_new_tokens`` < 1, shapes differ, or P + max_new_tokens exceeds the attention chunk
+        ValueError: ``max_new_tokens`` or ``check_every`` < 1; shapes differ or are empty; the model is not Llama 4;
+            the batch is right-padded; ``pad_token_id`` is None; P + max_new_tokens exceeds the attention chunk
             (:func:`fits_static_cache`; use ``model.generate`` then).
     """
     from transformers import StaticCache
 
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+    if max_new_tokens < 1 or check_every < 1:
+        raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
-                         "must both be (batch, prompt length)")
+                         "must both be (batch, prompt length), neither empty")
+    if not _accepts_mask_mapping(model):
+        raise ValueError(f"greedy_decode serves Llama 4 models; {type(model).__name__} is not one: use model.generate")
+    real = attention_mask.bool()
+    if not bool(real[:, -1].all()):
+        raise ValueError("the batch is right-padded (attention_mask is 0 in the last column): tokenize with "
+                         "tokenizer.padding_side = 'left'")
+    if isinstance(eos_token_ids, int):
+        eos_token_ids = [eos_token_ids]
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: give the tokenizer's pad token id (Llama 4: <|finetune_right_pad|>)")
     batch, prompt_len = input_ids.shape
     total = prompt_len + max_new_tokens
     if not fits_static_cache(model, total):
@@ -130,7 +150,7 @@ def greedy_decode(
     first = out.logits[:, -1].argmax(-1)
     del out
 
-    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    eos = torch.tensor(list(eos_token_ids) or [-1], dtype=torch.long, device=device)  # -1: no token matches
     tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     tokens[:, 0] = first
     finished = (first[:, None] == eos[None]).any(-1)

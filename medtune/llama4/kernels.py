@@ -64,7 +64,7 @@ if triton is not None:
         tl.store(out_ptr + out_offs, vals, mask=out_offs < 2 * n_bytes)
 
     @triton.jit
-    def moe_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, stride_x, stride_out,
+    def moe_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, n_rows, stride_x, stride_out,
                           K: tl.constexpr, ROW_BYTES: tl.constexpr, EXPERT_BYTES: tl.constexpr,
                           E: tl.constexpr, E_POW2: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
                           BNB: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr,
@@ -74,7 +74,7 @@ if triton is not None:
         pid_k = tl.program_id(2)
         # which expert this row block belongs to, from the counts alone (no host sync, graph-capturable)
         eidx = tl.arange(0, E_POW2)
-        cnt = tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32)
+        cnt = tl.maximum(tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32), 0)
         nblk = (cnt + BM - 1) // BM
         cum = tl.cumsum(nblk, 0)
         e = tl.sum((cum <= pid_m).to(tl.int32), 0)
@@ -84,7 +84,7 @@ if triton is not None:
         row0 = tl.sum(tl.where(eidx < e, cnt, 0), 0)
         n_e = tl.sum(tl.where(eidx == e, cnt, 0), 0)
         local = (pid_m - first_blk) * BM + tl.arange(0, BM)
-        rmask = local < n_e
+        rmask = (local < n_e) & (row0 + local < n_rows)  # counts are not checked on the host (a sync): stay inside
         rows = (row0 + local).to(tl.int64)
 
         # a tile is BK weight rows x BNB packed bytes (2 * BNB output columns); the high nibbles are the even
@@ -130,15 +130,43 @@ def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tenso
 
     Returns:
         (``shape``) ``dtype`` on ``packed``'s device, or None when Triton is unavailable.
+
+    Raises:
+        ValueError: buffers of the wrong dtype, layout or size for ``shape``; ``dtype`` not a float type.
     """
     if triton is None:
         return None
+    _check_nf4_buffers(packed, absmax, code)
+    n = 1
+    for d in shape:
+        n *= d
+    if packed.dim() != 1 or n != 2 * packed.numel() or absmax.numel() != packed.numel() // NF4_BYTES_PER_ABSMAX:
+        raise ValueError(f"shape {tuple(shape)} ({n} weights) needs {n // 2} packed bytes and {n // 64} absmax values, "
+                         f"got {tuple(packed.shape)} and {absmax.numel()}")
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"dtype must be bfloat16, float16 or float32, got {dtype}")
     kernel = dequantize_kernel
     out = torch.empty(shape, dtype=dtype, device=packed.device)
     n_bytes, block = packed.numel(), 2048
     kernel[(triton.cdiv(n_bytes, block),)](packed, absmax, code, out, n_bytes, BLOCK=block,
                                            BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX, num_warps=8)
     return out
+
+
+def _check_nf4_buffers(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> None:
+    """The kernels index these buffers as flat contiguous arrays of fixed dtypes: refuse anything else."""
+    problems = []
+    if packed.dtype != torch.uint8 or not packed.is_contiguous():
+        problems.append(f"packed must be contiguous uint8 (got {packed.dtype}, contiguous={packed.is_contiguous()})")
+    if absmax.dtype != torch.float32 or not absmax.is_contiguous():
+        problems.append(f"absmax must be contiguous float32 (got {absmax.dtype}, contiguous={absmax.is_contiguous()})")
+    if code.dtype != torch.float32 or code.shape != (16,) or not code.is_contiguous():
+        problems.append(f"code must be the float32 NF4 table of 16 values (got {code.dtype} {tuple(code.shape)})")
+    if len({packed.device, absmax.device, code.device}) > 1:
+        problems.append(f"packed, absmax and code must be on one device (got {packed.device}, {absmax.device}, "
+                        f"{code.device})")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def pick_blocks(k: int, n_cols: int, rows: int) -> tuple[int, int, int, int] | None:
@@ -174,7 +202,9 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     Args:
         x: (N, k) bf16/fp16/fp32, last dim contiguous; rows ``[sum(counts[:e]), sum(counts[:e+1]))`` belong to
             expert e.
-        counts: (E,) integer tensor on x's device (not read on the host).
+        counts: (E,) integer tensor on x's device, one row count per expert. Not read on the host (that would be
+            a sync): counts must be >= 0 and sum to at most N; otherwise the result is wrong, but the kernel still
+            never reads or writes outside x, the weights and the output.
         packed: uint8 (E, k * w_cols / 2) contiguous, ``w_cols = 2 * n_out`` when ``gated`` else ``n_out``.
         absmax: float32 (E, k * w_cols / 64) contiguous.
         code: float32 (16,) NF4 table on x's device.
@@ -188,7 +218,9 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
         shape does not tile (the caller falls back to dequantize + matmul).
 
     Raises:
-        ValueError: ``packed``/``absmax`` do not hold (E, k * w_cols) NF4 weights, or ``x`` is not (N, k).
+        ValueError: ``packed``/``absmax`` do not hold (E, k * w_cols) NF4 weights (shape, uint8/float32 dtype,
+            contiguity), ``code`` is not float32 (16,), ``counts`` is not an (E,) integer tensor on x's device,
+            ``x`` is not (N, k), or ``blocks`` do not tile the matrix.
     """
     if triton is None:
         return None
@@ -199,20 +231,27 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     if packed.shape != (num_experts, k * w_cols // 2) or absmax.shape != (num_experts, k * w_cols // 64):
         raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
                          f"NF4 matrices of {k}x{w_cols}")
+    _check_nf4_buffers(packed, absmax, code)
+    if not isinstance(counts, torch.Tensor) or counts.shape != (num_experts,) or counts.is_floating_point() \
+            or counts.device != x.device:
+        shown = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise ValueError(f"counts must be an integer tensor of shape ({num_experts},) on {x.device} (one row count "
+                         f"per expert of packed), got {shown}")
     blocks = blocks or pick_blocks(k, w_cols, x.shape[0])
     if blocks is None:
         return None
     bm, bnb, bk, split = blocks
-    if k % (split * bk) or (w_cols // 2) % bnb or bm < 16 or bnb < 16 or bk < 16:
-        raise ValueError(f"blocks {blocks} do not tile a {k}x{w_cols} matrix: need K % (SPLIT_K * BK) == 0, "
-                         f"(columns / 2) % BNB == 0 and every tile dimension >= 16")
+    pow2 = all(b >= 16 and b & (b - 1) == 0 for b in (bm, bnb, bk))
+    if not pow2 or split < 1 or k % (split * bk) or (w_cols // 2) % bnb:
+        raise ValueError(f"blocks {blocks} do not tile a {k}x{w_cols} matrix: BM, BNB, BK must be powers of 2 >= 16, "
+                         f"SPLIT_K >= 1, K % (SPLIT_K * BK) == 0 and (columns / 2) % BNB == 0")
     acc = torch.zeros(x.shape[0], w_cols, dtype=torch.float32, device=x.device)
     if x.shape[0]:
         grid = (triton.cdiv(x.shape[0], bm) + num_experts, w_cols // 2 // bnb, split)
         extra = {} if num_stages is None else {"num_stages": num_stages}
         # the matrix dimensions are compile-time constants: one build per projection shape (two per model), and
         # Triton's interpreter (numpy >= 2.4) cannot loop over a runtime-scalar range
-        moe_matmul_kernel[grid](x, packed, absmax, code, counts, acc, x.stride(0), acc.stride(0), K=k,
+        moe_matmul_kernel[grid](x, packed, absmax, code, counts, acc, x.shape[0], x.stride(0), acc.stride(0), K=k,
                                 ROW_BYTES=w_cols // 2, EXPERT_BYTES=packed.shape[1], E=num_experts,
                                 E_POW2=triton.next_power_of_2(num_experts), IEEE=x.dtype == torch.float32, BM=bm,
                                 BNB=bnb, BK=bk, SPLIT_K=split, K_SPLIT=k // split,

@@ -179,7 +179,7 @@ def test_greedy_decode_stops_at_eos_and_pads():
 def test_greedy_decode_refuses_bad_arguments():
     model, _ = tiny_nf4_model(seed=7)
     ids = torch.ones(1, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens and check_every must be >= 1, got 0"):
         decode.greedy_decode(model, ids, torch.ones_like(ids), max_new_tokens=0, eos_token_ids=[1], pad_token_id=0)
     with pytest.raises(ValueError, match="must both be"):
         decode.greedy_decode(model, ids, torch.ones(1, 3), max_new_tokens=2, eos_token_ids=[1], pad_token_id=0)
@@ -223,3 +223,66 @@ def test_greedy_decode_on_the_multimodal_class_matches_generate():
     want = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False, eos_token_id=255,
                           pad_token_id=0)[:, ids.shape[1]:]
     assert torch.equal(new, want)
+
+
+def test_kernel_inputs_are_checked_before_launch():
+    """Wrong dtypes, layouts and counts are refused with the reason (the kernel indexes flat buffers)."""
+    packed, absmax, _ = quantized(4, 64, 64, seed=11)
+    x = torch.randn(8, 64)
+    counts = torch.tensor([2, 2, 2, 2])
+
+    def run(**kw):
+        args = dict(x=x, counts=counts, packed=packed, absmax=absmax, code=code())
+        args.update(kw)
+        return kernels.nf4_moe_matmul(args["x"], args["counts"], args["packed"], args["absmax"], args["code"], k=64,
+                                      n_out=64, gated=False, blocks=kw.get("blocks"))
+
+    for kw, message in [
+        (dict(counts=torch.tensor([4, 4])), r"counts must be an integer tensor of shape \(4,\)"),
+        (dict(counts=[2, 2, 2, 2]), "counts must be an integer tensor"),
+        (dict(counts=torch.tensor([2.0, 2, 2, 2])), "counts must be an integer tensor"),
+        (dict(packed=packed.view(torch.int8)), "packed must be contiguous uint8"),
+        (dict(absmax=absmax.double()), "absmax must be contiguous float32"),
+        (dict(code=code()[:8]), "code must be the float32 NF4 table"),
+        (dict(blocks=(24, 16, 16, 1)), "powers of 2"),
+        (dict(blocks=(16, 16, 16, 0)), "SPLIT_K >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            run(**kw)
+
+
+def test_kernel_stays_inside_its_buffers_when_counts_are_wrong():
+    """Counts summing past the rows (or negative) cannot be checked without a host sync; the kernel masks rows
+    beyond x and clamps negative counts, so the result is wrong but nothing outside x and the output is touched."""
+    packed, absmax, w = quantized(4, 64, 64, seed=12)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(13))
+    out = kernels.nf4_moe_matmul(x, torch.tensor([10, 10, 10, 10]), packed, absmax, code(), k=64, n_out=64,
+                                 gated=False)
+    assert out.shape == (8, 64) and torch.allclose(out, x @ w[0], rtol=1e-5, atol=1e-5)  # all 8 rows on expert 0
+    out = kernels.nf4_moe_matmul(x, torch.tensor([-2, 5, 2, 3]), packed, absmax, code(), k=64, n_out=64, gated=False)
+    assert out.shape == (8, 64) and torch.isfinite(out).all()
+
+
+def test_dequantize_checks_the_output_size():
+    packed, absmax, _ = quantized(4, 64, 64, seed=14)
+    with pytest.raises(ValueError, match="needs 4096 packed bytes"):
+        kernels.nf4_dequantize(packed.reshape(-1), absmax.reshape(-1), code(), (4, 64, 32), torch.float32)
+    with pytest.raises(ValueError, match="dtype must be"):
+        kernels.nf4_dequantize(packed.reshape(-1), absmax.reshape(-1), code(), (4, 64, 64), torch.int32)
+
+
+def test_greedy_decode_refuses_right_padding_other_models_and_no_pad():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model, _ = tiny_nf4_model(seed=15)
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(16))
+    mask = torch.ones_like(ids)
+    mask[0, 3:] = 0
+    with pytest.raises(ValueError, match="right-padded.*padding_side = 'left'"):
+        decode.greedy_decode(model, ids, mask, max_new_tokens=4, eos_token_ids=[1], pad_token_id=0)
+    with pytest.raises(ValueError, match="pad_token_id is None"):
+        decode.greedy_decode(model, ids, torch.ones_like(ids), max_new_tokens=4, eos_token_ids=1, pad_token_id=None)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2)).eval()
+    with pytest.raises(ValueError, match="serves Llama 4 models; LlamaForCausalLM is not one"):
+        decode.greedy_decode(llama, ids, torch.ones_like(ids), max_new_tokens=4, eos_token_ids=[1], pad_token_id=0)
