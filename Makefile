@@ -48,7 +48,7 @@ $(TEST_STAMP): $(STAMP)
 test: $(TEST_STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~10-15 min on 2 CPU cores)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-test-fast: $(TEST_STAMP) ## the tests that take seconds (no model runs)
+test-fast: $(TEST_STAMP) ## the tests without model runs (~3 min on 2 cores)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 lab: $(STAMP) ## open JupyterLab on notebooks/ with the project's environment

@@ -121,8 +121,8 @@ def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en"
                 results[i] = {"row": r.get("row"), "question": r["Question"],
                               "answer": tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
                               "new_tokens": n, "stopped": stopped}
-            bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.1f} new tokens/s, "
-                                f"batch {size}", refresh=False)
+            bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.1f} new tokens/s over all "
+                                f"sequences, batch {size}", refresh=False)
     finally:
         tokenizer.padding_side = side
     return [results[i] for i in range(len(rows))]
