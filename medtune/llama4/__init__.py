@@ -211,7 +211,7 @@ class Llama4SparseMoe(Llama4TextMoe):
     precedes the layer's backward does not run the routed experts: their output only feeds
     ``index_add`` and the residual add, which save nothing of it, and their backward
     (:class:`_NF4ExpertsFunction`) needs only their input, which is still saved. Saves one NF4 dequantization
-    and the expert forward matmuls per layer and step; gradients are unchanged (tests/test_llama4.py).
+    and the expert forward matmuls per layer and step; gradients are unchanged (tests/llama4/test_llama4.py).
     The decoder-layer flag is set by a forward pre-hook that :func:`prepare_llama4_for_qlora` registers;
     without it (MoE used on its own) the recompute runs in full.
     """
@@ -473,9 +473,9 @@ class Llama4NF4Experts(nn.Module):
     def dequantize_experts(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Experts [start, stop) (default all) of projection ``name`` in ``compute_dtype``, from ONE bitsandbytes
         ``dequantize_4bit`` call (on CUDA in bf16/fp16 with ``triton_dequant``: one call of the equivalent Triton
-        kernel, :func:`_nf4_dequantize_triton`): (G, H, 2I) for gate_up, (G, I, H) for down, G = stop - start.
-        Bit-identical to dequantizing each expert with its own QuantState (tests/test_llama4.py; Triton: on the
-        GPU with a one-off script, scripts/device/perf_moe.py at commit 5f21210)."""
+        kernel, :func:`medtune.llama4.kernels.nf4_dequantize`): (G, H, 2I) for gate_up, (G, I, H) for down, G = stop - start.
+        Bit-identical to dequantizing each expert with its own QuantState (tests/llama4/test_llama4.py; Triton: on the
+        GPU with scripts/device/check_triton_dequant.py, and on the CPU in tests/llama4/test_decode.py)."""
         import bitsandbytes.functional as bnbf
 
         stop = self.num_experts if stop is None else stop

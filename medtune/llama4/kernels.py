@@ -14,13 +14,13 @@ Two kernels:
   ``torch._grouped_mm``).
 - :func:`nf4_moe_matmul`: ``y = x @ W_e`` for rows sorted by expert, ``W_e`` read once per tile from the packed
   bytes and dequantized in registers; only experts that received rows are read (those with none cost one early
-  return). ``gated=True`` computes a whole Llama 4 expert's first half, ``silu(x @ W_gate) * (x @ W_up)`` with
-  ``W = [W_gate | W_up]`` (K, 2N) as transformers' ``gate_up_proj``. Decoding and small batches use it: their cost is
-  reading the weights (a token at batch 1 touches one expert of 16), which the dequantize-everything path does
-  16 times over, plus a bf16 copy written and read back.
+  return). It accumulates in float32 (K split over programs, summed with atomics); ``gated=True`` then applies
+  ``silu(x @ W_gate) * (x @ W_up)`` in PyTorch, with ``W = [W_gate | W_up]`` (K, 2N) as transformers'
+  ``gate_up_proj``. Its cost should be reading the weights of the experts a token touches (one of 16 at batch 1);
+  on an H100 it is still far from that (docs/bench-generate.md), so ``Llama4NF4Experts`` uses it for one row only.
 
 Tile mapping (as vLLM's fused MoE sorts tokens into per-expert blocks, here without a separate alignment pass):
-program ``(m, n)`` finds its expert from the per-expert row counts in the kernel (counts -> blocks of ``BM`` rows
+program ``(m, n, k)`` finds its expert from the per-expert row counts in the kernel (counts -> blocks of ``BM`` rows
 -> inclusive cumulative sum), so the launch needs no host copy of the counts and can be captured in a CUDA graph;
 the grid has ``cdiv(rows, BM) + E`` row blocks, enough for any routing.
 
