@@ -21,7 +21,7 @@ import time
 import torch
 
 from medtune.evaluation.batching import auto_batch_size
-from medtune.llama4 import is_llama4
+from medtune.families import is_llama4
 from medtune.llama4.decode import fits_static_cache, greedy_decode
 from medtune.settings import config as _config
 from medtune.stages import data as _data

@@ -95,9 +95,14 @@ def _unwrap(model):
 
 
 def is_llama4(model_or_config) -> bool:
-    """True for a Llama 4 model (bare or PEFT-wrapped) or config (``model_type`` llama4 or llama4_text)."""
-    config = getattr(_unwrap(model_or_config), "config", model_or_config)
-    return getattr(config, "model_type", None) in ("llama4", "llama4_text")
+    """True for a Llama 4 model (bare or PEFT-wrapped) or config (``model_type`` llama4 or llama4_text).
+
+    The decision is :func:`medtune.families.is_llama4` (the one place that makes it); see there for the inputs
+    taken (also a config dict or a ``model_type`` string) and the errors raised.
+    """
+    from medtune import families
+
+    return families.is_llama4(model_or_config)
 
 
 # --------------------------------------------------------------------------------------------------------------

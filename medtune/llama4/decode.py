@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from medtune import families
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["KV_BYTES_PER_TOKEN_FACTOR", "fits_static_cache", "greedy_decode", "kv_cache_bytes"]
@@ -58,9 +60,7 @@ def fits_static_cache(model, total_len: int) -> bool:
 
 def _accepts_mask_mapping(model) -> bool:
     """Llama 4 (bare or PEFT-wrapped): its text model takes the ``{layer type: 4-D mask}`` mapping built here."""
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return getattr(getattr(model, "config", None), "model_type", None) in ("llama4", "llama4_text")
+    return hasattr(model, "config") and families.is_llama4(model)
 
 
 def _masks(kv_valid: torch.Tensor, q_pos: torch.Tensor, chunk: int | None) -> dict[str, torch.Tensor]:

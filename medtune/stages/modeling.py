@@ -169,8 +169,20 @@ def model_type(model_path: str, revision: str | None = None) -> str:
 
 
 def is_llama4(model_path: str, revision: str | None = None) -> bool:
-    """True when the checkpoint's config is a Llama 4 model (``model_type`` llama4 or llama4_text)."""
-    return model_type(model_path, revision).startswith("llama4")
+    """True when the checkpoint's config is a Llama 4 model (``model_type`` llama4 or llama4_text).
+
+    Reads the config (:func:`model_type`) and asks :func:`medtune.families.is_llama4`, the one place that decides.
+
+    Args:
+        model_path: a local checkpoint folder, or a repo id (its config file only is fetched).
+        revision: the repo's revision, or None.
+
+    Raises:
+        OSError: no config.json at ``model_path`` (transformers' ``AutoConfig`` error).
+    """
+    from medtune import families
+
+    return families.is_llama4(model_type(model_path, revision))
 
 
 def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):

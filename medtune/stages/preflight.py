@@ -30,6 +30,7 @@ import re
 import shutil
 from pathlib import Path
 
+from medtune import families
 from medtune.settings import config as _config
 
 GIB = 2**30
@@ -119,7 +120,7 @@ def estimate_memory(model_config, *, quantization: dict | None = None, llama4_fa
     n_heads = tc.num_attention_heads
     n_kv = getattr(tc, "num_key_value_heads", None) or n_heads
     head = getattr(tc, "head_dim", None) or h // n_heads
-    llama4 = getattr(tc, "model_type", "") in ("llama4_text", "llama4")
+    llama4 = families.is_llama4(tc)
     moe_layers = set(getattr(tc, "moe_layers", None) or []) if llama4 else set()
     experts = getattr(tc, "num_local_experts", 0) if moe_layers else 0
     top_k = getattr(tc, "num_experts_per_tok", 1)
@@ -411,7 +412,7 @@ def check_memory(cfg: _config.RunConfig, conf) -> tuple[Check, dict | None]:
     if conf is None:
         return Check("memory", "skipped", "model config not available yet (a package: model is converted in 01)."), None
     est = estimate_for(cfg, conf)
-    llama4 = getattr(getattr(conf, "text_config", conf), "model_type", "").startswith("llama4")
+    llama4 = families.is_llama4(conf)
     fast = llama4 and cfg.llama4_fast
     free, where = _free_memory(cfg, single_device=fast)
     detail = (f"training needs ~{est['total_gib']:,.1f} GiB (weights {est['weights_gib']:,.1f}, LoRA + optimizer "
@@ -487,8 +488,7 @@ def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) 
         needs.append((f"model download ({len(missing)} of {len(kept)} files)", sources.cache_dir(src.kind),
                       sum(missing.values())))
     if conf is not None:
-        tc = getattr(conf, "text_config", conf)
-        if getattr(tc, "model_type", "").startswith("llama4") and cfg.llama4_fast:
+        if families.is_llama4(conf) and cfg.llama4_fast:
             dq = bool(cfg.quantization.get("bnb_4bit_use_double_quant"))
             target = nf4_experts_cache(cfg, dq)
             if not (target / "experts-nf4.safetensors").is_file():

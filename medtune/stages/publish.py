@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+from medtune import families
 from medtune.settings import config as _config
 from medtune.stages import data as _data
 from medtune.io import sources as _sources
@@ -96,31 +97,45 @@ def base_model(cfg: _config.RunConfig) -> dict:
 
     Returns:
         ``{"id": repo id for the card and the snippet (None for an unnamed local checkpoint), "license": {...}
-        metadata keys (empty when unknown), "note": how the trained-on weights differ from ``id`` (or None)}``.
+        metadata keys (empty when unknown), "note": how the trained-on weights differ from ``id`` (or None),
+        "llama4": whether the base is Llama 4}``. ``llama4`` comes from the local folder's ``config.json`` when
+        the base is a local folder (:func:`medtune.families.is_llama4`), else from the repo id
+        (:func:`medtune.families.is_llama4_repo_id`: no config of a remote base is read here).
     """
-    spec, note = cfg.model, None
+    spec, note, local_config = cfg.model, None, None
     if spec.startswith("package:"):
         known = PACKAGE_MODELS.get(spec.removeprefix("package:"), {})
         spec, note = known.get("hub_id"), known.get("note")
     elif not _sources.is_remote_id(spec):  # a local folder: its config may name the repo it came from
-        spec = _name_in_config(Path(spec))
+        local_config = _read_config(Path(spec))
+        spec = _name_in_config(local_config)
     elif cfg.source == "modelscope" and cfg.push_to == "hub":
         org, _, name = spec.partition("/")
         spec = f"{MODELSCOPE_ORGS.get(org, org)}/{name}"
+    if local_config is not None and "model_type" in local_config:
+        llama4 = families.is_llama4(local_config)
+    else:
+        llama4 = families.is_llama4_repo_id(spec)
     license_ = {}
     for fragment, keys in LICENSES:
         if spec and fragment in spec.lower():
             license_ = dict(keys)
             break
-    return {"id": spec, "license": license_, "note": note}
+    return {"id": spec, "license": license_, "note": note, "llama4": llama4}
 
 
-def _name_in_config(folder: Path) -> str | None:
+def _read_config(folder: Path) -> dict | None:
+    """A local checkpoint's ``config.json`` as a dict; None when it is missing or not a JSON object."""
     try:
-        name = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("_name_or_path", "")
+        conf = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return name if _sources.is_remote_id(name) else None
+    return conf if isinstance(conf, dict) else None
+
+
+def _name_in_config(conf: dict | None) -> str | None:
+    name = (conf or {}).get("_name_or_path", "")
+    return name if isinstance(name, str) and _sources.is_remote_id(name) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +174,7 @@ def model_card(cfg: _config.RunConfig, run) -> str:
         base_model=base["id"], datasets=[cfg.dataset] if _sources.is_remote_id(cfg.dataset) else None,
         library_name="peft", language=[cfg.language], pipeline_tag="text-generation",
         tags=["medtune", "medical", "clinical-reasoning", "lora", "qlora", "sft", "trl", "peft"]
-        + (["llama4"] if "llama-4" in (base["id"] or "").lower() else []),
+        + (["llama4"] if base["llama4"] else []),
         **base["license"],
     )
     name = base["id"] or "a local base model"
@@ -248,7 +263,7 @@ def _training_section(cfg, m, base) -> str:
         ("data", _data_line(cfg, d)),
         ("seed", str(cfg.seed)),
     ]
-    if "llama-4" in (base["id"] or "").lower():
+    if base["llama4"]:
         rows.append(("Llama 4 loader", "medtune's (NF4 routed experts, sparse expert dispatch)" if cfg.llama4_fast
                      else "transformers' own (routed experts in bf16), as the walkthrough"))
     if t:
@@ -365,7 +380,7 @@ def _usage_section(cfg, base, repo_id) -> str:
     bnb = _config.bnb_config(cfg)  # the dtype modeling.load_model loads with: the compute dtype, else bf16
     dtype = str(bnb.bnb_4bit_compute_dtype).removeprefix("torch.") if bnb is not None and bnb.bnb_4bit_compute_dtype \
         else "bfloat16"
-    llama4 = "llama-4" in (base["id"] or "").lower()
+    llama4 = base["llama4"]
     cls = "Llama4ForConditionalGeneration" if llama4 else "AutoModelForCausalLM"
     bnb_args = ", ".join(f"{k}={'torch.' + dtype if k == 'bnb_4bit_compute_dtype' else _py(v)}" for k, v in q.items())
     template = _data.test_prompt("{question}", cfg.language)
@@ -461,7 +476,7 @@ def push(cfg: _config.RunConfig, run) -> dict:
         )
     target = _sources.for_push(cfg)
     result["endpoint"] = target.endpoint
-    if "llama-4" in (base_model(cfg)["id"] or "").lower() and not cfg.hub_repo_id.split("/")[-1].lower().startswith("llama"):
+    if base_model(cfg)["llama4"] and not cfg.hub_repo_id.split("/")[-1].lower().startswith("llama"):
         print("note: the Llama 4 Community License asks that models built on Llama 4 have names starting with "
               f"'Llama'; '{cfg.hub_repo_id}' does not.")
     result["url"] = target.push_folder(run.push_dir, cfg.hub_repo_id, private=cfg.hub_private,

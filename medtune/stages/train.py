@@ -89,13 +89,13 @@ def build_trainer(cfg: _config.RunConfig, run, model, tokenizer):
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from medtune import compat, llama4
+    from medtune import compat, families, llama4
 
     train_pairs, _ = _data.read_split(run)
     dataset = Dataset.from_list([{"prompt": p["prompt"], "completion": p["completion"]} for p in train_pairs])
     args = _config.sft_config(cfg, run.checkpoints_dir, **_derived_args(cfg, model))
     lora = _config.lora_config(cfg)
-    if llama4.is_llama4(model):
+    if families.is_llama4(model):
         llama4.check_lora_config(model, lora)
         compat.apply_llama4_trl_fixes(model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)

@@ -18,12 +18,13 @@ PACKAGE = Path(medtune.__file__).resolve().parent
 # folder (or top-level module) -> the folders and modules it may import from medtune. Bottom to top.
 MAY_IMPORT = {
     "compat": set(),
+    "families": set(),
     "settings": {"settings"},
     "io": {"settings", "io"},
-    "llama4": {"llama4", "compat"},
-    "stages": {"settings", "io", "stages", "evaluation", "llama4", "compat"},
-    "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "compat"},
-    "bench": {"bench", "llama4", "evaluation", "compat"},
+    "llama4": {"llama4", "families", "compat"},
+    "stages": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
+    "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
+    "bench": {"bench", "llama4", "evaluation", "families", "compat"},
     "pipeline": {"settings"},
 }
 
