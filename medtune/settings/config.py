@@ -342,20 +342,22 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
 
 
 def _check_benchmarks(benchmarks: dict, source: str) -> None:
-    """Each ``benchmarks`` entry: a name usable in file names -> a source string or {source, config, split}."""
+    """Each ``benchmarks`` entry: a name usable in file names -> a source string or {source, config, split}
+    (its shape: :func:`medtune.io.sources.parse_source`)."""
     import re
+
+    from medtune.io import sources
 
     for name, spec in benchmarks.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(f"{source}: benchmark name {name!r} must be letters, digits, '_', '.' or '-' (e.g. medqa).")
-        ok = isinstance(spec, str) and spec.strip()
-        ok = ok or (isinstance(spec, dict) and isinstance(spec.get("source"), str)
-                    and set(spec) <= {"source", "config", "split"})
-        if not ok:
+        try:
+            sources.parse_source(spec)
+        except sources.SourceSpecError:
             raise ConfigError(
                 f"{source}: benchmarks.{name} must be a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
                 f"{{source: ..., config: ..., split: ...}}, got {spec!r}."
-            )
+            ) from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -422,12 +424,17 @@ def project_root() -> Path:
 def _absolute_path(value):
     """A relative local path of a profile, made absolute against the project folder, so that it means the same in
     ``make run-all`` (run from the project folder) and in each notebook's kernel (run in notebooks/). A value that is
-    no existing path and does not look like a file (``owner/name``: a Hub id) is left as it is."""
-    if not isinstance(value, str) or not value.strip() or value.startswith(("package:", "/", "~")):
+    no existing path and does not look like a file (``owner/name``: a Hub id) is left as it is; so are ``package:``
+    specs and absolute paths (the kinds are :func:`medtune.io.sources.parse_source`'s)."""
+    from medtune.io import sources
+
+    if not isinstance(value, str) or not value.strip():
         return value
-    candidate = project_root() / value
-    if candidate.exists() or value.endswith((".jsonl", ".json")) or value.startswith(("./", "../")):
-        return str(candidate.resolve())
+    ref = sources.parse_source(value, base=project_root())
+    if ref.kind in ("package", "hub") or ref.absolute:
+        return value
+    if ref.kind in ("file", "folder") or ref.explicit_path:
+        return str(ref.path.resolve())
     return value
 
 

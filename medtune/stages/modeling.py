@@ -56,12 +56,12 @@ def resolve_model(model: "str | _config.RunConfig", revision: str | None = None,
             ``source: local`` with a path that does not exist.
         medtune.io.sources.SourceError: the download failed (the message names the fix: token, license, id, network).
     """
+    from medtune.io import sources
+
     if isinstance(model, _config.RunConfig):
         cfg = model
         model, revision, source, endpoint = cfg.model, cfg.model_revision, cfg.source, cfg.hub_endpoint
-    if not model.startswith("package:"):
-        from medtune.io import sources
-
+    if sources.parse_source(model).kind != "package":
         remote = sources.for_spec(model, source, endpoint, "model")
         return model if remote is None else str(remote.download_model(model, revision))
     from medtune.stages.data import package_path

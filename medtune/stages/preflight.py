@@ -338,14 +338,16 @@ def check_dataset_file(cfg: _config.RunConfig) -> Check:
     """A local or ``package:`` JSONL dataset read and every row checked now (:func:`medtune.stages.data.load_rows`, without
     the token-length check, which needs the tokenizer and comes in 03), so a broken file stops the run in 00, before
     01 loads the model. Hub datasets are checked by 00's access check here and read in 03."""
+    from medtune.io import sources
     from medtune.stages import data
 
     spec = cfg.dataset
     report = data.RowReport()
     try:
-        path = data.package_path(spec) if spec.startswith("package:") else Path(spec).expanduser()
-        if not (path.is_file() or spec.endswith((".jsonl", ".json"))):
+        ref = sources.parse_source(spec)
+        if ref.kind not in ("package", "file"):
             return Check("dataset", "ok", "read in 03 (a Hub dataset or a dataset folder).")
+        path = data.package_path(spec) if ref.kind == "package" else ref.path
         with contextlib.redirect_stdout(io.StringIO()):  # 03 prints the skipped rows; here only the verdict counts
             rows = data.load_rows(spec, cfg.dataset_config, cfg.dataset_split, cfg.max_rows, source=cfg.source,
                                   bad_rows=cfg.bad_rows, report=report)
@@ -380,7 +382,7 @@ def model_config(cfg: _config.RunConfig):
 
     from medtune.io import sources
 
-    if cfg.model.startswith("package:"):
+    if sources.parse_source(cfg.model).kind == "package":
         from medtune.stages.data import package_path
         from medtune.stages.modeling import cache_dir
 
@@ -442,11 +444,13 @@ def _free_at(path: Path) -> tuple[int, int]:
 
 def _local_row_count(dataset: str) -> int | None:
     """Non-blank lines of a local or ``package:`` JSONL dataset (an upper bound on its rows), else None."""
+    from medtune.io import sources
     from medtune.stages import data
 
     try:
-        path = data.package_path(dataset) if dataset.startswith("package:") else Path(dataset).expanduser()
-        if path.is_file() and path.suffix == ".jsonl":
+        ref = sources.parse_source(dataset)
+        path = data.package_path(dataset) if ref.kind == "package" else ref.path
+        if path is not None and path.is_file() and path.suffix == ".jsonl":
             with path.open("rb") as f:
                 return sum(1 for line in f if line.strip())
     except Exception:  # an estimate only: the data check in 03 reports what is wrong with the file

@@ -102,16 +102,16 @@ def base_model(cfg: _config.RunConfig) -> dict:
         the base is a local folder (:func:`medtune.families.is_llama4`), else from the repo id
         (:func:`medtune.families.is_llama4_repo_id`: no config of a remote base is read here).
     """
+    ref = _sources.parse_source(cfg.model)
     spec, note, local_config = cfg.model, None, None
-    if spec.startswith("package:"):
-        known = PACKAGE_MODELS.get(spec.removeprefix("package:"), {})
+    if ref.kind == "package":
+        known = PACKAGE_MODELS.get(f"{ref.package}/{ref.inner}", {})
         spec, note = known.get("hub_id"), known.get("note")
-    elif not _sources.is_remote_id(spec):  # a local folder: its config may name the repo it came from
+    elif ref.kind != "hub":  # a local folder: its config may name the repo it came from
         local_config = _read_config(Path(spec))
         spec = _name_in_config(local_config)
     elif cfg.source == "modelscope" and cfg.push_to == "hub":
-        org, _, name = spec.partition("/")
-        spec = f"{MODELSCOPE_ORGS.get(org, org)}/{name}"
+        spec = f"{MODELSCOPE_ORGS.get(ref.owner, ref.owner)}/{ref.name}"
     if local_config is not None and "model_type" in local_config:
         llama4 = families.is_llama4(local_config)
     else:
@@ -290,17 +290,18 @@ def _ran_as(cfg, t: dict) -> str:
 
 
 def _data_line(cfg, d) -> str:
-    if cfg.dataset.startswith("package:") and "medical_reasoning_illustrative" in cfg.dataset:
+    ref = _sources.parse_source(cfg.dataset)
+    if ref.kind == "package" and "medical_reasoning_illustrative" in ref.inner:
         src = ("medtune's illustrative sample (64 rows written for the project in the schema of "
                "[FreedomIntelligence/medical-o1-reasoning-SFT](https://huggingface.co/datasets/FreedomIntelligence/"
                "medical-o1-reasoning-SFT); not taken from it, Apache-2.0)")
-    elif _sources.is_remote_id(cfg.dataset):
+    elif ref.kind == "hub":
         src = f"[{cfg.dataset}](https://huggingface.co/datasets/{cfg.dataset})" if (cfg.dataset_source or cfg.source) != "modelscope" \
             else f"`{cfg.dataset}` (ModelScope)"
         src += f", config `{cfg.dataset_config}`" if cfg.dataset_config else ""
         src += f", split `{cfg.dataset_split}`"
     else:
-        src = f"a local file (`{Path(cfg.dataset.removeprefix('package:')).name}`)"
+        src = f"a local file (`{Path(ref.inner if ref.kind == 'package' else ref.text).name}`)"
     line = src + (f", first {cfg.max_rows} rows" if cfg.max_rows else "")
     if d:
         line += (f": {_fmt(d.get('rows'))} rows, {_fmt(d.get('train'))} trained on, {_fmt(d.get('heldout'))} held out "
@@ -426,7 +427,7 @@ def _limits_section(cfg, m) -> str:
             + " of medical question-answer pairs with reasoning. It can state wrong facts with confidence; "
               "reasoning that reads well is not evidence of a correct answer. Not evaluated for safety, bias or "
               "clinical use.")
-    if cfg.model.startswith("package:"):
+    if _sources.parse_source(cfg.model).kind == "package":
         runtime = m.get("train", {}).get("runtime_s")
         took = f"for {runtime / 60:.0f} minutes" if isinstance(runtime, (int, float)) and runtime >= 60 else "briefly"
         text += (f" This is medtune's offline demonstration profile: a 135M-parameter model fine-tuned {took} on CPU "

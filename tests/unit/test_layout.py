@@ -19,8 +19,8 @@ PACKAGE = Path(medtune.__file__).resolve().parent
 MAY_IMPORT = {
     "compat": set(),
     "families": set(),
-    "settings": {"settings"},
-    "io": {"settings", "io"},
+    "io": {"io"},
+    "settings": {"settings", "io"},
     "llama4": {"llama4", "families", "compat"},
     "stages": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
     "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
