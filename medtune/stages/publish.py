@@ -23,6 +23,8 @@ import shutil
 import time
 from pathlib import Path
 
+import psutil
+
 from medtune import families
 from medtune.settings import config as _config
 from medtune.stages import data as _data
@@ -623,11 +625,5 @@ def _safetensors_params(paths) -> int:
 
 
 def _available_memory() -> int:
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as fh:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh}
-        return info.get("MemAvailable", info["MemFree"])
-    except (OSError, KeyError, ValueError):
-        import psutil
-
-        return psutil.virtual_memory().available
+    """Available system memory in bytes (``psutil.virtual_memory``: on Linux /proc/meminfo's MemAvailable)."""
+    return psutil.virtual_memory().available

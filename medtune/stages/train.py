@@ -62,6 +62,9 @@ def last_checkpoint(run) -> str | None:
     """The newest complete ``checkpoint-N`` folder of the run (:func:`checkpoint_complete`), or None (fresh start).
 
     An incomplete newer folder (the process died while writing it) is reported and passed over, not deleted.
+
+    Not transformers' ``trainer_utils.get_last_checkpoint``: it returns the highest-numbered ``checkpoint-N``
+    folder whatever it holds, so after a pre-emption mid-save it would resume from the half-written one.
     """
     import re
 

@@ -366,3 +366,20 @@ def test_broken_local_dataset_fails_in_00_before_01_loads_the_model(tmp_path, co
 def test_shipped_dataset_passes_the_00_check():
     check = P.check_dataset_file(C.load(PARAMS / "default.yaml"))
     assert (check.status, check.detail) == ("ok", "medical_reasoning_illustrative.jsonl: 64 usable rows.")
+
+
+def test_pins_are_read_as_pep508_requirements(tmp_path):
+    """tested_versions/check_versions parse with ``packaging``: only exact ``==`` pins without a marker count; an
+    installed local build (``2.13.0+cpu``) and a zero-padded pin (``==2.13``) match as PEP 440 says."""
+    import importlib.metadata
+
+    torch_version = importlib.metadata.version("torch")
+    release = torch_version.split("+")[0]
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "medtune"\ndependencies = ["torch[extra]==' + release + '", '
+                         '"pyyaml>=6", "marked==1.0; python_version < \'3\'", "ranged==1.0,<2", "not a requirement!"]\n')
+    assert P.tested_versions(pyproject) == {"torch": release}
+    assert P.check_versions(pyproject).status == "ok"
+    padded = ".".join(release.split(".")[:2]) if release.endswith(".0") else release
+    pyproject.write_text(f'[project]\nname = "medtune"\ndependencies = ["torch=={padded}"]\n')
+    assert P.check_versions(pyproject).status == "ok"
