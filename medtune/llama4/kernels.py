@@ -64,15 +64,15 @@ if triton is not None:
         tl.store(out_ptr + out_offs, vals, mask=out_offs < 2 * n_bytes)
 
     @triton.jit
-    def moe_matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, n_rows, stride_x, stride_out,
-                          K: tl.constexpr, ROW_BYTES: tl.constexpr, EXPERT_BYTES: tl.constexpr,
-                          E: tl.constexpr, E_POW2: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
-                          BNB: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr, K_SPLIT: tl.constexpr,
-                          BYTES_PER_ABSMAX: tl.constexpr):
+    def moe_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, n_rows, stride_x, stride_out,
+                        ROW_BYTES: tl.constexpr, EXPERT_BYTES: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr,
+                        BM: tl.constexpr, G: tl.constexpr, W: tl.constexpr, BK: tl.constexpr,
+                        K_SPLIT: tl.constexpr, SPLIT_K: tl.constexpr, ROUND: tl.constexpr,
+                        BYTES_PER_ABSMAX: tl.constexpr):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        # which expert this row block belongs to, from the counts alone (no host sync, graph-capturable)
+        # which expert this block of BM rows belongs to, from the counts alone (no host sync, graph-capturable)
         eidx = tl.arange(0, E_POW2)
         cnt = tl.maximum(tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32), 0)
         nblk = (cnt + BM - 1) // BM
@@ -87,34 +87,41 @@ if triton is not None:
         rmask = (local < n_e) & (row0 + local < n_rows)  # counts are not checked on the host (a sync): stay inside
         rows = (row0 + local).to(tl.int64)
 
-        # a tile is BK weight rows x BNB packed bytes (2 * BNB output columns); the high nibbles are the even
-        # columns and the low nibbles the odd ones, multiplied as two halves (no interleave in the loop)
+        # the tile is BK weight rows x G groups of W packed bytes (W divides the 32 bytes of one absmax block, so a
+        # group has one scale). Every weight is multiplied on the CUDA cores and accumulated elementwise in fp32
+        # ([BM, BK, G, W]); the K reduction happens once, after the loop. High nibbles are the even output columns,
+        # low nibbles the odd ones.
         offs_k = tl.arange(0, BK)
-        col_byte = pid_n * BNB + tl.arange(0, BNB)
+        col0 = pid_n * (G * W) + tl.arange(0, G) * W  # first byte of each group, [G]
+        col = col0[:, None] + tl.arange(0, W)[None, :]  # [G, W]
         base = e.to(tl.int64) * EXPERT_BYTES
-        acc_hi = tl.zeros((BM, BNB), dtype=tl.float32)
-        acc_lo = tl.zeros((BM, BNB), dtype=tl.float32)
+        acc_hi = tl.zeros((BM, BK, G, W), dtype=tl.float32)
+        acc_lo = tl.zeros((BM, BK, G, W), dtype=tl.float32)
         for i in range(0, K_SPLIT, BK):  # this program's share of K
-            kk = pid_k * K_SPLIT + i + offs_k
-            a = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=rmask[:, None], other=0.0)
-            byte_idx = base + kk.to(tl.int64)[:, None] * ROW_BYTES + col_byte[None, :]
-            byte = tl.load(packed_ptr + byte_idx).to(tl.int32)
-            scale = tl.load(absmax_ptr + byte_idx // BYTES_PER_ABSMAX)
-            w_hi = (tl.load(code_ptr + (byte >> 4)) * scale).to(a.dtype)
-            w_lo = (tl.load(code_ptr + (byte & 15)) * scale).to(a.dtype)
-            if IEEE:
-                acc_hi = tl.dot(a, w_hi, acc_hi, input_precision="ieee")
-                acc_lo = tl.dot(a, w_lo, acc_lo, input_precision="ieee")
-            else:
-                acc_hi = tl.dot(a, w_hi, acc_hi)
-                acc_lo = tl.dot(a, w_lo, acc_lo)
-        out = out_ptr + rows[:, None] * stride_out + 2 * col_byte[None, :]
+            kk = (pid_k * K_SPLIT + i + offs_k).to(tl.int64)
+            byte = tl.load(packed_ptr + base + kk[:, None, None] * ROW_BYTES + col[None, :, :]).to(tl.int32)
+            scale = tl.load(absmax_ptr + (base + kk[:, None] * ROW_BYTES + col0[None, :]) // BYTES_PER_ABSMAX)
+            w_hi = tl.load(code_ptr + (byte >> 4)) * scale[:, :, None]
+            w_lo = tl.load(code_ptr + (byte & 15)) * scale[:, :, None]
+            if ROUND:  # the weight rounded to x's dtype, as dequantize-then-matmul sees it
+                w_hi = w_hi.to(x_ptr.dtype.element_ty).to(tl.float32)
+                w_lo = w_lo.to(x_ptr.dtype.element_ty).to(tl.float32)
+            xv = tl.load(x_ptr + rows[:, None] * stride_x + kk[None, :], mask=rmask[:, None], other=0.0)
+            xb = xv.to(tl.float32)[:, :, None, None]
+            acc_hi += xb * w_hi[None, :, :, :]
+            acc_lo += xb * w_lo[None, :, :, :]
+        # [BM, G, W] -> [BM, G * W]: the groups are consecutive bytes
+        res_hi = tl.reshape(tl.sum(acc_hi, axis=1), (BM, G * W))
+        res_lo = tl.reshape(tl.sum(acc_lo, axis=1), (BM, G * W))
+        out = out_ptr + rows[:, None] * stride_out + 2 * (pid_n * (G * W) + tl.arange(0, G * W))[None, :]
+        # the mask in the values' full shape: Triton's interpreter does not broadcast an atomic's mask
+        omask = rmask[:, None] & (tl.arange(0, G * W) >= 0)[None, :]
         if SPLIT_K == 1:
-            tl.store(out, acc_hi, mask=rmask[:, None])
-            tl.store(out + 1, acc_lo, mask=rmask[:, None])
+            tl.store(out, res_hi, mask=omask)
+            tl.store(out + 1, res_lo, mask=omask)
         else:
-            tl.atomic_add(out, acc_hi, mask=rmask[:, None], sem="relaxed")
-            tl.atomic_add(out + 1, acc_lo, mask=rmask[:, None], sem="relaxed")
+            tl.atomic_add(out, res_hi, mask=omask, sem="relaxed")
+            tl.atomic_add(out + 1, res_lo, mask=omask, sem="relaxed")
 
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, ...],
@@ -171,28 +178,33 @@ def _check_nf4_buffers(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
 
 def pick_blocks(k: int, n_cols: int, rows: int) -> tuple[int, int, int, int] | None:
     """Tile sizes (BM, BNB, BK, SPLIT_K) for :func:`nf4_moe_matmul`, or None when the shape does not tile (then
-    use the dequantize path). BM: rows per tile, 16 (``tl.dot``'s smallest) up to 64; BNB: packed bytes per weight
-    row and tile (2 BNB output columns); BK: weight rows per step;
-    SPLIT_K: programs that share one output tile's K range, summed with atomics, so that a single token still
-    spreads one expert over the whole GPU (Scout's gate_up at batch 1: 16,384 / 128 column tiles x 8 splits).
-    Tiles must divide K and the columns exactly (no masks on the weight loads). Defaults from the H100 sweep in
-    scripts/device/decode_gpu.py (docs/bench-h200.md)."""
-    bm = 16 if rows <= 16 else 32 if rows <= 64 else 64
-    want_bnb = 64 if rows <= 16 else 32
-    bnb = next((b for b in (want_bnb, 32, 16) if (n_cols // 2) % b == 0 and n_cols % 2 == 0), None)
-    bk = next((b for b in (128, 64, 32, 16) if k % b == 0), None)
+    use the dequantize path).
+
+    BM: rows of one expert per program (the weight tile is dequantized once and used for BM rows; an expert with
+    more rows gets more programs); BNB: packed bytes per weight row and tile (2 BNB output columns); BK: weight rows
+    per step; SPLIT_K: programs that share one output tile's K range, summed with atomics, so that one token still
+    spreads one expert's matrix over the whole GPU (about 512 programs per expert, each with at least 64 weight
+    rows). Tiles divide K and the columns
+    exactly (no masks on the weight loads). Defaults from the tile sweep of scripts/device/decode_gpu.py
+    (docs/bench-generate.md)."""
+    row_bytes = n_cols // 2
+    if n_cols % 2:
+        return None
+    bm = 1 if rows <= 1 else 2 if rows <= 16 else 4
+    bnb = next((b for b in (256, 128, 64, 32, 16, 8) if row_bytes % b == 0), None)
+    bk = next((b for b in (8, 4, 2, 1) if k % b == 0 and b * bm <= 8), None)
     if bnb is None or bk is None:
         return None
-    split = next(s for s in (8, 4, 2, 1) if k % (s * bk) == 0)
-    if rows > 64:
-        split = 1
+    steps = k // bk
+    target = max(1, min(512 // (row_bytes // bnb), k // 64))  # >= 64 weight rows per program: fewer atomics
+    split = next(s for s in range(min(target, steps), 0, -1) if steps % s == 0)
     return bm, bnb, bk, split
 
 
 def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
                    code: torch.Tensor, *, k: int, n_out: int, gated: bool,
                    blocks: tuple[int, int, int, int] | None = None, num_warps: int = 4,
-                   num_stages: int | None = None) -> torch.Tensor | None:
+                   num_stages: int | None = None, round_weights: bool = True) -> torch.Tensor | None:
     """Rows sorted by expert times each expert's NF4 matrix, dequantized inside the matmul.
 
     The kernel accumulates ``x @ W_e`` in float32 (atomics across K splits); PyTorch then rounds it to x's dtype
@@ -241,22 +253,22 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     if blocks is None:
         return None
     bm, bnb, bk, split = blocks
-    pow2 = all(b >= 16 and b & (b - 1) == 0 for b in (bm, bnb, bk))
+    pow2 = all(b >= 1 and b & (b - 1) == 0 for b in (bm, bnb, bk))
     if not pow2 or split < 1 or k % (split * bk) or (w_cols // 2) % bnb:
-        raise ValueError(f"blocks {blocks} do not tile a {k}x{w_cols} matrix: BM, BNB, BK must be powers of 2 >= 16, "
+        raise ValueError(f"blocks {blocks} do not tile a {k}x{w_cols} matrix: BM, BNB, BK must be powers of 2, "
                          f"SPLIT_K >= 1, K % (SPLIT_K * BK) == 0 and (columns / 2) % BNB == 0")
-    acc = torch.zeros(x.shape[0], w_cols, dtype=torch.float32, device=x.device)
+    acc = torch.zeros(x.shape[0], w_cols, dtype=torch.float32, device=x.device)  # rows of no expert stay 0
     if x.shape[0]:
+        width = min(bnb, NF4_BYTES_PER_ABSMAX)
         grid = (triton.cdiv(x.shape[0], bm) + num_experts, w_cols // 2 // bnb, split)
         extra = {} if num_stages is None else {"num_stages": num_stages}
         # the matrix dimensions are compile-time constants: one build per projection shape (two per model), and
         # Triton's interpreter (numpy >= 2.4) cannot loop over a runtime-scalar range
-        moe_matmul_kernel[grid](x, packed, absmax, code, counts, acc, x.shape[0], x.stride(0), acc.stride(0), K=k,
-                                ROW_BYTES=w_cols // 2, EXPERT_BYTES=packed.shape[1], E=num_experts,
-                                E_POW2=triton.next_power_of_2(num_experts), IEEE=x.dtype == torch.float32, BM=bm,
-                                BNB=bnb, BK=bk, SPLIT_K=split, K_SPLIT=k // split,
-                                BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX,
-                                num_warps=num_warps, **extra)
+        moe_gemv_kernel[grid](x, packed, absmax, code, counts, acc, x.shape[0], x.stride(0), acc.stride(0),
+                              ROW_BYTES=w_cols // 2, EXPERT_BYTES=packed.shape[1], E=num_experts,
+                              E_POW2=triton.next_power_of_2(num_experts), BM=bm, G=bnb // width, W=width, BK=bk,
+                              K_SPLIT=k // split, SPLIT_K=split, ROUND=round_weights,
+                              BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX, num_warps=num_warps, **extra)
     if not gated:
         return acc.to(x.dtype)
     g, u = acc.to(x.dtype).chunk(2, dim=-1)

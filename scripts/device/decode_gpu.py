@@ -7,10 +7,11 @@ Scout-shaped model. Run on the device machine: ``python scripts/device/decode_gp
    (1 ... 1,024, random top-1 routing, an empty expert included): relative error ||a - b|| / ||b||, every output
    row written (output poisoned with NaN first), time per call (CUDA events, median), and the fused kernel's
    effective bandwidth over the bytes of the experts it had to read.
-2. ``--sweep``: tile sizes (BN, BK, warps, stages) at N = 1 and 32, to pick the defaults.
+2. ``--sweep``: tile sizes (BM, BNB, BK, SPLIT_K, warps) per projection at N = 1, 8 and 32, to pick the defaults.
 3. A 2-layer Scout-shaped ``Llama4ForCausalLM`` (bf16, NF4 Linears and experts): 64 greedy tokens at batch 2 from
    ``greedy_decode`` (static cache, CUDA graph, fused kernel) against ``model.generate`` with the fused kernel off
    (the dequantize path); the first divergence, if any, with the reference's top-2 logit margin there.
+4. ``--profile``: CUDA kernel times of eager decode steps on a 4-layer model at batch 1 (OUT_DIR/profile.txt).
 Writes OUT_DIR/decode_gpu.json.
 """
 
@@ -75,7 +76,7 @@ def kernel_checks(experts):
     which the fused kernel is faster than the grouped path at every N measured (0: never)."""
     rows = []
     expert_bytes = sum(b.numel() * b.element_size() for b in experts.buffers()) / 16
-    for n in (1, 2, 8, 32):
+    for n in (1, 2, 4, 8, 16, 32, 64):
         x, counts = routed(n, seed=n)
         with torch.no_grad():
             ref = l4._NF4ExpertsFunction.apply(x, experts, counts, True)
@@ -104,39 +105,96 @@ def kernel_checks(experts):
 
 
 def sweep(experts):
-    """Tile sizes of the fused kernel at N = 1 and 32 rows: gate_up and down projection ms for each
-    (BNB, BK, SPLIT_K, warps); the best per N is printed."""
+    """Tile sizes of the fused kernel, per projection, in three stages: at N = 1 row (BNB, BK, warps) with the
+    default SPLIT_K, then SPLIT_K around the default with the best of those (and unrounded weights once); at N = 8
+    and 32 rows (BM, BK) with the best BNB and warps of N = 1. The best per stage is printed."""
     out = []
     code = l4._nf4_code(torch.device("cuda"))
-    gu_abs = experts._absmax("gate_up", 0, 16).view(16, -1)
-    d_abs = experts._absmax("down", 0, 16).view(16, -1)
-    for n in (1, 32):
+    projections = {
+        "gate_up": dict(packed=experts.gate_up_packed, absmax=experts._absmax("gate_up", 0, 16).view(16, -1), k=5120,
+                        n_out=8192, gated=True, cols=16384),
+        "down": dict(packed=experts.down_packed, absmax=experts._absmax("down", 0, 16).view(16, -1), k=8192,
+                     n_out=5120, gated=False, cols=5120),
+    }
+
+    def run(name, n, blocks, warps, rounded=True):
+        p = projections[name]
         x, counts = routed(n, seed=100 + n)
-        h = torch.randn(n, 8192, device="cuda", dtype=torch.bfloat16)
-        bm = 16 if n <= 16 else 32
-        for bnb in (32, 64, 128):
-            for bk in (32, 64, 128):
-                for split in (1, 8, 16):
-                    for warps in (4,):
-                        blocks = (bm, bnb, bk, split)
-                        try:
-                            t1 = timed(lambda: kernels.nf4_moe_matmul(
-                                x, counts, experts.gate_up_packed, gu_abs, code, k=5120, n_out=8192, gated=True,
-                                blocks=blocks, num_warps=warps), reps=20)
-                            t2 = timed(lambda: kernels.nf4_moe_matmul(
-                                h, counts, experts.down_packed, d_abs, code, k=8192, n_out=5120, gated=False,
-                                blocks=blocks, num_warps=warps), reps=20)
-                        except Exception as err:  # noqa: BLE001 - a config that does not compile is a result too
-                            out.append(dict(n=n, blocks=blocks, warps=warps, error=str(err)[:200]))
-                            continue
-                        out.append(dict(n=n, blocks=blocks, warps=warps, gate_up_ms=t1, down_ms=t2,
-                                        total_ms=t1 + t2))
-        ok = [r for r in out if r.get("n") == n and "total_ms" in r]
-        for r in sorted(ok, key=lambda r: r["total_ms"])[:5]:
-            print("best", r, flush=True)
-        print("default", kernels.pick_blocks(5120, 16384, n), kernels.pick_blocks(8192, 5120, n), flush=True)
-    report["sweep"] = out
-    save()
+        if name == "down":
+            x = torch.randn(n, 8192, device="cuda", dtype=torch.bfloat16)
+        row = dict(projection=name, n=n, blocks=blocks, warps=warps, rounded=rounded)
+        try:
+            row["ms"] = timed(lambda: kernels.nf4_moe_matmul(
+                x, counts, p["packed"], p["absmax"], code, k=p["k"], n_out=p["n_out"], gated=p["gated"],
+                blocks=blocks, num_warps=warps, round_weights=rounded), reps=20)
+            touched = int((counts > 0).sum())
+            row["gb_s"] = touched * p["packed"][0].numel() * 1.125 / (row["ms"] / 1e3) / 1e9  # + fp32 absmax
+        except Exception as err:  # noqa: BLE001 - a config that does not compile is a result too
+            row["error"] = str(err)[:200]
+        out.append(row)
+        return row
+
+    def best(rows):
+        ok = [r for r in rows if "ms" in r]
+        return min(ok, key=lambda r: r["ms"]) if ok else None
+
+    def splits(k, bk, around):
+        steps = k // bk
+        return sorted({s for s in (around // 4, around // 2, around, around * 2, around * 4)
+                       if s >= 1 and steps % s == 0})
+
+    for name, p in projections.items():
+        k, cols = p["k"], p["cols"]
+        default = kernels.pick_blocks(k, cols, 1)
+        stage = []
+        for bnb in (128, 256, 512):
+            for bk in (4, 8, 16):
+                split = next(s for s in range(default[3], 0, -1) if (k // bk) % s == 0)
+                for warps in (4, 8):
+                    stage.append(run(name, 1, (1, bnb, bk, split), warps))
+        b1 = best(stage)
+        print("best n=1", name, b1, "default", default, flush=True)
+        if b1 is None:
+            continue
+        _, bnb, bk, split = b1["blocks"]
+        stage = [run(name, 1, (1, bnb, bk, s), b1["warps"]) for s in splits(k, bk, split)]
+        b2 = best(stage + [b1])
+        run(name, 1, b2["blocks"], b2["warps"], rounded=False)
+        print("best n=1 split", name, b2, flush=True)
+        for n in (8, 32):
+            stage = []
+            for bm in (1, 2, 4, 8):
+                for bk2 in (1, 2, 4):
+                    s = next(s for s in range(b2["blocks"][3], 0, -1) if (k // bk2) % s == 0)
+                    stage.append(run(name, n, (bm, bnb, bk2, s), b2["warps"]))
+            print(f"best n={n}", name, best(stage), "default", kernels.pick_blocks(k, cols, n), flush=True)
+        report["sweep"] = out
+        save()
+
+
+def profile_step():
+    """CUDA kernel time of eager decode steps (no graph) on a 4-layer Scout-shaped model at batch 1: what one
+    layer's step spends its GPU time on. Writes OUT/profile.txt (top kernels by total CUDA time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from medtune.bench.models import build_model
+
+    model, _ = build_model(4, "medtune")
+    model.eval()
+    ids = torch.randint(1000, 200000, (1, 64), device="cuda")
+    mask = torch.ones_like(ids)
+    decode.greedy_decode(model, ids, mask, max_new_tokens=4, eos_token_ids=[-1], pad_token_id=0, cuda_graph=False)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        decode.greedy_decode(model, ids, mask, max_new_tokens=17, eos_token_ids=[-1], pad_token_id=0,
+                             cuda_graph=False)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=90)
+    (OUT / "profile.txt").write_text("4 layers, batch 1, 64-token prompt, 17 new tokens (1 prefill + 16 decode "
+                                     "steps), eager\n" + table)
+    print(table[:6000], flush=True)
+    del model
+    torch.cuda.empty_cache()
 
 
 def greedy_equality():
@@ -175,6 +233,10 @@ if __name__ == "__main__":
     report["versions"] = dict(torch=torch.__version__)
     experts = scout_experts(0)
     kernel_checks(experts)
-    greedy_equality()
     if "--sweep" in sys.argv:
         sweep(experts)
+    del experts
+    torch.cuda.empty_cache()
+    greedy_equality()
+    if "--profile" in sys.argv:
+        profile_step()

@@ -65,7 +65,9 @@ def test_dequantize_kernel_matches_bitsandbytes_exactly():
 @pytest.mark.parametrize("counts", [[1, 0, 0, 0], [0, 3, 0, 2], [5, 17, 0, 1], [0, 0, 0, 0], [33, 1, 1, 1],
                                     [0, 0, 0, 7]])
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("blocks", [None, (16, 16, 16, 4)])  # default tiles; K split over 4 programs (atomics)
+# default tiles; 16 rows per program with K split over 4 programs (atomics); one row, groups of 32 bytes; 4 rows,
+# groups of 8 bytes (narrower than an absmax block), one K program
+@pytest.mark.parametrize("blocks", [None, (16, 16, 16, 4), (1, 32, 4, 2), (4, 8, 2, 1)])
 def test_moe_matmul_matches_dequantize_then_matmul(counts, gated, blocks):
     k, n = 64, 64
     packed, absmax, w = quantized(4, k, 2 * n if gated else n, seed=sum(counts) + gated)
@@ -99,9 +101,14 @@ def test_moe_matmul_rejects_wrong_shapes():
                                gated=True)
 
 
-def test_moe_matmul_declines_shapes_that_do_not_tile():
-    packed, absmax, _ = quantized(2, 40, 64, seed=4)  # K = 40 is no multiple of 16
-    assert kernels.nf4_moe_matmul(torch.randn(2, 40), torch.tensor([1, 1]), packed, absmax, code(), k=40, n_out=64,
+def test_moe_matmul_tiles_odd_k_and_declines_narrow_rows():
+    packed, absmax, w = quantized(2, 40, 64, seed=4)  # K = 40: tiles of 8 weight rows
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(5))
+    out = kernels.nf4_moe_matmul(x, torch.tensor([1, 1]), packed, absmax, code(), k=40, n_out=64, gated=False)
+    ref = torch.cat([x[:1] @ w[0], x[1:] @ w[1]])
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6
+    packed, absmax, _ = quantized(2, 64, 4, seed=6)  # 2 packed bytes per weight row: no tile of 8 bytes fits
+    assert kernels.nf4_moe_matmul(torch.randn(2, 64), torch.tensor([1, 1]), packed, absmax, code(), k=64, n_out=4,
                                   gated=False) is None
 
 
