@@ -40,15 +40,22 @@ run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/ (
 # were built with; the CPU build brings none, so the tests add the one tested here (not a pyproject pin: it would
 # fight the CUDA build's own on a GPU box).
 TRITON_FOR_TESTS := triton==3.6.0
+# The linter the tests run (`ruff check`, configured in pyproject.toml's [tool.ruff]); pinned so every machine reports
+# the same findings.
+RUFF_VERSION := 0.17.6
+LINT := $(BIN)/ruff check medtune tests scripts
 TEST_STAMP := $(VENV)/.test-installed
-$(TEST_STAMP): $(STAMP)
+$(TEST_STAMP): $(STAMP) Makefile
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q $(TRITON_FOR_TESTS)
+	$(BIN)/ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(BIN)/python -m pip install -q ruff==$(RUFF_VERSION)
 	touch $@
 
-test: $(TEST_STAMP) ## run the test suite (unit, data, Llama 4, notebooks end to end; ~10-15 min on 2 CPU cores)
+test: $(TEST_STAMP) ## lint (ruff) and run the test suite (unit, data, Llama 4, notebooks end to end; ~10-15 min on 2 CPU cores)
+	$(LINT)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
 
-test-fast: $(TEST_STAMP) ## the tests without model runs (~3 min on 2 cores)
+test-fast: $(TEST_STAMP) ## lint (ruff) and the tests without model runs (~3 min on 2 cores)
+	$(LINT)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
 lab: $(STAMP) ## open JupyterLab on notebooks/ with the project's environment

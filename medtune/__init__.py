@@ -21,7 +21,8 @@ __version__ = "0.1.0"
 _warnings.filterwarnings("ignore", message="IProgress not found")
 # transformers 5.23 renamed gradient checkpointing to activation checkpointing; PEFT 0.21.2 and TRL 1.16 still call the
 # old names, so every 05-07 report would carry these FutureWarnings about code that is not ours.
-_warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", category=FutureWarning)
+_warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
+                         category=FutureWarning)
 if _os.environ.get("MEDTUNE_HEADLESS") == "1":
     _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -199,7 +199,8 @@ def cpu_adapters_in_compute_dtype(trainer) -> int:
     if not params or params[0].device.type != "cpu":
         return 0
     quant = getattr(_unwrap(model).config, "quantization_config", None)
-    compute = getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None and not isinstance(quant, dict) else None
+    compute = (getattr(quant, "bnb_4bit_compute_dtype", None) if quant is not None and not isinstance(quant, dict)
+               else None)
     if isinstance(quant, dict):
         compute = quant.get("bnb_4bit_compute_dtype")
     if isinstance(compute, str):

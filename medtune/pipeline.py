@@ -130,7 +130,7 @@ def update_resumed_config(run: RunDir, params: str | Path) -> list[str]:
             f"(make run-all PARAMS={params}), or continue this run with its own settings (make run-all "
             f"RESUME={run.run_id}, without PARAMS)."
         )
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     run.config_path.rename(run.path / f"config.{stamp}.yaml")
     _config.dump(dataclasses.replace(new, profile=old.profile), run.config_path)  # the run id keeps its profile name
     record = run.metrics().get("pipeline", {}).get("config_changes", [])
@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except PapermillExecutionError as err:
         print(f"\nerror: notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr)
-        print("the executed notebook with the failing cell is in the run's notebooks/ folder (path above).", file=sys.stderr)
+        print("the executed notebook with the failing cell is in the run's notebooks/ folder (path above).",
+              file=sys.stderr)
         return 1
     except KernelDied as err:
         print(f"\nerror: {err}", file=sys.stderr)

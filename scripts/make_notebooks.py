@@ -8,7 +8,6 @@ import hashlib
 from pathlib import Path
 
 import nbformat
-
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 PARAMS = (
@@ -61,11 +60,12 @@ NOTEBOOKS = {
         PARAMS.format(empty="start a new run"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, new_run=True)"),
-            ("md", "## 1. Token, access to the gated model, and the download size\n\nLlama 4 Scout is gated on the Hub: "
-                   "accept its license on its page first (the same token then works through a mirror). On the offline "
-                   "default profile the model and data are local and nothing is contacted."),
+            ("md", "## 1. Token, access to the gated model, and the download size\n\nLlama 4 Scout is gated on the "
+                   "Hub: accept its license on its page first (the same token then works through a mirror). On the "
+                   "offline default profile the model and data are local and nothing is contacted."),
             ("code", "status = auth.check_access(cfg)\nauth.show(status)"),
-            ("code", "# preflight: settings vs. this machine, memory, disk, versions; all failures at once, before any download\n"
+            ("code", "# preflight: settings vs. this machine, memory, disk, versions; all failures at once, before any "
+                     "download\n"
                      "run.record(\"preflight\", preflight.run(cfg, access=status))"),
             ("md", "## Record"),
             ("code", 'run.record("auth", status);'),
@@ -73,7 +73,8 @@ NOTEBOOKS = {
     ),
     "01_load_quantized_model": nb(
         "01 · Load the model in 4-bit (QLoRA's NF4)",
-        "The walkthrough's `BitsAndBytesConfig` (4-bit NF4, no double quantization, bf16 compute; the CPU profiles compute in float32) with "
+        "The walkthrough's `BitsAndBytesConfig` (4-bit NF4, no double quantization, bf16 compute; the CPU profiles "
+        "compute in float32) with "
         "`device_map=\"auto\"`, the matching tokenizer, and a report of what was quantized and what was not.",
         "from medtune.settings import config, runs\nfrom medtune.stages import modeling, preflight",
         PARAMS.format(empty=LATEST),
@@ -134,7 +135,8 @@ NOTEBOOKS = {
             ("md", "## 4. The test template (what 04 and 06 send)"),
             ("code", 'print(data.test_prompt("<question>", cfg.language))'),
             ("md", "## Record"),
-            ("code", 'run.record("data", {k: v for k, v in summary.items() if k != "first_text"} | {"language": cfg.language});'),
+            ("code", 'run.record("data", {k: v for k, v in summary.items() if k != "first_text"} '
+                     '| {"language": cfg.language});'),
         ],
     ),
     "04_baseline": nb(
@@ -142,7 +144,8 @@ NOTEBOOKS = {
         "Numbers before training, on the same held-out data that 06 uses after it: answers to the held-out questions "
         "scored against the reference responses (ROUGE-L, length, EOS, template), the held-out loss and perplexity, "
         "and multiple-choice accuracy on the profile's benchmarks (MedQA, PubMedQA).",
-        "from IPython.display import Markdown, display\n\nfrom medtune.evaluation import heldout, multiple_choice\nfrom medtune.settings import runs\nfrom medtune.stages import modeling",
+        "from IPython.display import Markdown, display\n\nfrom medtune.evaluation import heldout, multiple_choice\n"
+        "from medtune.settings import runs\nfrom medtune.stages import modeling",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (walkthrough: 1200)"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, max_new_tokens=MAX_NEW_TOKENS or None, "
@@ -166,7 +169,8 @@ NOTEBOOKS = {
         "05 · LoRA SFT",
         "LoRA (r=64, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down_proj) on the 4-bit model, trained with TRL's "
         "`SFTTrainer` and the walkthrough's arguments. Checkpoints go into the run; re-running resumes from the last.",
-        "from IPython.display import Image, display\n\nfrom medtune.settings import config, runs\nfrom medtune.stages import modeling, train",
+        "from IPython.display import Image, display\n\nfrom medtune.settings import config, runs\n"
+        "from medtune.stages import modeling, train",
         PARAMS.format(empty=LATEST),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)\nmodel, tokenizer = modeling.load_model(cfg)"),
@@ -187,7 +191,8 @@ NOTEBOOKS = {
         "The same held-out questions, reference responses and benchmark items as 04, with the LoRA adapter from 05: "
         "every metric baseline against fine-tuned, with plots, the HuatuoGPT-o1 paper's figures for context, and "
         "the answers side by side.",
-        "from IPython.display import Image, Markdown, display\n\nfrom medtune.evaluation import heldout, multiple_choice\nfrom medtune.settings import runs\nfrom medtune.stages import data, modeling",
+        "from IPython.display import Image, Markdown, display\n\nfrom medtune.evaluation import heldout, "
+        "multiple_choice\nfrom medtune.settings import runs\nfrom medtune.stages import data, modeling",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (use 04's values)"),
         [
             ("code", "cfg, run = runs.session(PARAMS, RUN_DIR, max_new_tokens=MAX_NEW_TOKENS or None, "
@@ -202,7 +207,8 @@ NOTEBOOKS = {
             ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
             ("code", 'bench = multiple_choice.measure(cfg, run, model, tokenizer, "finetuned")\n'
                      "display(Markdown(multiple_choice.show(bench)))"),
-            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, "paper_anchor": multiple_choice.PAPER_ANCHOR});'),
+            ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, '
+                     '"paper_anchor": multiple_choice.PAPER_ANCHOR});'),
             ("md", "## 5. Baseline vs fine-tuned\n\nEvery metric of 04 and 06; the difference is fine-tuned minus "
                    "baseline."),
             ("code", "display(Markdown(heldout.metrics_table(run)))"),
@@ -224,10 +230,12 @@ NOTEBOOKS = {
         "The adapter, its tokenizer and a model card written from this run, to the Hugging Face Hub or ModelScope "
         "(private by default). The default is a dry run: it writes exactly the folder that would be uploaded, `push/` "
         "in the run. Optionally, the LoRA merged into the bf16 base weights as a standalone model.",
-        "from IPython.display import Markdown, display\n\nfrom medtune.settings import runs\nfrom medtune.stages import publish",
+        "from IPython.display import Markdown, display\n\nfrom medtune.settings import runs\n"
+        "from medtune.stages import publish",
         PARAMS.format(empty=LATEST)
         + "\nPUSH: bool | None = None  # True uploads, False writes the folder only (dry run); None: the profile's push"
-        + '\nPUSH_TO: str = ""  # "hub" (HF_TOKEN) or "modelscope" (MODELSCOPE_API_TOKEN); empty: the profile\'s push_to'
+        + '\nPUSH_TO: str = ""  # "hub" (HF_TOKEN) or "modelscope" (MODELSCOPE_API_TOKEN); empty: the profile\'s '
+          'push_to'
         + '\nREPO_ID: str = ""  # e.g. "you/llama4-scout-medical-qlora"; empty: the profile\'s hub_repo_id'
         + "\nEXPORT_MERGED: bool | None = None  # also save the LoRA merged into the bf16 base; None: the profile's",
         [

@@ -58,8 +58,8 @@ def outputs(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture(autouse=True)
 def _no_autocast_leak():
-    """A trainer that fails mid-step (tests/llama4/test_compat.py shows TRL's unpatched Llama 4 failure on purpose) leaves
-    CPU autocast (bf16) switched on for the process; later fp32 numerics tests would then compute in bf16."""
+    """A trainer that fails mid-step (tests/llama4/test_compat.py shows TRL's unpatched Llama 4 failure on purpose)
+    leaves CPU autocast (bf16) switched on for the process; later fp32 numerics tests would then compute in bf16."""
     import torch
 
     yield

@@ -113,10 +113,11 @@ def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en"
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
                 new = gen[:, enc["input_ids"].shape[1]:]
-            for i, ids in zip(batch, new.tolist()):
+            for i, ids in zip(batch, new.tolist(), strict=True):
                 r = rows[i]
                 stopped = tokenizer.eos_token_id in ids
-                n = ids.index(tokenizer.eos_token_id) + 1 if stopped else len([t for t in ids if t != tokenizer.pad_token_id])
+                n = (ids.index(tokenizer.eos_token_id) + 1 if stopped
+                     else len([t for t in ids if t != tokenizer.pad_token_id]))
                 generated += n
                 results[i] = {"row": r.get("row"), "question": r["Question"],
                               "answer": tokenizer.decode(ids[:n], skip_special_tokens=True).strip(),
@@ -154,7 +155,8 @@ def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", b
             ex = _data.train_example(r, tokenizer.eos_token, language)
             p_ids = tokenizer(ex["prompt"])["input_ids"]
             full = tokenizer(ex["prompt"] + ex["completion"])["input_ids"]
-            start = next((i for i, (a, b) in enumerate(zip(p_ids, full)) if a != b), min(len(p_ids), len(full)))
+            start = next((i for i, (a, b) in enumerate(zip(p_ids, full, strict=False)) if a != b),
+                         min(len(p_ids), len(full)))
             labels = [-100] * start + full[start:]
             if max_length:
                 full, labels = full[:max_length], labels[:max_length]
@@ -176,7 +178,8 @@ def response_loss(model, tokenizer, rows: list[dict], *, language: str = "en", b
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
             shift_labels = labels[:, 1:].reshape(-1).to(device)
-            nll_sum += torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum").item()
+            nll_sum += torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100,
+                                                         reduction="sum").item()
             count += int((shift_labels != -100).sum())
     finally:
         tokenizer.padding_side = side
@@ -263,7 +266,8 @@ def generation_metrics(answers: list[dict], references: dict, language: str = "e
     n = len(answers)
     parts = [answer_part(a["answer"]) for a in answers]
     out = summarize(answers)
-    out["rouge_l"] = round(sum(rouge_l(p, references[a["row"]], language) for p, a in zip(parts, answers)) / n, 4) if n else None
+    out["rouge_l"] = (round(sum(rouge_l(p, references[a["row"]], language)
+                                for p, a in zip(parts, answers, strict=True)) / n, 4) if n else None)
     out["mean_answer_chars"] = round(sum(len(p) for p in parts) / n, 1) if n else None
     out["template_share"] = round(sum(follows_template(a["answer"]) for a in answers) / n, 3) if n else None
     return out
@@ -313,7 +317,8 @@ def answer_heldout(cfg, run, model, tokenizer, out_path, max_new_tokens: int | N
     _, heldout = _data.read_split(run)
     heldout = heldout[:cfg.eval_questions]
     answers = generate_answers(model, tokenizer, heldout, language=cfg.language,
-                               max_new_tokens=max_new_tokens or cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
+                               max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+                               batch_size=cfg.generation_batch_size)
     _data.write_jsonl(answers, out_path)
     return answers
 
@@ -391,7 +396,8 @@ def metrics_table(run) -> str:
             lines.append(f"| {name}: unparseable share | {x.get('unparsed_share')} | {y.get('unparsed_share')} | "
                          f"{_diff(x.get('unparsed_share'), y.get('unparsed_share'))} |")
         if x and y and (x.get("items"), x.get("mode")) != (y.get("items"), y.get("mode")):
-            notes.append(f"{name}: {x.get('items')} items by {x.get('mode')} in 04, {y.get('items')} by {y.get('mode')} in 06")
+            notes.append(f"{name}: {x.get('items')} items by {x.get('mode')} in 04, "
+                         f"{y.get('items')} by {y.get('mode')} in 06")
     if notes:
         lines += ["", "**Not the same measurement in 04 and 06** (compare with care): " + "; ".join(notes) + "."]
     return "\n".join(lines)

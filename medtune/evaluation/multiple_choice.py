@@ -31,8 +31,8 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -278,7 +278,8 @@ def spec_of(value) -> dict:
     return {"source": spec.text, "config": spec.config, "split": spec.split}
 
 
-_PATH_FIX = "Fix the path in the profile's 'benchmarks' (a relative path starts from the project folder, where make runs)"
+_PATH_FIX = ("Fix the path in the profile's 'benchmarks' (a relative path starts from the project folder, where make "
+             "runs)")
 
 
 def _locate(source: str) -> tuple[str, Path | str]:
@@ -511,7 +512,8 @@ def mc_question(item: MCItem, language: str = "en") -> str:
     """
     w = _WORDING[language]
     opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(item.options))
-    body = item.question if item.context is None else f"{w['context']}\n{item.context}\n\n{w['question']}\n{item.question}"
+    body = (item.question if item.context is None
+            else f"{w['context']}\n{item.context}\n\n{w['question']}\n{item.question}")
     return f"{body}\n\n{w['options']}\n{opts}\n\n{w['ask']}"
 
 
@@ -602,9 +604,9 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
     """Sum of log-probabilities (natural log, nats) of each continuation given its prompt.
 
     ``prompt`` is tokenized alone and ``prompt + continuation`` together; the continuation's tokens are those
-    from where the two sequences diverge (as :func:`medtune.evaluation.heldout.response_loss` and TRL do), so a continuation
-    that merges with the prompt's last token is still scored correctly. Sequences that need the same forward pass
-    (same context, one continuation token: the usual case for option letters) are computed once.
+    from where the two sequences diverge (as :func:`medtune.evaluation.heldout.response_loss` and TRL do), so a
+    continuation that merges with the prompt's last token is still scored correctly. Sequences that need the same
+    forward pass (same context, one continuation token: the usual case for option letters) are computed once.
 
     Args:
         model: a causal LM (4-bit, optionally with a PEFT adapter).
@@ -625,7 +627,8 @@ def continuation_logprobs(model, tokenizer, pairs: Sequence[tuple[str, str]], *,
     for prompt, cont in pairs:
         p_ids = tokenizer(prompt)["input_ids"]
         full = tokenizer(prompt + cont)["input_ids"]
-        start = next((i for i, (a, b) in enumerate(zip(p_ids, full)) if a != b), min(len(p_ids), len(full)))
+        start = next((i for i, (a, b) in enumerate(zip(p_ids, full, strict=False)) if a != b),
+                     min(len(p_ids), len(full)))
         if start >= len(full):
             raise ValueError(f"continuation {cont!r} adds no token to its prompt.")
         start = max(start, 1)  # the first token of a sequence has no prediction
@@ -686,7 +689,7 @@ def predict_loglik(model, tokenizer, items: Sequence[MCItem], *, language: str =
         spans.append((start, len(pairs)))
     scores = continuation_logprobs(model, tokenizer, pairs, batch_size=batch_size)
     out = []
-    for item, (a, b) in zip(items, spans):
+    for item, (a, b) in zip(items, spans, strict=True):
         s = scores[a:b]
         pred = LETTERS[max(range(len(s)), key=lambda i: (s[i], -i))]
         out.append({"id": item.id, "answer": item.answer, "predicted": pred, "correct": pred == item.answer,
@@ -708,7 +711,7 @@ def predict_generate(model, tokenizer, items: Sequence[MCItem], *, language: str
     gens = generate_answers(model, tokenizer, rows, language=language, max_new_tokens=max_new_tokens,
                             batch_size=batch_size)
     out = []
-    for item, g in zip(items, gens):
+    for item, g in zip(items, gens, strict=True):
         pred = extract_choice(g["answer"], item.options)
         out.append({"id": item.id, "answer": item.answer, "predicted": pred, "correct": pred == item.answer,
                     "parsed": pred is not None, "output": g["answer"], "new_tokens": g["new_tokens"],

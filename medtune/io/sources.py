@@ -36,9 +36,10 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 HUB_DEFAULT_ENDPOINT = "https://huggingface.co"
 MODELSCOPE_DEFAULT_ENDPOINT = "https://www.modelscope.cn"
@@ -379,7 +380,7 @@ def hub_endpoint(configured: str | None = None) -> str:
     return value if value.startswith(("http://", "https://")) else "https://" + value
 
 
-def get(kind: str, endpoint: str | None = None) -> "Source":
+def get(kind: str, endpoint: str | None = None) -> Source:
     """The :class:`Source` for ``kind`` ("hub" or "modelscope"); ``endpoint``: the Hub mirror, if any.
 
     Raises:
@@ -394,7 +395,7 @@ def get(kind: str, endpoint: str | None = None) -> "Source":
     return Source(kind, client)
 
 
-def for_spec(spec: str, source: str, endpoint: str | None = None, what: str = "model") -> "Source | None":
+def for_spec(spec: str, source: str, endpoint: str | None = None, what: str = "model") -> Source | None:
     """The source to download ``spec`` from, or None when it is local (a path or a ``package:`` file).
 
     Raises:
@@ -410,17 +411,17 @@ def for_spec(spec: str, source: str, endpoint: str | None = None, what: str = "m
     return get(source, endpoint)
 
 
-def for_model(cfg) -> "Source | None":
+def for_model(cfg) -> Source | None:
     """Where ``cfg.model`` comes from (None: local). See :func:`for_spec`."""
     return for_spec(cfg.model, cfg.source, cfg.hub_endpoint, "model")
 
 
-def for_dataset(cfg) -> "Source | None":
+def for_dataset(cfg) -> Source | None:
     """Where ``cfg.dataset`` comes from (``dataset_source`` or ``source``; None: local)."""
     return for_spec(cfg.dataset, cfg.dataset_source or cfg.source, cfg.hub_endpoint, "dataset")
 
 
-def for_push(cfg) -> "Source":
+def for_push(cfg) -> Source:
     """Where 07 uploads: ``cfg.push_to`` ("hub", through ``hub_endpoint`` if set, or "modelscope")."""
     return get(cfg.push_to, cfg.hub_endpoint)
 
@@ -437,7 +438,8 @@ def transfer_backend(kind: str = "hub") -> str:
     # huggingface_hub uses hf_xet whenever it is importable and HF_HUB_DISABLE_XET is not set (utils/_runtime.py)
     if importlib.util.find_spec("hf_xet") is not None and not constants.HF_HUB_DISABLE_XET:
 
-        mode = "high-performance" if constants.HF_XET_HIGH_PERFORMANCE else "default; HF_XET_HIGH_PERFORMANCE=1 uses all cores"
+        mode = ("high-performance" if constants.HF_XET_HIGH_PERFORMANCE
+                else "default; HF_XET_HIGH_PERFORMANCE=1 uses all cores")
         return f"hf_xet {version('hf_xet')} ({mode})"
     why = "HF_HUB_DISABLE_XET is set" if constants.HF_HUB_DISABLE_XET else "hf_xet is not installed"
     return f"HTTP ({why})"
@@ -762,7 +764,8 @@ def translate(err: BaseException, source: Source, *, action: str, repo_id: str |
     if "GatedRepoError" in names:
         if not has_token:
             return made(TokenError, f"{what} is gated and {var} is not set. Accept its license on "
-                                    f"{source.repo_page(repo_id, repo_type)} (approval comes by e-mail), then: {token_how}")
+                                    f"{source.repo_page(repo_id, repo_type)} (approval comes by e-mail), then: "
+                                    f"{token_how}")
         who = f"account '{source.account}' ({var})" if source.account else f"the account of {var}"
         return made(AccessDenied, f"{who} has no access to the gated {what} yet. Open "
                                   f"{source.repo_page(repo_id, repo_type)}, accept the license, wait for the approval "

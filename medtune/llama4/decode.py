@@ -165,7 +165,7 @@ def greedy_decode(
                        past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         nxt = torch.where(finished, pad, logits[:, -1].argmax(-1))
         tokens.scatter_(1, col.clamp(max=max_new_tokens - 1), nxt[:, None])
-        finished.logical_or_(((nxt[:, None] == eos[None]).any(-1)))
+        finished.logical_or_((nxt[:, None] == eos[None]).any(-1))
         ids.copy_(nxt[:, None])
         pos.add_(1)
         cur.add_(1)

@@ -38,25 +38,33 @@ class RunConfig:
     dataset_config: str | None = None  # Hub dataset config; the walkthrough uses "en"
     dataset_split: str = "train"  # Hub dataset split
     max_rows: int | None = None  # use the first N rows of the dataset only (walkthrough: 500)
-    bad_rows: Literal["skip", "fail"] = "fail"  # rows that are unusable or longer than sft.max_length: stop (fail) or skip and list them
+    # rows that are unusable or longer than sft.max_length: stop (fail) or skip and list them
+    bad_rows: Literal["skip", "fail"] = "fail"
     language: Literal["en", "zh"] = "en"  # language of the prompt template
     # --- where model and dataset ids are downloaded from (medtune.io.sources) ----------------------------------------
-    source: Literal["hub", "modelscope", "local"] = "hub"  # Hugging Face Hub (or hub_endpoint), ModelScope, or local paths only
-    dataset_source: Literal["hub", "modelscope", "local"] | None = None  # the dataset's source if it differs; null: source
-    hub_endpoint: str | None = None  # Hub mirror, e.g. https://hf-mirror.com; null: $HF_ENDPOINT or https://huggingface.co
+    # Hugging Face Hub (or hub_endpoint), ModelScope, or local paths only
+    source: Literal["hub", "modelscope", "local"] = "hub"
+    # the dataset's source if it differs; null: source
+    dataset_source: Literal["hub", "modelscope", "local"] | None = None
+    # Hub mirror, e.g. https://hf-mirror.com; null: $HF_ENDPOINT or https://huggingface.co
+    hub_endpoint: str | None = None
     # --- held-out split ----------------------------------------------------------------------------------------
     heldout_rows: tuple[int, ...] = (0, 10)  # dataset rows always held out (the walkthrough's questions 0 and 10)
     heldout_size: int = 8  # total held-out examples (heldout_rows plus a seeded random sample); never trained on
     seed: int = 42  # seed for the split, LoRA init and training
     # --- generation and evaluation -------------------------------------------------------------------------------
     max_new_tokens: int = 1200  # tokens generated per answer in 04 and 06 (walkthrough: 1200)
-    generation_batch_size: int | Literal["auto"] = 4  # questions generated at once (left padding); auto: as many as free GPU memory holds (4 on CPU)
-    eval_batch_size: int | Literal["auto"] = 4  # sequences per forward pass for held-out loss and benchmark log-likelihood; auto as above
+    # questions generated at once (left padding); auto: as many as free GPU memory holds (4 on CPU)
+    generation_batch_size: int | Literal["auto"] = 4
+    # sequences per forward pass for held-out loss and benchmark log-likelihood; auto as above
+    eval_batch_size: int | Literal["auto"] = 4
     eval_questions: int | None = None  # held-out questions answered in 04/06 (the first N held-out rows); null: all
-    # --- multiple-choice benchmarks in 04 and 06 (medtune.evaluation.multiple_choice) --------------------------------------------
-    benchmarks: dict = dataclasses.field(default_factory=dict)  # name -> source (JSONL, package:..., Hub id) or {source, config, split}
+    # --- multiple-choice benchmarks in 04 and 06 (medtune.evaluation.multiple_choice) ---------------------------------
+    # name -> source (JSONL, package:..., Hub id) or {source, config, split}
+    benchmarks: dict = dataclasses.field(default_factory=dict)
     benchmark_limit: int | None = None  # first N items of each benchmark; null: all
-    benchmark_mode: Literal["loglik", "generate"] = "loglik"  # score option letters by log-likelihood, or generate and read the letter
+    # score option letters by log-likelihood, or generate and read the letter
+    benchmark_mode: Literal["loglik", "generate"] = "loglik"
     # --- training ------------------------------------------------------------------------------------------------
     loss_on: Literal["response", "text"] = "response"  # response-only loss, or the whole text (the walkthrough)
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: all visible GPUs if any, else CPU
@@ -69,10 +77,11 @@ class RunConfig:
     hub_repo_id: str | None = None  # where 07 pushes the adapter, e.g. "you/llama4-scout-medical-qlora"
     push: bool = False  # False: dry run, writes the folder that would be uploaded and lists it
     hub_private: bool = True  # create the Hub repo as private
-    push_to: Literal["hub", "modelscope"] = "hub"  # 07 uploads to the Hub (HF_TOKEN) or ModelScope (MODELSCOPE_API_TOKEN)
+    # 07 uploads to the Hub (HF_TOKEN) or ModelScope (MODELSCOPE_API_TOKEN)
+    push_to: Literal["hub", "modelscope"] = "hub"
     export_merged: bool = False  # 07: also save the LoRA merged into the bf16 base weights (<run>/merged/)
 
-    def replace(self, **changes: Any) -> "RunConfig":
+    def replace(self, **changes: Any) -> RunConfig:
         """Return a validated copy with ``changes`` applied (``None`` values are ignored).
 
         Raises:
@@ -256,7 +265,8 @@ def _check_values(cfg: RunConfig, source: str) -> None:
     if any(r < 0 for r in cfg.heldout_rows):
         raise ConfigError(f"{source}: 'heldout_rows' must be row numbers >= 0, got {list(cfg.heldout_rows)}.")
     if cfg.hub_endpoint is not None and not cfg.hub_endpoint.startswith(("https://", "http://")):
-        raise ConfigError(f"{source}: 'hub_endpoint' must be a URL like https://hf-mirror.com, got {cfg.hub_endpoint!r}.")
+        raise ConfigError(f"{source}: 'hub_endpoint' must be a URL like https://hf-mirror.com, got "
+                          f"{cfg.hub_endpoint!r}.")
     for key in ("eval_questions", "benchmark_limit"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1 (or null for all), got {getattr(cfg, key)}.")
@@ -350,7 +360,8 @@ def _check_benchmarks(benchmarks: dict, source: str) -> None:
 
     for name, spec in benchmarks.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-            raise ConfigError(f"{source}: benchmark name {name!r} must be letters, digits, '_', '.' or '-' (e.g. medqa).")
+            raise ConfigError(f"{source}: benchmark name {name!r} must be letters, digits, '_', '.' or '-' "
+                              "(e.g. medqa).")
         try:
             sources.parse_source(spec)
         except sources.SourceSpecError:
@@ -481,7 +492,8 @@ def bnb_config(cfg: RunConfig):
     dtype = kwargs.get("bnb_4bit_compute_dtype")
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ConfigError(f"quantization.bnb_4bit_compute_dtype: '{dtype}' is not a torch dtype (bfloat16, float16, float32).")
+            raise ConfigError(f"quantization.bnb_4bit_compute_dtype: '{dtype}' is not a torch dtype (bfloat16, "
+                              "float16, float32).")
         kwargs["bnb_4bit_compute_dtype"] = getattr(torch, dtype)
     try:
         return BitsAndBytesConfig(**kwargs)

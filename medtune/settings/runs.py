@@ -68,7 +68,7 @@ class RunDir:
 
     # ---------------------------------------------------------------------------------------------------------
     @classmethod
-    def create(cls, cfg: _config.RunConfig, root: Path | None = None) -> "RunDir":
+    def create(cls, cfg: _config.RunConfig, root: Path | None = None) -> RunDir:
         """Make a new run folder ``<root>/<UTC time>-<profile>-<random>`` and write ``cfg`` to its config.yaml.
 
         The time is to the microsecond (``20261129-120000-123456``), so ids sort in creation order even for runs
@@ -76,7 +76,7 @@ class RunDir:
         digits and creation fails if it exists.
         """
         root = Path(root) if root else outputs_root()
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%d-%H%M%S-%f")
         path = root / f"{stamp}-{cfg.profile}-{secrets.token_hex(3)}"
         path.mkdir(parents=True, exist_ok=False)
         (path / "data").mkdir()
@@ -85,7 +85,7 @@ class RunDir:
         return run
 
     @classmethod
-    def open(cls, path: str | Path) -> "RunDir":
+    def open(cls, path: str | Path) -> RunDir:
         """An existing run. Raises FileNotFoundError naming the folder if it has no config.yaml."""
         path = Path(path).resolve()
         if not (path / "config.yaml").is_file():
@@ -96,7 +96,7 @@ class RunDir:
         return cls(path)
 
     @classmethod
-    def latest(cls, root: Path | None = None) -> "RunDir | None":
+    def latest(cls, root: Path | None = None) -> RunDir | None:
         """The most recently created run under ``root`` (by id, which starts with its UTC time), or None."""
         root = Path(root) if root else outputs_root()
         runs = sorted(p for p in root.glob("*/config.yaml")) if root.is_dir() else []

@@ -1,1 +1,2 @@
-"""One module per notebook stage: auth, preflight, modeling, hardware, data, train, publish. Built on settings and io."""
+"""One module per notebook stage: auth, preflight, modeling, hardware, data, train, publish. Built on settings and
+io."""

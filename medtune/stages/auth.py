@@ -8,8 +8,8 @@ name, the endpoint and whether access was granted are shown and recorded. Every 
 
 from __future__ import annotations
 
-from medtune.settings import config as _config
 from medtune.io import sources as _sources
+from medtune.settings import config as _config
 
 TOKEN_VARIABLES = _sources.TOKEN_VARIABLES["hub"]
 
@@ -82,6 +82,7 @@ def show(status: dict) -> None:
     print(f"source: {status['source']}  endpoint: {status['endpoint']}  transfer: {status['transfer']}")
     print(f"logged in as: {status['user']}" if status["user"] else "no token set: anonymous access (public repos only)")
     if status["model_access"]:
-        print(f"access to the model: granted. OK ({status['model_files']} files, {status['model_gb']:,.2f} GB to download)")
+        print(f"access to the model: granted. OK ({status['model_files']} files, {status['model_gb']:,.2f} GB to "
+              "download)")
     if status["dataset_access"]:
         print("access to the dataset: granted. OK")

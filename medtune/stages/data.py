@@ -16,8 +16,8 @@ import dataclasses
 import importlib.util
 import json
 import random
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 FIELDS = ("Question", "Complex_CoT", "Response")
 
@@ -26,7 +26,10 @@ _INSTRUCTION = {
         "Below is a medical question. Work through it step by step as an experienced clinician would: write your "
         "reasoning between <think> and </think>, then give a concise final answer."
     ),
-    "zh": "下面是一道医学问题。请像经验丰富的临床医生那样逐步分析：先把推理过程写在 <think> 和 </think> 之间，再给出简明的最终答案。",
+    "zh": (
+        "下面是一道医学问题。请像经验丰富的临床医生那样逐步分析："
+        "先把推理过程写在 <think> 和 </think> 之间，再给出简明的最终答案。"
+    ),
 }
 _ROLE = {
     "en": (
@@ -86,8 +89,8 @@ def train_example(row: dict, eos_token: str, language: str = "en") -> dict:
 def package_path(spec: str) -> Path:
     """``package:<pkg>/<path inside it>`` -> the file installed with that package (not checked to exist).
 
-    Used for every ``package:`` spec of a profile: datasets here, benchmarks (:mod:`medtune.evaluation.multiple_choice`),
-    model files (:mod:`medtune.stages.modeling`) and preflight's checks.
+    Used for every ``package:`` spec of a profile: datasets here, benchmarks
+    (:mod:`medtune.evaluation.multiple_choice`), model files (:mod:`medtune.stages.modeling`) and preflight's checks.
 
     Raises:
         DataError: the package is not installed, or ``spec`` is not a ``package:`` spec
@@ -105,7 +108,8 @@ def package_path(spec: str) -> Path:
     top, _, sub = pkg.partition(".")
     found = importlib.util.find_spec(top)
     if found is None or not found.submodule_search_locations:
-        raise DataError(f"{spec}: package '{pkg}' is not installed. Run `make env` (or pip install it), or give a path.")
+        raise DataError(f"{spec}: package '{pkg}' is not installed. Run `make env` (or pip install it), or give a "
+                        "path.")
     return Path(list(found.submodule_search_locations)[0], *sub.split(".") if sub else (), rel)
 
 
@@ -117,8 +121,8 @@ BAD_ROW_POLICIES = ("skip", "fail")
 LISTED = 20  # bad rows spelled out in an error message (all of them are in the report)
 _MAGIC = {b"PAR1": "Parquet", b"\x1f\x8b": "gzip", b"PK\x03\x04": "zip", b"SQLite format": "SQLite", b"ARROW1": "Arrow"}
 _EXPECTED = ("a JSONL file (one JSON object a line with Question, Complex_CoT, Response), a Hub dataset id owner/name "
-             "(e.g. FreedomIntelligence/medical-o1-reasoning-SFT), a folder holding a downloaded Hub dataset (JSONL, JSON "
-             "or Parquet files; its README.md names the configs), or package:<pkg>/<file>")
+             "(e.g. FreedomIntelligence/medical-o1-reasoning-SFT), a folder holding a downloaded Hub dataset (JSONL, "
+             "JSON or Parquet files; its README.md names the configs), or package:<pkg>/<file>")
 # Byte-order marks of the wide encodings; UTF-32's come first (UTF-32LE's starts with UTF-16LE's).
 _BOMS = ((codecs.BOM_UTF32_LE, "UTF-32LE"), (codecs.BOM_UTF32_BE, "UTF-32BE"),
          (codecs.BOM_UTF16_LE, "UTF-16LE"), (codecs.BOM_UTF16_BE, "UTF-16BE"))
@@ -288,7 +292,8 @@ def read_records(path: str | Path) -> Records:
         try:
             doc = json.loads(raw.decode("utf-8-sig"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DataError(f"{path}: starts like a JSON array but does not parse ({err}). Fix the file, or give JSONL.") from None
+            raise DataError(f"{path}: starts like a JSON array but does not parse ({err}). Fix the file, or give "
+                            "JSONL.") from None
         if isinstance(doc, list):
             return Records(list(enumerate(doc, start=1)), unit="row")
     why = _not_jsonl(path, raw)
@@ -302,7 +307,8 @@ def read_records(path: str | Path) -> Records:
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            items.append((number, Unreadable(f"not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})")))
+            reason = f"not UTF-8 text (byte 0x{line[err.start]:02x} at column {err.start + 1})"
+            items.append((number, Unreadable(reason)))
             continue
         if not text.strip():
             continue
@@ -402,7 +408,7 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
             rep.bad.append((number, why))
     if lengths is not None and max_length is not None and good:
         counts = lengths([row for _, _, row in good])
-        long = {number: n for (_, number, _), n in zip(good, counts) if n > max_length}
+        long = {number: n for (_, number, _), n in zip(good, counts, strict=True) if n > max_length}
         for number, n in long.items():
             rep.bad.append((number, f"{n:,} tokens, longer than sft.max_length {max_length:,} "
                                     "(truncation would cut the answer and the EOS)"))
@@ -476,7 +482,8 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
     rows = validate_rows(raw, source, bad_rows=bad_rows, lengths=lengths, max_length=max_length, report=report)
     if len(rows) < 2:
         raise DataError(f"{source}: {len(rows)} usable rows of {len(raw)}; at least 2 are needed (one to train, one "
-                        "held out)." + (" The others were skipped as bad rows (listed above)." if len(raw) > len(rows) else ""))
+                        "held out)."
+                        + (" The others were skipped as bad rows (listed above)." if len(raw) > len(rows) else ""))
     return rows
 
 
@@ -509,7 +516,8 @@ def _load_folder(folder: Path, config_name: str | None, split: str):
                         "dataset_config and dataset_split in the profile to ones the folder has.") from None
 
 
-def split_heldout(rows: list[dict], heldout_rows: Iterable[int], heldout_size: int, seed: int) -> tuple[list[dict], list[dict]]:
+def split_heldout(rows: list[dict], heldout_rows: Iterable[int], heldout_size: int,
+                  seed: int) -> tuple[list[dict], list[dict]]:
     """Split rows into training and held-out sets. Held-out rows are never trained on.
 
     The held-out set is ``heldout_rows`` (dataset row indices, 0-based: the walkthrough asks questions 0 and 10)
@@ -585,9 +593,10 @@ def prepare(cfg, run, tokenizer) -> dict:
     Bad rows (:func:`validate_rows`: unreadable, missing/empty/non-string/invalid-Unicode fields, duplicate
     questions, and training texts longer than ``sft.max_length`` tokens of ``tokenizer``) stop here with ``bad_rows:
     fail``, or are left out and listed with ``bad_rows: skip``: every one of them, number and reason, in
-    ``run.skipped_rows_path`` (``data/skipped_rows.jsonl``), the first :data:`LISTED` in the summary. ``heldout_rows`` and each saved row's ``"row"`` stay dataset row indices
-    (0-based, bad rows counted), so skipping rows never shifts which questions are held out; a held-out row that
-    was skipped is said so and not held out. (A tokenizer stand-in that cannot be called skips the length check.)
+    ``run.skipped_rows_path`` (``data/skipped_rows.jsonl``), the first :data:`LISTED` in the summary.
+    ``heldout_rows`` and each saved row's ``"row"`` stay dataset row indices (0-based, bad rows counted), so skipping
+    rows never shifts which questions are held out; a held-out row that was skipped is said so and not held out. (A
+    tokenizer stand-in that cannot be called skips the length check.)
 
     Returns:
         ``{"rows", "train", "heldout", "heldout_rows", "bad_rows", "first_text"}``: rows used, training and held-out
@@ -633,8 +642,9 @@ def prepare(cfg, run, tokenizer) -> dict:
     formatted = [{"row": r["row"], **train_example(r, tokenizer.eos_token, cfg.language)} for r in train]
     write_jsonl(formatted, run.train_data_path)
     first = formatted[0]["prompt"] + formatted[0]["completion"]
-    return {"rows": len(rows), "train": len(train), "heldout": len(heldout), "heldout_rows": [r["row"] for r in heldout],
-            "bad_rows": report.summary(file=skipped_file), "first_text": first}
+    return {"rows": len(rows), "train": len(train), "heldout": len(heldout),
+            "heldout_rows": [r["row"] for r in heldout], "bad_rows": report.summary(file=skipped_file),
+            "first_text": first}
 
 
 def read_split(run) -> tuple[list[dict], list[dict]]:

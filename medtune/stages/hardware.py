@@ -63,4 +63,5 @@ def show(rows: list[dict]) -> None:
     """Print :func:`memory_table` as a fixed-width table."""
     print(f"{'device':<8} {'name':<32} {'total GiB':>10} {'used GiB':>9} {'free GiB':>9} {'headroom GiB':>13}")
     for r in rows:
-        print(f"{r['device']:<8} {r['name'][:32]:<32} {r['total_gib']:>10.2f} {r['used_gib']:>9.2f} {r['free_gib']:>9.2f} {r['headroom_gib']:>13.2f}")
+        print(f"{r['device']:<8} {r['name'][:32]:<32} {r['total_gib']:>10.2f} {r['used_gib']:>9.2f} "
+              f"{r['free_gib']:>9.2f} {r['headroom_gib']:>13.2f}")

@@ -35,7 +35,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MEDTUNE_CACHE", Path.home() / ".cache" / "medtune"))
 
 
-def resolve_model(model: "str | _config.RunConfig", revision: str | None = None, *, source: str = "hub",
+def resolve_model(model: str | _config.RunConfig, revision: str | None = None, *, source: str = "hub",
                   endpoint: str | None = None) -> str:
     """Turn ``RunConfig.model`` into a local folder that ``from_pretrained`` reads without the network.
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import importlib.metadata
+import io
 import math
 import os
 import shutil
@@ -41,7 +41,7 @@ LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class PreflightError(RuntimeError):
     """One or more preflight checks failed. ``str(err)`` lists each with its fix; ``err.failed`` holds them."""
 
-    def __init__(self, failed: list["Check"]):
+    def __init__(self, failed: list[Check]):
         self.failed = failed
         lines = [f"preflight: {len(failed)} check{'s' * (len(failed) > 1)} failed; nothing was downloaded or loaded."]
         for c in failed:
@@ -148,12 +148,14 @@ def estimate_memory(model_config, *, quantization: dict | None = None, llama4_fa
     if moe_layers and any("experts.down_proj" in t for t in targets):
         lora_params += len(moe_layers) * r * experts * (inter + h)
     embed = vocab * h
-    head_params = 0 if getattr(tc, "tie_word_embeddings", getattr(model_config, "tie_word_embeddings", False)) else vocab * h
+    tied = getattr(tc, "tie_word_embeddings", getattr(model_config, "tie_word_embeddings", False))
+    head_params = 0 if tied else vocab * h
     norms = (2 * n_layers + 1) * h
 
     four_bit = bool(quantization.get("load_in_4bit"))
     eight_bit = bool(quantization.get("load_in_8bit"))
-    q_bytes = _bytes_4bit(bool(quantization.get("bnb_4bit_use_double_quant"))) if four_bit else (1.0 if eight_bit else compute_bytes)
+    q_bytes = (_bytes_4bit(bool(quantization.get("bnb_4bit_use_double_quant"))) if four_bit
+               else (1.0 if eight_bit else compute_bytes))
     fast = llama4 and llama4_fast
     expert_bytes = q_bytes if (fast and four_bit) else 2.0
     layers_b = (linear + router) * q_bytes + expert * expert_bytes + 2 * n_layers * h * compute_bytes
@@ -173,7 +175,8 @@ def estimate_memory(model_config, *, quantization: dict | None = None, llama4_fa
     total = weights_b + lora_b + act_b
     return {
         "weights_gib": round(weights_b / GIB, 2), "layers_gib": round(layers_b / GIB, 2),
-        "lora_gib": round(lora_b / GIB, 2), "activations_gib": round(act_b / GIB, 2), "total_gib": round(total / GIB, 2),
+        "lora_gib": round(lora_b / GIB, 2), "activations_gib": round(act_b / GIB, 2),
+        "total_gib": round(total / GIB, 2),
         "params": {"linear": linear, "routed_experts": expert, "embeddings": embed, "lm_head": head_params,
                    "norms": norms, "router": router, "lora": lora_params},
     }
@@ -254,7 +257,8 @@ def check_settings(cfg: _config.RunConfig) -> list[Check]:
 
 def _check_bitsandbytes(cfg: _config.RunConfig, gpu: bool) -> list[Check]:
     """Import bitsandbytes and quantize 64 weights on the run's device: an empirical probe of what its build can do."""
-    key = "load_in_4bit" if cfg.quantization.get("load_in_4bit") else "load_in_8bit" if cfg.quantization.get("load_in_8bit") else None
+    key = ("load_in_4bit" if cfg.quantization.get("load_in_4bit")
+           else "load_in_8bit" if cfg.quantization.get("load_in_8bit") else None)
     if key is None:
         return []
     fix = ("install the tested build (pip install bitsandbytes==0.50.2; `make env` does), or set quantization: {} to "
@@ -275,15 +279,16 @@ def _check_bitsandbytes(cfg: _config.RunConfig, gpu: bool) -> list[Check]:
             bnbf.int8_vectorwise_quant(weights.reshape(1, -1).half())
     except Exception as err:  # noqa: BLE001 -- whatever the backend raises: it cannot run here
         return [Check(f"quantization.{key}", "error", f"quantization.{key} is true, but bitsandbytes "
-                      f"{_version('bitsandbytes')} cannot quantize on {device} ({type(err).__name__}: {str(err)[:200]}).",
+                      f"{_version('bitsandbytes')} cannot quantize on {device} "
+                      f"({type(err).__name__}: {str(err)[:200]}).",
                       "use device: cpu (bitsandbytes 0.50 runs NF4 on CPU), or " + fix)]
     return []
 
 
 def check_access(cfg: _config.RunConfig, status: dict | None = None) -> tuple[Check, dict | None]:
     """Token accepted and gated access granted (:func:`medtune.stages.auth.check_access`, or its earlier ``status``)."""
-    from medtune.stages import auth
     from medtune.io import sources
+    from medtune.stages import auth
 
     if status is None:
         try:
@@ -293,13 +298,15 @@ def check_access(cfg: _config.RunConfig, status: dict | None = None) -> tuple[Ch
     if not status.get("hub_needed"):
         return Check("access", "ok", "model and dataset are local: no Hub or ModelScope access needed."), status
     who = f"as {status['user']}" if status.get("user") else "anonymously (no token set)"
-    return Check("access", "ok", f"{status['source']} ({status['endpoint']}) {who}: model and dataset readable."), status
+    return Check("access", "ok",
+                 f"{status['source']} ({status['endpoint']}) {who}: model and dataset readable."), status
 
 
 def check_push(cfg: _config.RunConfig) -> Check:
     """With ``push: true``, the token 07 uploads with must be set now, not found missing after training.
 
-    (``hub_repo_id`` is required at load: :mod:`medtune.settings.config`. Write access itself is checked by 07's upload.)
+    (``hub_repo_id`` is required at load: :mod:`medtune.settings.config`. Write access itself is checked by 07's
+    upload.)
     """
     from medtune.io import sources
 
@@ -334,9 +341,9 @@ def check_tokens() -> Check:
 
 
 def check_dataset_file(cfg: _config.RunConfig) -> Check:
-    """A local or ``package:`` JSONL dataset read and every row checked now (:func:`medtune.stages.data.load_rows`, without
-    the token-length check, which needs the tokenizer and comes in 03), so a broken file stops the run in 00, before
-    01 loads the model. Hub datasets are checked by 00's access check here and read in 03."""
+    """A local or ``package:`` JSONL dataset read and every row checked now (:func:`medtune.stages.data.load_rows`,
+    without the token-length check, which needs the tokenizer and comes in 03), so a broken file stops the run in 00,
+    before 01 loads the model. Hub datasets are checked by 00's access check here and read in 03."""
     from medtune.io import sources
     from medtune.stages import data
 
@@ -357,8 +364,9 @@ def check_dataset_file(cfg: _config.RunConfig) -> Check:
 
 
 def check_benchmark_files(cfg: _config.RunConfig) -> Check:
-    """Every local or ``package:`` benchmark file read in full now (:func:`medtune.evaluation.multiple_choice.validate`), so a bad
-    file stops the run in 00 instead of in 04 after the baseline answers; Hub ids are only checked for shape."""
+    """Every local or ``package:`` benchmark file read in full now
+    (:func:`medtune.evaluation.multiple_choice.validate`), so a bad file stops the run in 00 instead of in 04 after
+    the baseline answers; Hub ids are only checked for shape."""
     from medtune.evaluation import multiple_choice
 
     if not cfg.benchmarks:
@@ -476,8 +484,8 @@ def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) 
     """Free disk against what the run will write: the model download (sizes from the service's file metadata,
     cached files not counted), Llama 4's NF4 experts cache (``llama4_fast``) and the checkpoints in outputs/."""
     from medtune.io import sources
-    from medtune.stages.modeling import cache_dir, nf4_experts_cache
     from medtune.settings.runs import outputs_root
+    from medtune.stages.modeling import cache_dir, nf4_experts_cache
 
     needs: list[tuple[str, Path, int]] = []
     src = sources.for_model(cfg)
@@ -626,7 +634,8 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
 
     Args:
         cfg: the run's settings.
-        access: the result of :func:`medtune.stages.auth.check_access` if it was called already (notebook 00), else None.
+        access: the result of :func:`medtune.stages.auth.check_access` if it was called already (notebook 00), else
+            None.
 
     Returns:
         ``{"ok": True, "checks": [{"name", "status", "detail", "fix"}], "estimate": {...} or None}``, for

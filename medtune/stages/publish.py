@@ -1,5 +1,5 @@
-"""Push (the walkthrough's step 07): the adapter, its tokenizer and a model card, to the Hub or ModelScope, or a dry run;
-and the optional merged export.
+"""Push (the walkthrough's step 07): the adapter, its tokenizer and a model card, to the Hub or ModelScope, or a dry
+run; and the optional merged export.
 
 The dry run (the default) writes exactly the folder that would be uploaded, ``<run>/push/``, and lists it. The push
 uploads that same folder (:meth:`medtune.io.sources.Source.push_folder`: ``create_repo`` private by default, then
@@ -26,9 +26,9 @@ from pathlib import Path
 import psutil
 
 from medtune import families
+from medtune.io import sources as _sources
 from medtune.settings import config as _config
 from medtune.stages import data as _data
-from medtune.io import sources as _sources
 
 GIB = 2**30
 
@@ -180,9 +180,11 @@ def model_card(cfg: _config.RunConfig, run) -> str:
         **base["license"],
     )
     name = base["id"] or "a local base model"
+    title = (repo_id.split("/")[-1] if repo_id
+             else "Medical-reasoning LoRA adapter for " + (base["id"] or "a local model").split("/")[-1])
     parts = [
         f"---\n{meta.to_yaml()}\n---\n",
-        f"# {repo_id.split('/')[-1] if repo_id else 'Medical-reasoning LoRA adapter for ' + (base['id'] or 'a local model').split('/')[-1]}\n",
+        f"# {title}\n",
         f"A LoRA adapter for [{name}]({_link(base['id'])}) fine-tuned with QLoRA to answer medical questions by "
         "reasoning step by step inside `<think>...</think>` and then giving a concise answer. Trained with "
         f"medtune (run `{run.run_id}`, profile `{cfg.profile}`).\n",
@@ -225,7 +227,8 @@ def _py(value) -> str:
 
 
 def _kwargs(d: dict) -> str:
-    return ", ".join(f"{k}={_py(v)}" if not isinstance(v, list) else f"{k}=[{', '.join(map(str, v))}]" for k, v in d.items())
+    return ", ".join(f"{k}={_py(v)}" if not isinstance(v, list) else f"{k}=[{', '.join(map(str, v))}]"
+                     for k, v in d.items())
 
 
 def _base_section(cfg, base) -> str:
@@ -257,8 +260,9 @@ def _training_section(cfg, m, base) -> str:
         ("method", "QLoRA: the base model frozen and quantized to 4-bit NF4 by bitsandbytes, LoRA adapters trained "
                    "on top with TRL's `SFTTrainer`"),
         ("quantization (`BitsAndBytesConfig`)", f"`{_kwargs(q)}`" if q else "none (full-precision base)"),
-        ("LoRA (`LoraConfig`)", f"`{_kwargs(lora)}`" + (f"; target modules `{targets}`" if isinstance(targets, str)
-                                                     else f"; target modules {', '.join(map(str, targets))}" if targets else "")),
+        ("LoRA (`LoraConfig`)", f"`{_kwargs(lora)}`"
+         + (f"; target modules `{targets}`" if isinstance(targets, str)
+            else f"; target modules {', '.join(map(str, targets))}" if targets else "")),
         ("SFT (`SFTConfig`)", f"`{_kwargs(cfg.sft)}`" + _ran_as(cfg, m.get("train", {}))),
         ("loss", "on the response only (reasoning + answer + EOS; prompt tokens masked)" if cfg.loss_on == "response"
          else "on the whole text (prompt and response), as the walkthrough does"),
@@ -274,7 +278,8 @@ def _training_section(cfg, m, base) -> str:
         rows.append(("training", f"{_fmt(t.get('steps'))} optimizer steps ({_fmt(epochs)} "
                                  f"epoch{'' if epochs == 1 else 's'}), "
                                  f"{_fmt(t.get('tokens'))} tokens in {_fmt(t.get('runtime_s'))} s "
-                                 f"({_fmt(t.get('tokens_per_s'))} tokens/s), peak memory {_fmt(t.get('peak_gib'))} GiB; "
+                                 f"({_fmt(t.get('tokens_per_s'))} tokens/s), "
+                                 f"peak memory {_fmt(t.get('peak_gib'))} GiB; "
                                  f"mean training loss {_fmt(t.get('train_loss'))}"))
     devices = m.get("gpu", {}).get("devices") or []
     if devices:
@@ -298,8 +303,8 @@ def _data_line(cfg, d) -> str:
                "[FreedomIntelligence/medical-o1-reasoning-SFT](https://huggingface.co/datasets/FreedomIntelligence/"
                "medical-o1-reasoning-SFT); not taken from it, Apache-2.0)")
     elif ref.kind == "hub":
-        src = f"[{cfg.dataset}](https://huggingface.co/datasets/{cfg.dataset})" if (cfg.dataset_source or cfg.source) != "modelscope" \
-            else f"`{cfg.dataset}` (ModelScope)"
+        src = (f"[{cfg.dataset}](https://huggingface.co/datasets/{cfg.dataset})"
+               if (cfg.dataset_source or cfg.source) != "modelscope" else f"`{cfg.dataset}` (ModelScope)")
         src += f", config `{cfg.dataset_config}`" if cfg.dataset_config else ""
         src += f", split `{cfg.dataset_split}`"
     else:
@@ -401,13 +406,14 @@ def _usage_section(cfg, base, repo_id) -> str:
     lines.append("tokenizer = AutoTokenizer.from_pretrained(ADAPTER)")
     if q:
         lines += [f"bnb = BitsAndBytesConfig({bnb_args})",
-                  f"model = {cls}.from_pretrained(BASE, quantization_config=bnb, dtype=torch.{dtype}, device_map=\"auto\")"]
+                  f"model = {cls}.from_pretrained(BASE, quantization_config=bnb, dtype=torch.{dtype}, "
+                  "device_map=\"auto\")"]
     else:
         lines.append(f"model = {cls}.from_pretrained(BASE, dtype=torch.{dtype}, device_map=\"auto\")")
     lines += ["model = PeftModel.from_pretrained(model, ADAPTER).eval()", "",
               f"TEMPLATE = {template_lit}",
-              'question = "A 58-year-old man has crushing chest pain for 40 minutes and ST elevation in II, III and aVF. '
-              'Which coronary artery is most likely occluded?"',
+              'question = "A 58-year-old man has crushing chest pain for 40 minutes and ST elevation in II, III and '
+              'aVF. Which coronary artery is most likely occluded?"',
               'inputs = tokenizer(TEMPLATE.replace("{question}", question), return_tensors="pt").to(model.device)',
               f"output = model.generate(**inputs, max_new_tokens={cfg.max_new_tokens}, do_sample=False, "
               "pad_token_id=tokenizer.pad_token_id)",
@@ -546,7 +552,8 @@ def merge_plan(cfg: _config.RunConfig, run, out_dir: str | Path | None = None, *
     out = Path(out_dir) if out_dir else merged_dir(run)
     disk = params * 2 / GIB
     return {"base": str(base), "params": params, "adapter_params": adapter, "disk_gib": round(disk, 3),
-            "memory_gib": round((params + adapter) * 2 * 1.1 / GIB, 3), "free_disk_gib": round(_sources.free_bytes(out) / GIB, 1),
+            "memory_gib": round((params + adapter) * 2 * 1.1 / GIB, 3),
+            "free_disk_gib": round(_sources.free_bytes(out) / GIB, 1),
             "available_memory_gib": round(_available_memory() / GIB, 1), "out_dir": str(out)}
 
 
@@ -577,7 +584,8 @@ def export_merged(cfg: _config.RunConfig, run, out_dir: str | Path | None = None
         return {**plan, "exported": False}
     if plan["memory_gib"] > plan["available_memory_gib"]:
         raise MemoryError(f"the merged export needs ~{plan['memory_gib']:,.1f} GiB of RAM and "
-                          f"{plan['available_memory_gib']:,.1f} GiB is available: run it on a machine with more memory.")
+                          f"{plan['available_memory_gib']:,.1f} GiB is available: run it on a machine with more "
+                          "memory.")
     if plan["disk_gib"] > plan["free_disk_gib"]:
         raise OSError(f"the merged export writes {plan['disk_gib']:,.1f} GiB and {plan['out_dir']} has "
                       f"{plan['free_disk_gib']:,.1f} GiB free: pass another out_dir or free space.")

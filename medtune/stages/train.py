@@ -118,14 +118,14 @@ def train(trainer, run) -> dict:
     Checkpoints go to ``<run>/checkpoints/checkpoint-N`` every ``sft.save_steps`` optimizer steps. A resumed run
     continues where the checkpoint stopped: LoRA weights, optimizer and scheduler states, the data order (the
     Trainer skips the batches already seen) and the RNG states (dropout) come from the checkpoint, so it ends
-    with the adapter an uninterrupted run with the same seed ends with (tests/pipeline/test_resume.py: max abs difference
-    <= 1e-5 on CPU).
+    with the adapter an uninterrupted run with the same seed ends with (tests/pipeline/test_resume.py: max abs
+    difference <= 1e-5 on CPU).
 
     Returns:
         ``{"train_loss", "steps", "epochs", "runtime_s", "tokens", "tokens_per_s", "steps_this_session", "peak_gib",
-        "resumed_from", "trainable_params", "optim"}``. ``steps`` and ``tokens`` count the whole run (``tokens``: non-padding
-        tokens seen in training, all epochs); ``train_loss`` (nats/token), ``runtime_s`` and ``tokens_per_s`` this
-        call's steps only (after a resume: the steps after the checkpoint); ``peak_gib`` is
+        "resumed_from", "trainable_params", "optim"}``. ``steps`` and ``tokens`` count the whole run (``tokens``:
+        non-padding tokens seen in training, all epochs); ``train_loss`` (nats/token), ``runtime_s`` and
+        ``tokens_per_s`` this call's steps only (after a resume: the steps after the checkpoint); ``peak_gib`` is
         ``torch.cuda.max_memory_allocated`` summed over GPUs, or the process's peak resident memory on CPU
         (``ru_maxrss``).
     """
@@ -138,7 +138,8 @@ def train(trainer, run) -> dict:
     result = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
     # TrainOutput's loss covers only this call's steps (transformers 5.23 Trainer._finalize_training)
-    steps_before = json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"] if resume else 0
+    steps_before = (json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
+                    if resume else 0)
     steps_now = int(trainer.state.global_step) - int(steps_before)
     trainer.save_model(str(run.adapter_dir))
     trainer.processing_class.save_pretrained(str(run.adapter_dir))
@@ -190,7 +191,7 @@ def loss_curve(run) -> str:
     points = [(h["step"], h["loss"]) for h in history if "loss" in h]
     fig, ax = plt.subplots(figsize=(6, 3.2))
     if points:
-        ax.plot(*zip(*points), marker="o", markersize=3)
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=3)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (nats/token)")
     ax.set_title("LoRA SFT training loss")

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medtune.evaluation import multiple_choice as B
 from medtune import pipeline
+from medtune.evaluation import multiple_choice as B
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -69,7 +69,8 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
 
     m = json.loads(run.metrics_path.read_text())
     assert m["pipeline"]["completed"][-2:] == ["04_baseline.ipynb", "06_evaluate_finetuned.ipynb"]
-    gold = {name: [i.answer for i in B.read_benchmark(spec, limit=LIMIT)] for name, spec in profile["benchmarks"].items()}
+    gold = {name: [i.answer for i in B.read_benchmark(spec, limit=LIMIT)]
+            for name, spec in profile["benchmarks"].items()}
     assert gold["medqa"] == ["B", "D"] and gold["pubmedqa"] == ["A", "C"]
     items = {name: B.read_benchmark(spec, limit=LIMIT) for name, spec in profile["benchmarks"].items()}
     for stage in ("baseline", "finetuned"):
@@ -88,7 +89,8 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
             assert r["chance"] == (0.25 if name == "medqa" else 0.3333)
             preds = B.load_predictions(B.predictions_path(run, stage, name))
             assert [p["answer"] for p in preds] == gold[name]
-            for p, item in zip(preds, items[name]):  # the recorded letter is the rule applied to the saved output
+            # the recorded letter is the rule applied to the saved output
+            for p, item in zip(preds, items[name], strict=True):
                 assert p["predicted"] == B.extract_choice(p["output"], item.options)
                 assert p["parsed"] == (p["predicted"] is not None) and 1 <= p["new_tokens"] <= NEW_TOKENS
             assert sum(not p["parsed"] for p in preds) == r["unparsed"]

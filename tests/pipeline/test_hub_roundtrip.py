@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.helpers import FakeClient, use_fake
 
-from medtune.settings import config
-from medtune.stages import data, publish, modeling, train
 from medtune.evaluation import heldout
 from medtune.io import sources as S
+from medtune.settings import config
 from medtune.settings.runs import RunDir
+from medtune.stages import data, modeling, publish, train
+from tests.helpers import FakeClient, use_fake
 
 ROOT = Path(__file__).resolve().parents[2]
 CANARY = "hf_CANARYroundtrip" + "R" * 24

@@ -38,7 +38,8 @@ def test_notebook_source_is_clean(path):
     assert nb.metadata["kernelspec"]["name"] == "python3"  # papermill needs the kernelspec
     # parameters: UPPER_CASE literals, annotated, one comment each
     for line in tagged[0].source.splitlines():
-        assert re.match(r"^[A-Z_]+: [\w |\[\]]+ = .+  # .+", line), f"parameter line not 'NAME: type = literal  # comment': {line}"
+        assert re.match(r"^[A-Z_]+: [\w |\[\]]+ = .+  # .+", line), \
+            f"parameter line not 'NAME: type = literal  # comment': {line}"
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
 
 

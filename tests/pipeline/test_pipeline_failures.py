@@ -38,7 +38,8 @@ ACCESS = ("from medtune.settings import runs\nfrom medtune.stages import auth, p
           "cfg, run = runs.session(PARAMS, RUN_DIR)\n"
           "status = auth.check_access(cfg)\nauth.show(status)\n"
           "run.record('auth', status)\nrun.record('preflight', preflight.run(cfg, access=status))")
-DIE = "import os, signal\nprint('loading a model too large for this machine ...', flush=True)\nos.kill(os.getpid(), signal.SIGKILL)"
+DIE = ("import os, signal\nprint('loading a model too large for this machine ...', flush=True)\n"
+       "os.kill(os.getpid(), signal.SIGKILL)")
 
 
 @pytest.mark.slow

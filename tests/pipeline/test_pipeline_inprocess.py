@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from medtune.settings import config
-from medtune.stages import data, modeling, train
 from medtune.evaluation import heldout
+from medtune.settings import config
 from medtune.settings.runs import RunDir
+from medtune.stages import data, modeling, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -71,7 +71,8 @@ def tiny_scout_checkpoint(folder: Path) -> Path:
                              eos_token_id=200008, bos_token_id=200000)
     vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
                   vision_output_dim=64, image_size=56, patch_size=14, projector_input_dim=64, projector_output_dim=64)
-    Llama4ForConditionalGeneration(Llama4Config(text_config=text.to_dict(), vision_config=vision)).save_pretrained(folder)
+    config = Llama4Config(text_config=text.to_dict(), vision_config=vision)
+    Llama4ForConditionalGeneration(config).save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(LLAMA4_TOKENIZER / f, folder / f)
     return folder

@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from medtune.settings import config as C
-from medtune.stages import train
 from medtune.settings.runs import RunDir
+from medtune.stages import train
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -1,11 +1,10 @@
-"""medtune.stages.auth and medtune.stages.publish, offline: tokens are read from the environment and never shown or written; every
-network call goes through medtune.io.sources (replaced here by the recording fake of tests/helpers.py); the push
-folder is exactly the adapter, the tokenizer and a model card."""
+"""medtune.stages.auth and medtune.stages.publish, offline: tokens are read from the environment and never shown or
+written; every network call goes through medtune.io.sources (replaced here by the recording fake of tests/helpers.py);
+the push folder is exactly the adapter, the tokenizer and a model card."""
 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 from pathlib import Path
 
@@ -14,13 +13,13 @@ import safetensors.torch
 import torch
 import yaml
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError
-from tests.helpers import FakeClient, model_repo, response, use_fake
 
-from medtune.stages import auth as A
-from medtune.settings import config as C
-from medtune.stages import publish as H
 from medtune.io import sources as S
+from medtune.settings import config as C
 from medtune.settings.runs import RunDir
+from medtune.stages import auth as A
+from medtune.stages import publish as H
+from tests.helpers import FakeClient, model_repo, response, use_fake
 
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params"
@@ -255,7 +254,8 @@ def test_model_card_scout_with_metrics(tmp_path):
     run.record("finetuned", {"loss": 1.2, "perplexity": 3.32, "examples": 20, "stopped_with_eos": 0.9, "new_key": 7,
                              "benchmarks": {"medqa": {"accuracy": 0.63, "items": 1273, "mode": "loglik"}},
                              "paper_anchor": {"source": "HuatuoGPT-o1 paper", "model": "Llama-3.1-8B-Instruct",
-                                              "unit": "accuracy, percent", "medqa": {"before_sft": 58.7, "after_sft": 69.0}}})
+                                              "unit": "accuracy, percent",
+                                              "medqa": {"before_sft": 58.7, "after_sft": 69.0}}})
     card = H.model_card(cfg, run)
     meta = card_metadata(card)
     assert meta["base_model"] == SCOUT_ID and meta["datasets"] == [DATASET_ID]
@@ -295,7 +295,8 @@ def test_model_card_usage_snippet_builds_the_evaluation_prompt(tmp_path):
 
 
 def test_modelscope_sourced_run_names_the_hub_base(tmp_path):
-    cfg = C.load(PARAMS / "scout.yaml").replace(source="modelscope", model="LLM-Research/Llama-4-Scout-17B-16E-Instruct")
+    cfg = C.load(PARAMS / "scout.yaml").replace(source="modelscope",
+                                                model="LLM-Research/Llama-4-Scout-17B-16E-Instruct")
     assert H.base_model(cfg)["id"] == SCOUT_ID  # pushing to the Hub: the Hub's id
     assert H.base_model(cfg.replace(push_to="modelscope"))["id"] == "LLM-Research/Llama-4-Scout-17B-16E-Instruct"
 

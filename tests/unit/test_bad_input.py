@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from medtune.settings import config as C
-from medtune.stages import data as D
 from medtune.settings.runs import RunDir
+from medtune.stages import data as D
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params"
@@ -111,7 +111,8 @@ def test_line_that_is_not_utf8(tmp_path):
     assert len(D.load_rows(str(path), bad_rows="skip")) == 2
 
 
-SURROGATE = "field 'Question' is not valid Unicode (lone surrogate \\ud800 at character 1; remove it, or write the character or its whole surrogate pair)"
+SURROGATE = ("field 'Question' is not valid Unicode (lone surrogate \\ud800 at character 1; remove it, or write the "
+             "character or its whole surrogate pair)")
 
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
@@ -147,7 +148,8 @@ def test_lone_surrogate_is_named_in_every_field_at_its_position():
 def test_cr_only_line_endings_are_read_by_line(tmp_path):
     """Old Mac files end lines with CR only; they are read line by line (numbers as an editor shows them)."""
     path = tmp_path / "mac.jsonl"
-    path.write_bytes("\r".join([json.dumps(row("a")), "", "{oops", json.dumps(row("b", resp="caf\u00e9"))]).encode() + b"\r")
+    lines = [json.dumps(row("a")), "", "{oops", json.dumps(row("b", resp="caf\u00e9"))]
+    path.write_bytes("\r".join(lines).encode() + b"\r")
     with pytest.raises(D.DataError) as err:
         D.load_rows(str(path))
     assert f"{path}: 1 of 3 rows cannot be used" in str(err.value)
@@ -173,9 +175,11 @@ def test_all_rows_bad_with_skip_says_why_nothing_is_left(tmp_path):
 NOT_JSONL = {
     "parquet": (b"PAR1\x15\x04\x15\x10\x00\x00garbage", "a binary Parquet file, not JSONL text. Convert it to JSONL"),
     "nul-bytes": (b"\x00\x01\x02\x03binary", "a binary file (it contains NUL bytes)"),
-    "json-array": (json.dumps([row("a"), row("b")], indent=1).encode(), "a JSON array (one document), not JSONL. Rename it to .json"),
+    "json-array": (json.dumps([row("a"), row("b")], indent=1).encode(),
+                   "a JSON array (one document), not JSONL. Rename it to .json"),
     "one-line-array": (json.dumps([row("a"), row("b")]).encode(), "a JSON array (one document), not JSONL"),
-    "csv": (b"Question,Complex_CoT,Response\nWhat?,Think,Answer\n", "CSV/TSV, not JSONL (first line: 'Question,Complex_CoT,Response'). Convert it to JSONL"),
+    "csv": (b"Question,Complex_CoT,Response\nWhat?,Think,Answer\n",
+            "CSV/TSV, not JSONL (first line: 'Question,Complex_CoT,Response'). Convert it to JSONL"),
     "tsv": (b"Question\tComplex_CoT\tResponse\nWhat?\tThink\tAnswer\n", "CSV/TSV, not JSONL"),
     "pretty-json": (json.dumps(row("a"), indent=2).encode(), "one JSON object spread over 5 lines, not JSONL"),
     "plain-text": (b"Question: what?\nAnswer: this\n", "no line is JSON (2 non-blank lines; line 1: not valid JSON"),
@@ -345,7 +349,8 @@ def test_token_lengths_are_what_trl_trains_on(llama4_tokenizer):
 
     r = row("What is the first-line treatment?", cot=LONG_COT[:400])
     ex = D.train_example(r, llama4_tokenizer.eos_token)
-    assert D.token_lengths(llama4_tokenizer)([r]) == [len(_tokenize(llama4_tokenizer, ex["prompt"] + ex["completion"])["input_ids"])]
+    expected = len(_tokenize(llama4_tokenizer, ex["prompt"] + ex["completion"])["input_ids"])
+    assert D.token_lengths(llama4_tokenizer)([r]) == [expected]
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""medtune.evaluation.multiple_choice: readers on the real benchmark files in ../shared and on hand-made rows in the Hub layouts,
-the letter-extraction rule on tricky outputs, log-likelihood scoring on a tiny random Llama against a hand
+"""medtune.evaluation.multiple_choice: readers on the real benchmark files in ../shared and on hand-made rows in the Hub
+layouts, the letter-extraction rule on tricky outputs, log-likelihood scoring on a tiny random Llama against a hand
 computation, summaries, the anchor table, and the profile keys."""
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def test_real_medqa_file(bench_dir):
     first = json.loads((bench_dir / "medqa_usmle_4op_test.jsonl").open().readline())
     assert items[0].id == str(first["problem_id"]) and items[0].question == first["problem_text"].strip()
     assert items[0].options == tuple(first["choices"]) and items[0].answer == first["answer"][0].upper() == "B"
-    assert [i.answer for i in B.read_benchmark(str(bench_dir / "medqa_usmle_4op_test.jsonl"), limit=3)] == ["B", "D", "B"]
+    first_three = B.read_benchmark(str(bench_dir / "medqa_usmle_4op_test.jsonl"), limit=3)
+    assert [i.answer for i in first_three] == ["B", "D", "B"]
 
 
 def test_real_pubmedqa_file(bench_dir):
@@ -80,7 +81,7 @@ MEDQA_ROWS = {
                                      "options": {"A": OPTS[0], "B": OPTS[1], "C": OPTS[2], "D": OPTS[3]},
                                      "answer_idx": "A", "answer": OPTS[0], "meta_info": "step1"},
     "bigbio/med_qa source": {"id": 7, "question": "Which nerve is injured in wrist drop? ",
-                             "options": [{"key": k, "value": v} for k, v in zip("DCBA", reversed(OPTS))],
+                             "options": [{"key": k, "value": v} for k, v in zip("DCBA", reversed(OPTS), strict=True)],
                              "answer_idx": "A", "answer": OPTS[0]},
     "bigbio QA schema": {"id": 7, "question_id": "q7", "question": "Which nerve is injured in wrist drop?",
                          "type": "multiple_choice", "choices": list(OPTS), "context": "", "answer": [OPTS[0]]},
@@ -159,7 +160,8 @@ def test_string_choices_is_an_error_not_four_letters(tmp_path):
     path = bench_file(tmp_path, {**MEDQA_ROWS["shared file"], "choices": "ABCD"})
     assert reader_error(path) == f"{path} line 3: 'choices' is str ('ABCD'), not a list of options. {FIX_OPTIONS}"
     # a mapping letter -> text is accepted for choices too
-    assert B.normalize_row({**MEDQA_ROWS["shared file"], "choices": dict(zip("ABCD", OPTS))}) == EXPECTED_MEDQA
+    as_mapping = dict(zip("ABCD", OPTS, strict=True))
+    assert B.normalize_row({**MEDQA_ROWS["shared file"], "choices": as_mapping}) == EXPECTED_MEDQA
 
 
 def test_empty_benchmark_file_is_an_error(tmp_path):
@@ -292,9 +294,11 @@ def test_validate_reports_every_bad_source(tmp_path, monkeypatch, no_hub):
         "(one JSON object a line), or remove it from the profile's 'benchmarks'.",
         f"benchmarks.typo: benchmark source 'nosuch_no_ext' is neither an existing file (looked for "
         f"{tmp_path / 'nosuch_no_ext'}) nor a Hub dataset id 'owner/name'. Fix the path in the profile's 'benchmarks' "
-        "(a relative path starts from the project folder, where make runs), or give a Hub id such as GBaker/MedQA-USMLE-4-options.",
+        "(a relative path starts from the project folder, where make runs), or give a Hub id such as "
+        "GBaker/MedQA-USMLE-4-options.",
         f"benchmarks.gone: benchmark file not found: {tmp_path / 'gone.jsonl'}. Fix the path in the profile's "
-        "'benchmarks' (a relative path starts from the project folder, where make runs), or give a Hub dataset id 'owner/name'.",
+        "'benchmarks' (a relative path starts from the project folder, where make runs), or give a Hub dataset id "
+        "'owner/name'.",
         f"benchmarks.null_opt: {null_opt} line 3: option B of 'options' has no text (null). Give option B its text; "
         "every option needs one.",
         "benchmarks.spec: benchmark spec {'path': 'x.jsonl'}: give a source (local JSONL, package:<pkg>/<file>, or "
@@ -435,7 +439,7 @@ def test_letter_loglik_picks_the_hand_computed_argmax(model, tok):
     finally:
         hook.remove()
     assert sum(rows) == 2  # each letter is one token: one sequence per item, not per option
-    for item, pred in zip(ITEMS, preds):
+    for item, pred in zip(ITEMS, preds, strict=True):
         prompt = B.mc_prompt(item) + B.ANSWER_PREFIX["en"]
         hand = [hand_logprob(model, tok, prompt, f" {B.LETTERS[i]}") for i in range(len(item.options))]
         assert all(len(tok(f" {B.LETTERS[i]}", add_special_tokens=False)["input_ids"]) == 1 for i in range(4))
@@ -448,7 +452,7 @@ def test_letter_loglik_picks_the_hand_computed_argmax(model, tok):
 def test_text_loglik_multi_token_options_batched(model, tok):
     """Option texts of several tokens, 7 sequences of different lengths in right-padded batches of 3."""
     preds = B.predict_loglik(model, tok, ITEMS, target="text", batch_size=3)
-    for item, pred in zip(ITEMS, preds):
+    for item, pred in zip(ITEMS, preds, strict=True):
         prompt = B.mc_prompt(item) + B.ANSWER_PREFIX["en"]
         hand = [hand_logprob(model, tok, prompt, f" {o}") for o in item.options]
         assert pred["scores"] == pytest.approx(hand, abs=2e-4)
@@ -480,7 +484,7 @@ def test_continuation_logprobs_merging_boundary(model, tok):
     prompt, cont = "The answer is", "n't obvious"
     got = B.continuation_logprobs(model, tok, [(prompt, cont)])[0]
     p_ids, full = tok(prompt)["input_ids"], tok(prompt + cont)["input_ids"]
-    start = next((i for i, (a, b) in enumerate(zip(p_ids, full)) if a != b), len(p_ids))
+    start = next((i for i, (a, b) in enumerate(zip(p_ids, full, strict=False)) if a != b), len(p_ids))
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([full])).logits[0].float(), dim=-1)
     assert got == pytest.approx(sum(logp[p - 1, full[p]].item() for p in range(start, len(full))), abs=2e-4)
@@ -499,7 +503,7 @@ def test_predict_generate_counts_unparseable(monkeypatch):
     def fake(model, tokenizer, rows, **kw):
         assert rows[0]["Question"] == B.mc_question(EXPECTED_MEDQA) and kw["max_new_tokens"] == 7
         return [{"row": r["row"], "question": r["Question"], "answer": o, "new_tokens": 3, "stopped": True}
-                for r, o in zip(rows, outputs)]
+                for r, o in zip(rows, outputs, strict=True)]
 
     monkeypatch.setattr("medtune.evaluation.heldout.generate_answers", fake)
     preds = B.predict_generate(None, None, items, max_new_tokens=7)

@@ -239,14 +239,16 @@ def test_empty_profile_is_an_error_not_every_default(tmp_path, text):
     """An empty file would otherwise run as every dataclass default (1200 new tokens, device auto...)."""
     path = tmp_path / "empty.yaml"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(C.ConfigError, match=r"empty.yaml: the profile is empty\. Start from a copy of params/default.yaml"):
+    with pytest.raises(C.ConfigError,
+                       match=r"empty.yaml: the profile is empty\. Start from a copy of params/default.yaml"):
         C.load(path)
 
 
 def test_key_given_twice_is_an_error_naming_both_lines(tmp_path):
     path = tmp_path / "twice.yaml"
     path.write_text("profile: x\nmax_new_tokens: 24\nseed: 1\nmax_new_tokens: 48\n", encoding="utf-8")
-    with pytest.raises(C.ConfigError, match=r"twice.yaml: not valid YAML: .*'max_new_tokens' is given twice \(line 2 and line 4\)"):
+    with pytest.raises(C.ConfigError,
+                       match=r"twice.yaml: not valid YAML: .*'max_new_tokens' is given twice \(line 2 and line 4\)"):
         C.load(path)
     nested = tmp_path / "nested.yaml"
     nested.write_text("lora:\n  r: 8\n  r: 16\n", encoding="utf-8")
@@ -274,7 +276,8 @@ def test_empty_model_or_dataset(key):
 
 
 def test_push_without_repo_id_fails_at_load_not_in_07():
-    with pytest.raises(C.ConfigError, match=r"'push' is true but 'hub_repo_id' is not set, so 07 would fail after training"):
+    with pytest.raises(C.ConfigError,
+                       match=r"'push' is true but 'hub_repo_id' is not set, so 07 would fail after training"):
         C.load(PARAMS / "smoke.yaml").replace(push=True)
     assert C.load(PARAMS / "smoke.yaml").replace(push=True, hub_repo_id="me/x").push is True
 
@@ -388,7 +391,8 @@ def test_lora_library_rejection_names_section():
 @pytest.mark.parametrize(
     ("section", "key", "value", "message"),
     [
-        ("sft", "learning_rate", "1e-4", "'sft.learning_rate' must be float, got '1e-4' (str) (YAML reads 1e-4 as text: write 1.0e-4)"),
+        ("sft", "learning_rate", "1e-4",
+         "'sft.learning_rate' must be float, got '1e-4' (str) (YAML reads 1e-4 as text: write 1.0e-4)"),
         ("sft", "max_length", "x", "'sft.max_length' must be int or null, got 'x'"),
         ("sft", "activation_checkpointing", "yes", "'sft.activation_checkpointing' must be bool or null"),
         ("lora", "r", "64", "'lora.r' must be int, got '64' (str) (remove the quotes)"),
@@ -420,7 +424,8 @@ def test_lora_targets_that_match_no_module_are_named_with_the_models_layers(targ
     with pytest.raises(C.ConfigError) as err:
         modeling.check_lora_targets(cfg.replace(lora={**cfg.lora, "target_modules": targets}), model)
     assert message in str(err.value)
-    assert "Linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj" in str(err.value)
+    named = "Linear layers are named: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"
+    assert named in str(err.value)
 
 
 def test_relative_paths_in_a_profile_mean_the_project_folder_wherever_it_is_loaded(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from medtune.settings import config as C
+from medtune.settings.runs import RunDir
 from medtune.stages import data as D
 from medtune.stages.modeling import ensure_distinct_pad
-from medtune.settings.runs import RunDir
 
 PARAMS = Path(__file__).resolve().parents[2] / "params"
 EOT, EOT_ID = "<|eot|>", 200008
@@ -90,7 +90,8 @@ def test_empty_dataset_setting_is_data_error(given):
     """``dataset: ""`` used to reach datasets/load.py (``Path("")`` is the working folder) and fail with IndexError."""
     with pytest.raises(D.DataError) as err:
         D.load_rows(given)
-    assert str(err.value) == f"dataset is {given!r}: nothing to read. Set dataset: in the profile to {EXPECTED_SOURCES}."
+    assert str(err.value) == (f"dataset is {given!r}: nothing to read. Set dataset: in the profile to "
+                              f"{EXPECTED_SOURCES}.")
 
 
 @pytest.mark.parametrize("contents", [[], ["README.md"]], ids=["empty", "readme-only"])
@@ -119,8 +120,8 @@ def test_folder_with_a_file_that_does_not_parse_names_it(tmp_path, monkeypatch):
         D.load_rows(str(folder))
     msg = str(err.value)
     assert msg.startswith(f"{folder}: a data file in the folder cannot be read (ArrowInvalid: JSON parse error: ")
-    assert msg.endswith(f"files: train.jsonl). Give the file itself as dataset: (e.g. {folder / 'train.jsonl'}) to have "
-                        "each bad row listed by line, or fix the file.")
+    assert msg.endswith(f"files: train.jsonl). Give the file itself as dataset: (e.g. {folder / 'train.jsonl'}) to "
+                        "have each bad row listed by line, or fix the file.")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""medtune.evaluation.heldout with a tiny randomly initialised Llama (hidden 16, one layer, the real Llama 4 vocabulary) and
-the real Llama 4 tokenizer: response loss against an independent computation, batched vs unbatched greedy
+"""medtune.evaluation.heldout with a tiny randomly initialised Llama (hidden 16, one layer, the real Llama 4 vocabulary)
+and the real Llama 4 tokenizer: response loss against an independent computation, batched vs unbatched greedy
 generation, and the tables the notebooks show."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medtune.settings import config as C
-from medtune.stages import data as D
 from medtune.evaluation import heldout as E
+from medtune.settings import config as C
 from medtune.settings.runs import RunDir
+from medtune.stages import data as D
 
 PARAMS = Path(__file__).resolve().parents[2] / "params"
 
@@ -143,7 +143,7 @@ def test_generate_answers_batched(model, tok):
     answers = E.generate_answers(model, tok, ROWS, max_new_tokens=5, batch_size=2)
     assert tok.padding_side == side
     assert [a["row"] for a in answers] == [0, 10, 3]
-    for a, r in zip(answers, ROWS):
+    for a, r in zip(answers, ROWS, strict=True):
         assert set(a) == {"row", "question", "answer", "new_tokens", "stopped"}
         assert a["question"] == r["Question"]
         assert 1 <= a["new_tokens"] <= 5
@@ -189,7 +189,7 @@ def test_answer_heldout_and_heldout_loss_use_the_run(model, tok, tmp_path, loss_
     assert all(a["new_tokens"] <= 3 for a in answers)
     longer = E.answer_heldout(cfg, run, model, tok, run.finetuned_path, max_new_tokens=4)
     assert D.read_jsonl(run.finetuned_path) == longer
-    for short, long in zip(answers, longer):  # greedy: the 3-token answer is the start of the 4-token one
+    for short, long in zip(answers, longer, strict=True):  # greedy: the 3-token answer is the start of the 4-token one
         assert long["new_tokens"] in (short["new_tokens"], short["new_tokens"] + 1)
         assert long["stopped"] or long["new_tokens"] == 4
     assert cfg.sft["max_length"] > 200  # longer than every ROWS sequence: nothing truncated
@@ -361,7 +361,8 @@ def test_metrics_table_every_metric(tmp_path):
                                                                     "unparsed": 0, "unparsed_share": 0.0}}})
     note = E.metrics_table(run).splitlines()[-1]
     assert note.startswith("**Not the same measurement in 04 and 06**")
-    assert "held-out answers: 8 in 04, 4 in 06" in note and "medqa: 8 items by generate in 04, 4 by generate in 06" in note
+    assert "held-out answers: 8 in 04, 4 in 06" in note
+    assert "medqa: 8 items by generate in 04, 4 by generate in 06" in note
 
 
 def test_plot_comparison_writes_png(tmp_path):
@@ -393,9 +394,10 @@ def test_answers_markdown_shows_think_tags():
 @pytest.mark.parametrize("bad", [-5, 2.5, "24", True])
 def test_max_new_tokens_parameter_is_checked_before_generating(bad):
     """04/06's MAX_NEW_TOKENS reaches answer_heldout unchecked by the profile; -5 used to fail inside transformers."""
-    from medtune.settings import config as C
     from medtune.evaluation import heldout as E
+    from medtune.settings import config as C
 
     cfg = C.load(Path(__file__).resolve().parents[2] / "params" / "smoke.yaml")
-    with pytest.raises(C.ConfigError, match=r"MAX_NEW_TOKENS must be a whole number >= 0 \(0: the profile's max_new_tokens, 24\)"):
+    with pytest.raises(C.ConfigError,
+                       match=r"MAX_NEW_TOKENS must be a whole number >= 0 \(0: the profile's max_new_tokens, 24\)"):
         E.answer_heldout(cfg, run=None, model=None, tokenizer=None, out_path=None, max_new_tokens=bad)

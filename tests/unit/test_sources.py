@@ -16,8 +16,14 @@ from pathlib import Path
 import httpx2
 import pytest
 import requests
-from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled,
-                                    RepositoryNotFoundError, RevisionNotFoundError)
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from medtune.io import sources as S
 from medtune.settings import config as C
@@ -73,8 +79,10 @@ def test_hub_endpoint_profile_then_env_then_default(monkeypatch):
 
 
 def test_profile_keys_are_validated():
-    cfg = C.from_dict({"source": "modelscope", "dataset_source": "hub", "hub_endpoint": MIRROR, "push_to": "modelscope"})
-    assert (cfg.source, cfg.dataset_source, cfg.hub_endpoint, cfg.push_to) == ("modelscope", "hub", MIRROR, "modelscope")
+    cfg = C.from_dict({"source": "modelscope", "dataset_source": "hub", "hub_endpoint": MIRROR,
+                       "push_to": "modelscope"})
+    assert (cfg.source, cfg.dataset_source, cfg.hub_endpoint, cfg.push_to) == \
+        ("modelscope", "hub", MIRROR, "modelscope")
     with pytest.raises(C.ConfigError, match="'source' must be one of 'hub', 'modelscope', 'local'"):
         C.from_dict({"source": "hf"})
     with pytest.raises(C.ConfigError, match="hub_endpoint"):
@@ -147,7 +155,9 @@ def test_hub_client_calls_huggingface_hub_as_documented(monkeypatch, tmp_path):
     assert c.whoami(HF_CANARY) == "alice"
     c.auth_check("org/m", "model", None, HF_CANARY)
     assert c.files("org/m", "model", "abc", HF_CANARY) == {"model.safetensors": 7}
-    assert c.snapshot_download("org/d", "dataset", None, None, allow_patterns=["README.md"], progress=S._progress_class()) == str(tmp_path)
+    got = c.snapshot_download("org/d", "dataset", None, None, allow_patterns=["README.md"],
+                              progress=S._progress_class())
+    assert got == str(tmp_path)
     assert c.create_repo("me/r", True, HF_CANARY) == "https://x/me/r"
     assert c.upload_folder("me/r", str(tmp_path), "medtune run x", HF_CANARY) == "https://x/me/r/commit/1"
     got = dict(calls)
@@ -165,16 +175,19 @@ def test_modelscope_client_calls_the_sdk_as_documented(monkeypatch, tmp_path):
     from modelscope.hub.api import HubApi
     from modelscope_hub.api import HubApi as InnerApi  # what modelscope's HubApi forwards whoami/list_repo_files to
 
-    sd = importlib.import_module("modelscope.hub.snapshot_download")  # the module (modelscope.hub re-exports a function)
+    # the module (modelscope.hub re-exports a function of the same name)
+    sd = importlib.import_module("modelscope.hub.snapshot_download")
     calls = []
     user = type("UserInfo", (), {"username": "li"})()
     listed = [type("FileInfo", (), {"path": "model.safetensors", "size": 9, "type": "blob"})(),
               type("FileInfo", (), {"path": "sub", "size": 0, "type": "tree"})()]
     monkeypatch.setattr(InnerApi, "whoami", recorder(InnerApi.whoami, calls, "whoami", user))
-    monkeypatch.setattr(InnerApi, "list_repo_files", recorder(InnerApi.list_repo_files, calls, "list_repo_files", listed))
+    monkeypatch.setattr(InnerApi, "list_repo_files",
+                        recorder(InnerApi.list_repo_files, calls, "list_repo_files", listed))
     monkeypatch.setattr(HubApi, "create_repo", recorder(HubApi.create_repo, calls, "create_repo"))
     monkeypatch.setattr(HubApi, "upload_folder", recorder(HubApi.upload_folder, calls, "upload_folder"))
-    monkeypatch.setattr(sd, "snapshot_download", recorder(sd.snapshot_download, calls, "snapshot_download", str(tmp_path)))
+    monkeypatch.setattr(sd, "snapshot_download",
+                        recorder(sd.snapshot_download, calls, "snapshot_download", str(tmp_path)))
     monkeypatch.setattr(sd, "dataset_snapshot_download",
                         recorder(sd.dataset_snapshot_download, calls, "dataset_snapshot_download", str(tmp_path)))
     c = S.ModelScopeClient()
@@ -225,8 +238,10 @@ HUB_FAILURES = [
     ("timeout", "auth_check", httpx2.ReadTimeout("timed out"), True, S.NetworkDown, ["cannot reach", "ReadTimeout"]),
     ("requests", "auth_check", requests.exceptions.ConnectionError("down"), True, S.NetworkDown, ["cannot reach"]),
     ("builtin-timeout", "auth_check", TimeoutError("slow"), True, S.NetworkDown, ["cannot reach", "TimeoutError"]),
-    ("offline", "auth_check", OfflineModeIsEnabled("HF_HUB_OFFLINE=1"), True, S.NetworkDown, ["not in the local cache"]),
-    ("not-cached", "auth_check", LocalEntryNotFoundError("cannot find"), True, S.NetworkDown, ["not in the local cache"]),
+    ("offline", "auth_check", OfflineModeIsEnabled("HF_HUB_OFFLINE=1"), True, S.NetworkDown,
+     ["not in the local cache"]),
+    ("not-cached", "auth_check", LocalEntryNotFoundError("cannot find"), True, S.NetworkDown,
+     ["not in the local cache"]),
 ]
 
 
@@ -267,7 +282,8 @@ def test_modelscope_failures_from_its_error_types(monkeypatch, tmp_path):
     monkeypatch.setenv("MODELSCOPE_API_TOKEN", MS_CANARY)
     cases = [(E.AuthenticationError("bad token", status_code=401), S.TokenError, "MODELSCOPE_API_TOKEN"),
              (E.PermissionDeniedError("denied", status_code=403), S.AccessDenied, "HTTP 403"),
-             (E.NotExistError("missing", status_code=404), S.RepoNotFound, "LLM-Research/Llama-4-Scout-17B-16E-Instruct"),
+             (E.NotExistError("missing", status_code=404), S.RepoNotFound,
+              "LLM-Research/Llama-4-Scout-17B-16E-Instruct"),
              (E.RateLimitError("slow down"), S.RateLimited, "HTTP 429"),
              (E.NetworkError("unreachable"), S.NetworkDown, "cannot reach"),
              (E.RequestTimeoutError("timeout"), S.NetworkDown, "cannot reach")]
@@ -334,7 +350,8 @@ def test_hf_hub_offline_skips_the_listing(monkeypatch, tmp_path):
 
 
 def test_select_model_files():
-    ignore, kept = S.select_model_files({"a.safetensors": 1, "pytorch_model.bin": 1, "original/x.pth": 1, "tok.json": 1})
+    ignore, kept = S.select_model_files({"a.safetensors": 1, "pytorch_model.bin": 1, "original/x.pth": 1,
+                                         "tok.json": 1})
     assert set(kept) == {"a.safetensors", "tok.json"} and "*.bin" in ignore
     ignore, kept = S.select_model_files({"pytorch_model.bin": 1, "model.gguf": 1})  # no safetensors: keep the .bin
     assert set(kept) == {"pytorch_model.bin"}
@@ -397,7 +414,7 @@ def test_local_dataset_folder_with_its_card(tmp_path):
 
 def test_tokenizer_alone_downloads_only_tokenizer_files(monkeypatch, tmp_path):
     fake = use_fake(monkeypatch, FakeClient(tmp_path / "cache", repos={("model", "org/m"): model_repo(tmp_path / "m")}))
-    with pytest.raises(Exception):  # the fake tokenizer.json is empty; what matters is what was fetched
+    with pytest.raises(Exception):  # noqa: B017 -- the fake tokenizer.json is empty (any error); what was fetched matters
         modeling.load_tokenizer("org/m")
     assert fake.calls[-1][1]["allow_patterns"] == modeling.TOKENIZER_FILES
     cached = tmp_path / "cache" / "model" / "org--m"
