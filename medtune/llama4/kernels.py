@@ -14,15 +14,20 @@ Two kernels:
   ``torch._grouped_mm``).
 - :func:`nf4_moe_matmul`: ``y = x @ W_e`` for rows sorted by expert, ``W_e`` read once per tile from the packed
   bytes and dequantized in registers; only experts that received rows are read (those with none cost one early
-  return). It accumulates in float32 (K split over programs, summed with atomics); ``gated=True`` then applies
-  ``silu(x @ W_gate) * (x @ W_up)`` in PyTorch, with ``W = [W_gate | W_up]`` (K, 2N) as transformers'
-  ``gate_up_proj``. Its cost should be reading the weights of the experts a token touches (one of 16 at batch 1);
-  on an H100 it is still far from that (docs/bench-generate.md), so ``Llama4NF4Experts`` uses it for one row only.
+  return). It is a GEMV on the CUDA cores, built for decoding (one to a few rows per expert): each program owns
+  ``2 BNB`` output columns of one expert for ``BM`` of its rows and a share of K, multiplies every weight as it
+  is dequantized and accumulates elementwise in float32, reducing over K once at the end (no ``tl.dot``: with so
+  few rows the matrix units would idle and the dequantized tile would have to be rearranged for them). The K
+  shares are summed with fp32 atomics; ``gated=True`` then applies ``silu(x @ W_gate) * (x @ W_up)`` in PyTorch,
+  with ``W = [W_gate | W_up]`` (K, 2N) as transformers' ``gate_up_proj``. Its cost should be reading the packed
+  weights of the experts the rows touch (one of 16 per layer at batch 1): docs/bench-generate.md has the
+  measured fraction of the memory bandwidth. Larger batches (prefill, scoring) use dequantize +
+  ``torch._grouped_mm`` (``Llama4NF4Experts``), where the matrix units pay off.
 
 Tile mapping (as vLLM's fused MoE sorts tokens into per-expert blocks, here without a separate alignment pass):
-program ``(m, n, k)`` finds its expert from the per-expert row counts in the kernel (counts -> blocks of ``BM`` rows
--> inclusive cumulative sum), so the launch needs no host copy of the counts and can be captured in a CUDA graph;
-the grid has ``cdiv(rows, BM) + E`` row blocks, enough for any routing.
+program ``(m, n, k)`` finds its expert from the per-expert row counts in the kernel (counts -> blocks of ``BM``
+rows -> inclusive cumulative sum), so the launch needs no host copy of the counts and can be captured in a CUDA
+graph; the grid has ``cdiv(rows, BM) + E`` row blocks, enough for any routing.
 
 Both run in Triton's interpreter on the CPU (``TRITON_INTERPRET=1``), which is how the tests check their numerics
 without a GPU.
@@ -207,7 +212,7 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
                    num_stages: int | None = None, round_weights: bool = True) -> torch.Tensor | None:
     """Rows sorted by expert times each expert's NF4 matrix, dequantized inside the matmul.
 
-    The kernel accumulates ``x @ W_e`` in float32 (atomics across K splits); PyTorch then rounds it to x's dtype
+    The kernel accumulates ``x @ W_e`` in float32 (atomics across K shares); PyTorch then rounds it to x's dtype
     and, for ``gated``, applies ``silu(g) * u`` in x's dtype, the same roundings as dequantize + ``torch._grouped_mm``
     + ``ACT2FN["silu"]`` (only the summation order differs).
 
@@ -224,6 +229,10 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
         n_out: output columns (per half when ``gated``).
         gated: return ``silu(x @ W[:, :n_out]) * (x @ W[:, n_out:])`` instead of ``x @ W``.
         blocks: (BM, BNB, BK, SPLIT_K); default :func:`pick_blocks`.
+        num_warps, num_stages: Triton launch options (defaults: 4 warps, Triton's stages).
+        round_weights: round each dequantized weight to x's dtype before multiplying, as dequantize-then-matmul
+            does (default; greedy tokens then match that path). False keeps them in fp32 (slightly more exact,
+            a few instructions fewer).
 
     Returns:
         (N, n_out) in x's dtype (rows beyond ``sum(counts)`` are 0), or None when Triton is unavailable or the
