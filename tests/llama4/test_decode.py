@@ -293,3 +293,71 @@ def test_greedy_decode_refuses_right_padding_other_models_and_no_pad():
                                          num_attention_heads=2, num_key_value_heads=2)).eval()
     with pytest.raises(ValueError, match="serves Llama 4 models; LlamaForCausalLM is not one"):
         decode.greedy_decode(llama, ids, torch.ones_like(ids), max_new_tokens=4, eos_token_ids=[1], pad_token_id=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize("blocks", [None, (2, 4, 32, 2), (8, 2, 16, 1)])
+def test_nf4_linear_matches_bitsandbytes_matmul_4bit(rows, blocks):
+    """The Linear4bit kernel (weight (out, in), K contiguous) against bitsandbytes' own matmul_4bit on the same
+    packed weight: default tiles; K split over 2 programs (atomics); groups of 16 bytes, 8 rows per program."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    torch.manual_seed(rows)
+    w = torch.randn(32, 128) * 0.1
+    q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
+    x = torch.randn(rows, 128)
+    out = kernels.nf4_linear(x, q.view(-1), qs.absmax, qs.code, n_out=32, blocks=blocks)
+    ref = bnb.matmul_4bit(x, q.t(), quant_state=qs)
+    assert out.shape == (rows, 32) and out.dtype == torch.float32
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-6  # fp32, same weights, another summation order
+
+
+def test_nf4_linear_checks_its_inputs():
+    import bitsandbytes.functional as bnbf
+
+    q, qs = bnbf.quantize_4bit(torch.randn(32, 128), blocksize=64, quant_type="nf4")
+    with pytest.raises(ValueError, match="do not hold an NF4 matrix of 16x128"):
+        kernels.nf4_linear(torch.randn(2, 128), q.view(-1), qs.absmax, qs.code, n_out=16)
+    with pytest.raises(ValueError, match="do not tile a 32x128 matrix"):  # 64 packed bytes: no 3 x 32
+        kernels.nf4_linear(torch.randn(2, 128), q.view(-1), qs.absmax, qs.code, n_out=32, blocks=(2, 4, 32, 3))
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.nf4_linear(torch.randn(2, 128).t(), q.view(-1), qs.absmax, qs.code, n_out=32)
+    assert kernels.pick_linear_blocks(100, 32, 1) is None  # K not a whole number of 64-weight blocks
+
+
+def test_fast_nf4_linears_route_eligible_layers_and_restore_them(monkeypatch):
+    """Inside the block a bitsandbytes NF4 Linear4bit runs the kernel for row counts in ROWS (bitsandbytes outside
+    them) with the same result; a double-quantized layer is left to bitsandbytes; on exit the layers are as before."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+
+    from medtune.llama4 import linear4bit
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 128) * 0.1
+    layers = []
+    for nested in (False, True):
+        layer = bnb.nn.Linear4bit(128, 32, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                                  compress_statistics=nested)
+        layer.weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4", blocksize=64,
+                                         compress_statistics=nested)._quantize("cpu")
+        torch.nn.init.normal_(layer.bias)
+        layers.append(layer)
+    model = torch.nn.Sequential(*layers[:1], torch.nn.Identity(), layers[1]).eval()
+    qs = layers[0].weight.quant_state
+    want = lambda x: x @ bnbf.dequantize_4bit(layers[0].weight.data, qs).T + layers[0].bias  # noqa: E731
+    calls = []
+    original = kernels.nf4_linear
+    monkeypatch.setattr(kernels, "nf4_linear", lambda *a, **kw: calls.append(a[0].shape[0]) or original(*a, **kw))
+    monkeypatch.setattr(linear4bit, "ROWS", (2, 8))
+    x = torch.randn(3, 128)
+    with torch.no_grad(), linear4bit.fast_nf4_linears(model) as routed:
+        assert routed == 1  # the double-quantized layer is not eligible
+        y = layers[0](x)
+    assert calls == [3]
+    assert torch.allclose(y, want(x), rtol=1e-5, atol=1e-5)
+    assert "forward" not in vars(layers[0])  # restored: the class's forward again
+    with torch.no_grad(), linear4bit.fast_nf4_linears(model):
+        layers[0](torch.randn(9, 128))  # 9 rows: outside ROWS, bitsandbytes
+    assert calls == [3]
