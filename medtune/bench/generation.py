@@ -144,7 +144,8 @@ def time_loglik(model, batch: int, tokens: int, reps: int = 3) -> dict:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
     s = statistics.median(times)
-    return dict(batch=batch, tokens=tokens, s=s, items_per_s=batch / s, peak_gib=torch.cuda.max_memory_allocated() / GIB)
+    return dict(batch=batch, tokens=tokens, s=s, items_per_s=batch / s,
+                peak_gib=torch.cuda.max_memory_allocated() / GIB)
 
 
 def add_lora(model):
@@ -165,7 +166,8 @@ def to_markdown(res: dict) -> str:
     lines = [f"# Scout-shaped generation benchmark, one {env['gpu']}", "",
              f"{env['date']}; torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
              f"bitsandbytes {env['bitsandbytes']}, triton {env.get('triton')}. {res['layers']} layers, random weights, "
-             f"greedy, {res['prompt']}-token prompts. Copy bandwidth measured: {bw:.2f} TB/s. Fused NF4 expert kernel up to "
+             f"greedy, {res['prompt']}-token prompts. Copy bandwidth measured: {bw:.2f} TB/s. "
+             f"Fused NF4 expert kernel up to "
              f"{env.get('fused_max_rows')} rows per layer, above that all experts dequantized + grouped GEMM.", "",
              "## Decode", "",
              "| path | batch | new tokens | tokens/s (total) | ms/step | limit tokens/s | share of limit | "

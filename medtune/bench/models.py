@@ -106,7 +106,7 @@ def environment() -> dict:
     import peft
     import transformers
 
-    return dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    return dict(date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
                 peft=peft.__version__, bitsandbytes=bitsandbytes.__version__,
                 nf4_dequant_group=l4.Llama4NF4Experts.dequant_group or "all",

@@ -34,7 +34,6 @@ import time
 import torch
 import torch.nn as nn
 
-
 from medtune.bench.models import GIB, add_lora_and_head, build_model, free
 
 
@@ -99,7 +98,7 @@ def profile_layer(tokens: int) -> dict:
     out = {}
     for name, fn in parts.items():
         ts = []
-        for i in range(7):
+        for _ in range(7):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -113,7 +112,7 @@ def profile_layer(tokens: int) -> dict:
     base = model.base_model.model
     hid = torch.randn(1, tokens, 5120, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     ts = []
-    for i in range(7):
+    for _ in range(7):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -123,7 +122,8 @@ def profile_layer(tokens: int) -> dict:
         torch.cuda.synchronize()
         ts.append(time.perf_counter() - t0)
     out["lm_head_and_loss_unfused"] = statistics.median(ts[2:]) * 1e3
-    del model, layer, moe, base
+    del model, base
+    layer = moe = None  # noqa: F841 - released before free(); the closures over them have run
     free()
     return out
 
@@ -137,7 +137,8 @@ def to_markdown(res: dict) -> str:
              f"NF4 experts dequantized {env.get('nf4_dequant_group', 1)} per call; routed experts skipped in the "
              f"checkpoint recompute: {env.get('skip_recompute', False)}.", "",
              "## Per decoder layer (from 1- and 3-layer models) and projected to 48 layers", "",
-             "| setup | tokens | weights GiB/layer | ms/layer | peak GiB (largest model) | projected 48-layer tokens/s |",
+             "| setup | tokens | weights GiB/layer | ms/layer | peak GiB (largest model) "
+             "| projected 48-layer tokens/s |",
              "|---|---|---|---|---|---|"]
     for r in res["per_layer"]:
         lines.append(f"| {r['setup']} | {r['tokens']:,} | {r['layer_gib']:.2f} | {r['ms_per_layer']:.1f} | "

@@ -478,7 +478,8 @@ class Llama4NF4Experts(nn.Module):
     def dequantize_experts(self, name: str, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Experts [start, stop) (default all) of projection ``name`` in ``compute_dtype``, from ONE bitsandbytes
         ``dequantize_4bit`` call (on CUDA in bf16/fp16 with ``triton_dequant``: one call of the equivalent Triton
-        kernel, :func:`medtune.llama4.kernels.nf4_dequantize`): (G, H, 2I) for gate_up, (G, I, H) for down, G = stop - start.
+        kernel, :func:`medtune.llama4.kernels.nf4_dequantize`): (G, H, 2I) for gate_up, (G, I, H) for down,
+        G = stop - start.
         Bit-identical to dequantizing each expert with its own QuantState (tests/llama4/test_llama4.py; Triton: on the
         GPU with scripts/device/check_triton_dequant.py, and on the CPU in tests/llama4/test_decode.py)."""
         import bitsandbytes.functional as bnbf
@@ -537,7 +538,10 @@ class Llama4NF4Experts(nn.Module):
             yield slice(r0, r1), (e0, e1), mm
 
     def forward(
-        self, hidden_states: torch.Tensor, counts: Sequence[int] | torch.Tensor | None = None, output_needed: bool = True
+        self,
+        hidden_states: torch.Tensor,
+        counts: Sequence[int] | torch.Tensor | None = None,
+        output_needed: bool = True,
     ) -> torch.Tensor:
         if counts is None:  # transformers' dense layout: (E * T, H), T tokens per expert
             counts = [hidden_states.shape[0] // self.num_experts] * self.num_experts
@@ -682,7 +686,8 @@ def check_lora_config(model, lora_config) -> None:
             parameter to add a delta to; use ``quantize_experts=False``, i.e. bf16 experts + sparse dispatch).
     """
     targets = list(getattr(lora_config, "target_parameters", None) or [])
-    routed = [t for t in targets if any(t.endswith(p.split(".")[-1]) and "experts" in t for p in ROUTED_EXPERT_PARAMETERS)]
+    routed = [t for t in targets
+              if any(t.endswith(p.split(".")[-1]) and "experts" in t for p in ROUTED_EXPERT_PARAMETERS)]
     if not routed:
         return
     if getattr(lora_config, "lora_dropout", 0.0):
@@ -825,7 +830,7 @@ def load_llama4_qlora(
     text_config = model.config.get_text_config()
     if experts_file is None and quantize_experts and (folder / EXPERTS_FILE).is_file():
         experts_file = folder / EXPERTS_FILE
-    for i, moe in moes.items():
+    for moe in moes.values():
         if quantize_experts:
             moe.experts = Llama4NF4Experts(
                 text_config.num_local_experts, text_config.hidden_size, text_config.intermediate_size,

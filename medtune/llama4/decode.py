@@ -117,7 +117,6 @@ def greedy_decode(
             the batch is right-padded; ``pad_token_id`` is None; P + max_new_tokens exceeds the attention chunk
             (:func:`fits_static_cache`; use ``model.generate`` then).
     """
-    from transformers import StaticCache
 
     if max_new_tokens < 1 or check_every < 1:
         raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")

@@ -39,7 +39,8 @@ import os
 
 import torch
 
-__all__ = ["available", "interpreted", "nf4_dequantize", "nf4_linear", "nf4_moe_matmul", "pick_blocks", "pick_linear_blocks"]
+__all__ = ["available", "interpreted", "nf4_dequantize", "nf4_linear", "nf4_moe_matmul", "pick_blocks",
+           "pick_linear_blocks"]
 
 NF4_BYTES_PER_ABSMAX = 32  # 64 weights per absmax block, 2 weights per byte
 

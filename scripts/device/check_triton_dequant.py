@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 from medtune import llama4 as l4
-from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 OUT = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/bench/triton")
 OUT.mkdir(parents=True, exist_ok=True)
@@ -26,7 +26,10 @@ def timed(fn, reps=20, warm=5):
     ts = []
     for i in range(warm + reps):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record(); fn(); e.record(); torch.cuda.synchronize()
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
         if i >= warm:
             ts.append(s.elapsed_time(e))
     return statistics.median(ts)
@@ -48,7 +51,8 @@ for p in dense.parameters():
     p.data.normal_(0, 0.02)
 dense.requires_grad_(False)
 for dq in (False, True):
-    moe = copy.deepcopy(dense); l4.prepare_moe(moe, double_quant=dq)
+    moe = copy.deepcopy(dense)
+    l4.prepare_moe(moe, double_quant=dq)
     e = moe.experts
     r = {}
     for name in ("gate_up", "down"):
@@ -76,7 +80,6 @@ for dq in (False, True):
     ok &= r["block_bit_identical"]
     res[f"double_quant={dq}"] = r
     print(f"double_quant={dq}", json.dumps(r), flush=True)
-    del moe, e
     torch.cuda.empty_cache()
 (OUT / "triton_dequant.json").write_text(json.dumps(res, indent=2))
 if ok:

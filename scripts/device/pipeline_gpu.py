@@ -57,10 +57,10 @@ def build_checkpoint(folder: Path) -> None:
 def main() -> None:
     import yaml
 
-    from medtune.settings import config
-    from medtune.stages import data, modeling, train
     from medtune.evaluation import heldout
+    from medtune.settings import config
     from medtune.settings.runs import RunDir
+    from medtune.stages import data, modeling, train
 
     ckpt = WORK / "scout-2layer"
     if not (ckpt / "config.json").is_file():

@@ -11,9 +11,9 @@ import sys
 import time
 
 import torch
+from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 from medtune import llama4 as l4
-from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
 
 
 def rel(a, b):
@@ -29,10 +29,12 @@ def run(moe, x, w):
 
 def bench(moe, x, w):
     ts = []
-    for i in range(7):
-        torch.cuda.synchronize(); t0 = time.perf_counter()
+    for _ in range(7):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
         run(moe, x, w)
-        torch.cuda.synchronize(); ts.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
     return statistics.median(ts[2:]) * 1e3
 
 
@@ -43,11 +45,17 @@ with torch.device("cuda"):
 for p in dense.parameters():
     p.data.normal_(0, 0.02)
 dense.requires_grad_(False)
-loop = copy.deepcopy(dense); l4.prepare_moe(loop, quantize_experts=False); loop.experts.use_grouped_mm = False
-grouped = copy.deepcopy(dense); l4.prepare_moe(grouped, quantize_experts=False)
-nf4 = copy.deepcopy(dense); l4.prepare_moe(nf4, quantize_experts=True)
+loop = copy.deepcopy(dense)
+l4.prepare_moe(loop, quantize_experts=False)
+loop.experts.use_grouped_mm = False
+grouped = copy.deepcopy(dense)
+l4.prepare_moe(grouped, quantize_experts=False)
+nf4 = copy.deepcopy(dense)
+l4.prepare_moe(nf4, quantize_experts=True)
 rt = copy.deepcopy(loop)
-gu, dn = nf4.experts.dequantized_weights(); rt.experts.gate_up_proj.data.copy_(gu); rt.experts.down_proj.data.copy_(dn)
+gu, dn = nf4.experts.dequantized_weights()
+rt.experts.gate_up_proj.data.copy_(gu)
+rt.experts.down_proj.data.copy_(dn)
 ok = True
 for tokens in (4096, 16384):
     x = torch.randn(1, tokens, 5120, device="cuda", dtype=torch.bfloat16)
@@ -58,10 +66,13 @@ for tokens in (4096, 16384):
         o, g = run(m, x, w)
         row[name] = (rel(o, ref[0]), rel(g, ref[1]))
         ok &= row[name][0] < 2e-2 and row[name][1] < 2e-2
-    o, g = run(nf4, x, w); ro, rg = run(rt, x, w)
-    row["nf4_vs_roundtrip"] = (rel(o, ro), rel(g, rg)); ok &= max(row["nf4_vs_roundtrip"]) < 2e-2
+    o, g = run(nf4, x, w)
+    ro, rg = run(rt, x, w)
+    row["nf4_vs_roundtrip"] = (rel(o, ro), rel(g, rg))
+    ok &= max(row["nf4_vs_roundtrip"]) < 2e-2
     row["nf4_vs_bf16"] = (rel(o, ref[0]), rel(g, ref[1]))
-    row["ms"] = {n: round(bench(m, x, w), 2) for n, m in (("dense", dense), ("loop", loop), ("grouped_mm", grouped), ("nf4", nf4))}
+    paths = (("dense", dense), ("loop", loop), ("grouped_mm", grouped), ("nf4", nf4))
+    row["ms"] = {n: round(bench(m, x, w), 2) for n, m in paths}
     print(row, flush=True)
 print("layer GiB: bf16 experts", round(l4.weights_gib(dense.experts), 3), "nf4", round(l4.weights_gib(nf4.experts), 3))
 print("SMOKE", "OK" if ok else "FAILED")

@@ -14,7 +14,8 @@ from transformers import Llama4Config, Llama4ForCausalLM, Llama4ForConditionalGe
 
 from medtune import compat
 
-TOKENIZER = str(Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "llama4")  # CI lays shared/ beside the clone
+# CI lays shared/ beside the clone
+TOKENIZER = str(Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "llama4")
 # intermediate_size 64, not 32: see tests/llama4/test_llama4.py (bitsandbytes' AVX512-BF16 CPU repacking)
 TEXT = dict(vocab_size=201135, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,

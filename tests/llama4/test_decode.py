@@ -20,7 +20,6 @@ from medtune import llama4 as l4
 from medtune.llama4 import decode, kernels
 
 
-
 def tiny_text(**overrides):
     dims = dict(vocab_size=512, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1)
@@ -124,7 +123,7 @@ def tiny_nf4_model(seed=0):
         torch.nn.init.normal_(p, std=0.3)
     reference = copy.deepcopy(model)
     l4.prepare_llama4_for_qlora(model, compute_dtype=torch.float32)
-    for layer, ref_layer in zip(model.model.layers, reference.model.layers):
+    for layer, ref_layer in zip(model.model.layers, reference.model.layers, strict=True):
         experts = layer.feed_forward.experts
         assert isinstance(experts, l4.Llama4NF4Experts)
         gate_up, down = experts.dequantized_weights()
@@ -218,7 +217,8 @@ def test_greedy_decode_on_the_multimodal_class_matches_generate():
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.3)
     l4.prepare_llama4_for_qlora(model, compute_dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                      target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)")
     model = get_peft_model(model, lora).eval()
     for name, p in model.named_parameters():
         if "lora_B" in name:

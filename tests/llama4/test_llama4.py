@@ -5,7 +5,6 @@ trains under SFTTrainer with LoRA, and generates."""
 from __future__ import annotations
 
 import copy
-
 from pathlib import Path
 
 import pytest
@@ -14,7 +13,8 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4
 
 from medtune import llama4 as l4
 
-TOKENIZER = str(Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "llama4")  # CI lays shared/ beside the clone
+# CI lays shared/ beside the clone
+TOKENIZER = str(Path(__file__).resolve().parents[3] / "shared" / "tokenizers" / "llama4")
 
 
 def tiny_text(**overrides):
@@ -82,7 +82,7 @@ def test_sparse_router_gradient_matches_and_idle_experts():
         (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(1))).sum().backward()
         grads.append((m.router.weight.grad.clone(), m.shared_expert.up_proj.weight.grad.clone(),
                       m.experts.gate_up_proj.grad.clone()))
-    for ref, got in zip(*grads):
+    for ref, got in zip(*grads, strict=True):
         assert rel(got, ref) < 1e-5
 
 
@@ -273,7 +273,8 @@ def test_peft_targets_with_nf4_experts_and_routed_lora_rules():
     model = l4.prepare_llama4_for_qlora(tiny_model(vocab=512), compute_dtype=torch.float32)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.05, target_modules=targets))
-    wrapped = [n for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B"))]
+    wrapped = [n for n, m in peft_model.named_modules()
+               if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B"))]
     assert len(wrapped) == 2 * 7  # 2 layers x (4 attention + 3 shared-expert projections)
     assert all(".self_attn." in n or ".shared_expert." in n for n in wrapped)
     routed = LoraConfig(r=4, target_parameters=list(l4.ROUTED_EXPERT_PARAMETERS), lora_dropout=0.1)
