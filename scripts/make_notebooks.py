@@ -31,8 +31,9 @@ SCORES_MD = (
 BENCH_MD = (
     "`loglik`: each option letter scored by its log-likelihood after the question, the options and "
     "`The answer is` (no reasoning); the highest wins. `generate`: a free answer, the letter read by a fixed rule "
-    "(the last \"answer is X\" / \"Answer: X\" / \"答案是X\"; else a lone letter at the start); unreadable "
-    "answers count as wrong and are reported. Per-item predictions go to the run's `benchmarks/` folder."
+    "(the last \"answer is X\" / \"Answer: X\" / \"答案是X\"; else a lone letter at the start; never a letter of "
+    "an echoed option list); unreadable answers count as wrong and are reported. Per-item predictions go to the "
+    "run's `benchmarks/` folder."
 )
 
 

@@ -20,7 +20,8 @@ Two ways to score an item (``RunConfig.benchmark_mode``):
   multiple-choice tasks (its MedQA task scores the letters too). It measures the direct answer, without reasoning;
   one forward pass per item when each letter is one token. Nothing is unparseable in this mode.
 - ``"generate"``: greedy generation with the test template (as in 04/06), then the letter is read from the text by
-  :func:`extract_choice`; text with no readable letter counts as wrong and is reported as unparseable. This is how
+  :func:`extract_choice` (an answer statement, or a lone letter; never a letter of an echo of the option list);
+  text with no readable letter counts as wrong and is reported as unparseable. This is how
   the HuatuoGPT-o1 paper evaluated, but a reasoning model needs a large ``max_new_tokens`` to reach its answer.
 """
 
@@ -536,8 +537,20 @@ _AMBIGUOUS_AFTER = re.compile(r"\s*[)\]*]*\s*(?:,|/|&|\bor\b|\band\b|或|和)\s*
 
 
 def _statement_choice(rest: str, options: Sequence[str]) -> str | None | bool:
-    """What follows an answer statement: a letter, an option's text, ``False`` (ambiguous), or ``None`` (neither)."""
+    """What follows an answer statement: a letter, an option's text, ``False`` (ambiguous), or ``None`` (neither).
+
+    An option's whole text (2+ characters) wins over a letter: "the answer is A reduction in diastolic filling time"
+    names option D of MedQA item 13, not A; "the answer is D-dimer" names C of item 543."""
     n = len(options)
+    low = rest.lower()
+    hits = []
+    for i, o in enumerate(options):
+        for form in dict.fromkeys((o.lower(), _plain(o).lower())):
+            if form and low.startswith(form) and not low[len(form):len(form) + 1].isalnum():
+                hits.append((len(form), i))
+    text_hit = LETTERS[max(hits)[1]] if hits else None
+    if text_hit and max(hits)[0] >= 2:
+        return text_hit
     if re.match(r"[A-Za-z](?![A-Za-z0-9])", rest):
         letter = rest[0]
         lower_word = letter.islower() and re.match(r"\s+[A-Za-z]", rest[1:])  # "the answer is a beta blocker"
@@ -545,12 +558,73 @@ def _statement_choice(rest: str, options: Sequence[str]) -> str | None | bool:
             if _AMBIGUOUS_AFTER.match(rest[1:]):
                 return False
             return letter.upper()
-    low = rest.lower()
-    hits = [i for i, o in enumerate(options)
-            if low.startswith(o.lower()) and not low[len(o):len(o) + 1].isalnum()]
-    if hits:
-        return LETTERS[max(hits, key=lambda i: len(options[i]))]
-    return None
+    return text_hit
+
+
+# One listed option at the start of a text: an optional opening bracket, the letter (not part of a word), then its
+# closing bracket or punctuation ("A.", "A)", "(A)", "[A]", "A:", "A、", "A："), markup and spaces around it.
+_LIST_MARKER = re.compile(r"[\s*_`]*[(\[（【]?([A-Za-z])(?![A-Za-z0-9])([)\]）】]?\s*[.:：、)]?)[\s*_`\"'“”‘’]*")
+_LIST_TAIL = re.compile(r"[\s*_`\"'“”‘’.,;:。，；：]*")
+
+
+def _plain(option: str) -> str:
+    """An option's text as it is matched in an echo: whitespace runs as one space, surrounding quotes and
+    punctuation dropped (some real MedQA options end in a line break and a stray quote)."""
+    return " ".join(option.split()).strip(" \"'“”‘’.,;:。，；：*_`")
+
+
+def listed_letters(line: str, options: Sequence[str]) -> list[str] | None:
+    """The letters of a line that does nothing but list options, as the prompt shows them, or ``None``.
+
+    A listed option is a letter marker (``A.``, ``A)``, ``(A)``, ``A:``, ``A、``, ``**A.**``; a bare ``A`` only before
+    its text or alone on the line) followed by that letter's own option text (case, runs of whitespace and surrounding
+    quotes and punctuation ignored) or by nothing. A line may
+    list several options ("A. yes B. no C. maybe"). Used by :func:`extract_choice` to tell an echo of the option list
+    from an answer.
+
+    Args:
+        line: one line of text (no line break).
+        options: the item's option texts, in letter order.
+
+    Returns:
+        The listed letters in line order (upper case; at least one), or ``None`` when the line holds anything else
+        (a word that is not an option's text, a letter beyond the options, a blank line).
+    """
+    letters: list[str] = []
+    pos, n = 0, len(options)
+    while pos < len(line):
+        m = _LIST_MARKER.match(line, pos)
+        if not m or m.group(1).upper() not in LETTERS[:n]:
+            return None
+        letter, marked, pos = m.group(1).upper(), bool(m.group(2).strip()), m.end()
+        text = _plain(options[LETTERS.index(letter)])
+        has_text = (line[pos:pos + len(text)].lower() == text.lower()
+                    and not line[pos + len(text):pos + len(text) + 1].isalnum())
+        if has_text:
+            pos += len(text)
+        elif not marked and line[pos:].strip(" \t*_`"):
+            return None  # a bare letter followed by other words: "A 45-year-old man ..."
+        letters.append(letter)
+        pos = _LIST_TAIL.match(line, pos).end()
+    return letters or None
+
+
+def _heads_listing(rest: str, options: Sequence[str]) -> bool:
+    """Whether the text after an answer statement is an option list that starts there ("Answer:\nA. x\nB. y"):
+    its first line and the listing lines that follow it (blank lines between them allowed) name 2+ letters."""
+    lines = rest.split("\n")
+    first = listed_letters(lines[0].strip(), options)
+    if first is None:
+        return False
+    seen = set(first)
+    for line in lines[1:]:
+        if not line.strip():
+            continue
+        more = listed_letters(line.strip(), options)
+        if more is None:
+            break
+        seen.update(more)
+    return len(seen) >= 2
 
 
 def extract_choice(text: str, options: Sequence[str]) -> str | None:
@@ -563,11 +637,14 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
        ``X``. ``X`` is a letter of the item's options (either case; a lower-case letter followed by a word, as in
        "the answer is a beta blocker", is not a letter) or the text of an option ("the answer is yes"). The LAST
        statement wins, so an explanation after it that names other letters does not change it. If that statement
-       names several letters ("the answer is B or C"), the answer is ``None``.
+       names several letters ("the answer is B or C"), or its letter starts a list of the options ("Answer:\nA. x\n
+       B. y"), the answer is ``None``.
     2. Otherwise, a lone letter at the very start: "C", "C.", "(C)", "**C**", "c)" followed by punctuation or the
-       end of the line.
+       end of the line; but not when the text echoes the option list (lines that only list options, by
+       :func:`listed_letters`, naming 2+ different letters) and its first line is part of that list. "A. 2小时\n
+       B. 4小时内\n..." and "A. x B. y C. z D. w" are echoes, not answers.
     3. Otherwise ``None``: text that only mentions letters ("A is wrong, B might be right, C...") without a
-       statement is unparseable, even if it names a single letter.
+       statement is unparseable, even if it names a single letter; so is an echo of the options.
 
     Args:
         text: the generated text (special tokens already removed).
@@ -577,13 +654,20 @@ def extract_choice(text: str, options: Sequence[str]) -> str | None:
         An upper-case letter among the first ``len(options)``, or ``None``.
     """
     region = answer_part(text)
-    last = None  # the last statement's reading: a letter, or False when it names several letters
+    last = None  # the last statement's reading: a letter, or False when it names several letters or heads a list
     for m in _STATEMENT.finditer(region):
         got = _statement_choice(region[m.end():], options)
+        if got and _heads_listing(region[m.end():], options):
+            got = False
         if got is not None:
             last = got
     if last is not None:
         return last or None
+    listing = {line_no: letters for line_no, line in enumerate(region.splitlines())
+               if (letters := listed_letters(line.strip(), options))}
+    first_line = next((i for i, line in enumerate(region.splitlines()) if line.strip()), None)
+    if first_line in listing and len({x for letters in listing.values() for x in letters}) >= 2:
+        return None
     m = re.match(r"[\s*_(\[]*([A-Za-z])(?:[.)\]:*]|[ \t]*(?:\n|$))", region)
     if m and m.group(1).upper() in LETTERS[:len(options)]:
         return m.group(1).upper()

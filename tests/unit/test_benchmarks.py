@@ -345,6 +345,8 @@ def test_mc_question_layout():
 FOUR = ["Inhibition of proteasome", "Hyperstabilization of microtubules", "Generation of free radicals",
         "Cross-linking of DNA"]
 YNM = ["yes", "no", "maybe"]
+HOURS = ["2小时", "4小时内", "12小时内", "24小时内"]  # the issue's Chinese options
+XYZW = ["x", "y", "z", "w"]
 
 
 @pytest.mark.parametrize("text, options, expected", [
@@ -382,9 +384,82 @@ YNM = ["yes", "no", "maybe"]
     ("The answer is D", YNM, None),  # PubMedQA has no D
     ("The answer is not clear.", YNM, None),
     ("", FOUR, None),
+    # echoes of the option list are not answers (issue 13)
+    ("A. 2小时\nB. 4小时内\nC. 12小时内\nD. 24小时内", HOURS, None),
+    ("Options:\nA. x\nB. y\nC. z\nD. w", XYZW, None),
+    ("A. x B. y C. z D. w", XYZW, None),
+    ("(A) x\n(B) y\n(C) z\n(D) w", XYZW, None),
+    ("**A.** x\n**B.** y\n**C.** z\n**D.** w", XYZW, None),
+    ("A\nB\nC\nD", XYZW, None),
+    ("A.\nB.", XYZW, None),
+    ("Answer:\nA. x\nB. y\nC. z\nD. w", XYZW, None),
+    ("The answer is:\n\nA. yes\nB. no\nC. maybe", YNM, None),
+    ("答案：\nA. 2小时\nB. 4小时内\nC. 12小时内\nD. 24小时内", HOURS, None),
+    ("选项：\nA、2小时\nB、4小时内\nC、12小时内\nD、24小时内\n\n请用正确选项的字母作答。", HOURS, None),
+    # ... but an answer next to an echo is read, and one option line is an answer
+    ("A. 2小时\nB. 4小时内\nC. 12小时内\nD. 24小时内\n\n答案：D", HOURS, "D"),
+    ("Options:\nA. x\nB. y\nC. z\nD. w\n\nThe answer is B.", XYZW, "B"),
+    ("B. 4小时内\n\n因为溶栓时间窗为4.5小时。", HOURS, "B"),
+    ("The answer is C.\n\nOptions:\nA. x\nB. y\nC. z\nD. w", XYZW, "C"),
+    ("Answer: B. y", XYZW, "B"),
+    ("C. 12小时内", HOURS, "C"),
 ])
 def test_extract_choice(text, options, expected):
     assert B.extract_choice(text, options) == expected
+
+
+ECHOES = {  # name -> the output of a model that only repeats the option list in some layout
+    "lines": lambda i: "\n".join(f"{B.LETTERS[k]}. {o}" for k, o in enumerate(i.options)),
+    "one line": lambda i: " ".join(f"{B.LETTERS[k]}. {o}" for k, o in enumerate(i.options)),
+    "brackets": lambda i: "\n".join(f"({B.LETTERS[k]}) {o}" for k, o in enumerate(i.options)),
+    "bold": lambda i: "\n".join(f"**{B.LETTERS[k]}.** {o}" for k, o in enumerate(i.options)),
+    "after Answer:": lambda i: "Answer:\n" + "\n".join(f"{B.LETTERS[k]}. {o}" for k, o in enumerate(i.options)),
+    "after 答案：": lambda i: "答案：\n" + "\n".join(f"{B.LETTERS[k]}、{o}" for k, o in enumerate(i.options)),
+}
+
+
+@pytest.mark.parametrize("echo", ECHOES)
+def test_no_letter_from_an_echoed_option_list_of_the_real_items(bench_dir, echo):
+    """Every one of the 1,773 real MedQA and PubMedQA items: its options repeated back are unparseable (HEAD before
+    issue 13 read "A" from all 1,773 in every layout here), while an answer statement after the same echo, a
+    statement naming the option's text, and one option line with its reason are read as the gold letter."""
+    items = (B.read_benchmark(str(bench_dir / "medqa_usmle_4op_test.jsonl"))
+             + B.read_benchmark(str(bench_dir / "pubmedqa_pqa_labeled_test.jsonl")))
+    assert len(items) == 1773
+    make = ECHOES[echo]
+    assert [i.id for i in items if B.extract_choice(make(i), i.options) is not None] == []
+    assert [i.id for i in items if B.extract_choice(make(i) + f"\n\nThe answer is {i.answer}.", i.options)
+            != i.answer] == []
+    if echo == "lines":
+        text = {i.id: i.options[B.LETTERS.index(i.answer)] for i in items}
+        assert [i.id for i in items if B.extract_choice(f"{i.answer}. {text[i.id]}\n\nIt fits best.", i.options)
+                != i.answer] == []
+        # the option's whole text wins over a leading capital that looks like a letter; MedQA item 709's options
+        # are the letters "B", "C", "D", "E" themselves, so "The answer is B" stays the letter B
+        misread = [(i.id, B.extract_choice(f"The answer is {text[i.id]}", i.options)) for i in items
+                   if B.extract_choice(f"The answer is {text[i.id]}", i.options) != i.answer]
+        assert misread == [("709", "B")]
+
+
+def test_option_text_wins_over_a_capital_letter(bench_dir):
+    """Real MedQA items whose option texts start with a capital that is also a letter ("A reduction ...", "D-dimer")."""
+    items = {i.id: i for i in B.read_benchmark(str(bench_dir / "medqa_usmle_4op_test.jsonl"))}
+    assert items["13"].options[3] == "A reduction in diastolic filling time" and items["13"].answer == "D"
+    assert B.extract_choice("The answer is A reduction in diastolic filling time.", items["13"].options) == "D"
+    assert items["543"].options[2] == "D-dimer"
+    assert B.extract_choice("Answer: D-dimer", items["543"].options) == "C"
+    assert B.extract_choice("Answer: D", items["543"].options) == "D"
+
+
+def test_listed_letters():
+    assert B.listed_letters("A. x", XYZW) == ["A"]
+    assert B.listed_letters("**B.** y", XYZW) == ["B"]
+    assert B.listed_letters("A. yes B. no C. maybe", YNM) == ["A", "B", "C"]
+    assert B.listed_letters("C", XYZW) == ["C"]
+    assert B.listed_letters("A 45-year-old man", FOUR) is None
+    assert B.listed_letters("A. x is wrong", XYZW) is None
+    assert B.listed_letters("E. v", XYZW) is None  # no fifth option
+    assert B.listed_letters("", XYZW) is None
 
 
 def test_answer_part():
