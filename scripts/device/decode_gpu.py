@@ -38,6 +38,10 @@ def save():
     (OUT / "decode_gpu.json").write_text(json.dumps(report, indent=2, default=str))
 
 
+LINEAR_SHAPES = {"q/o 5120x5120": (5120, 5120), "k/v 1024x5120": (1024, 5120),
+                 "shared gate/up 8192x5120": (8192, 5120), "shared down 5120x8192": (5120, 8192)}
+
+
 def timed(fn, reps=50, warm=5):
     ts = []
     for i in range(warm + reps):
@@ -165,7 +169,7 @@ def sweep(experts):
         print("best n=1 split", name, b2, flush=True)
         for n in (8, 32):
             stage = []
-            for bm in (1, 2, 4, 8):
+            for bm in (1, 2, 4):
                 for bk2 in (1, 2, 4):
                     s = next(s for s in range(b2["blocks"][3], 0, -1) if (k // bk2) % s == 0)
                     stage.append(run(name, n, (bm, bnb, bk2, s), b2["warps"]))
@@ -199,20 +203,51 @@ def profile_step():
     torch.cuda.empty_cache()
 
 
-def linear_checks(sweep_tiles: bool):
+def linear_sweep():
+    """Tiles of the NF4 Linear kernel (BN, BKB, warps) at M = 1 and 32 rows on each Scout shape; the best printed."""
+    import bitsandbytes.functional as bnbf
+
+    tiles = []
+    for label, (n_out, k) in LINEAR_SHAPES.items():
+        torch.manual_seed(n_out + k)
+        q, qs = bnbf.quantize_4bit(torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64,
+                                   quant_type="nf4")
+        packed = q.view(-1)
+        for m in (1, 32):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            bm = kernels.pick_linear_blocks(k, n_out, m)[0]
+            for bn in (4, 8, 16):
+                for bkb in (128, 256):
+                    steps = k // 2 // bkb
+                    target = max(1, min(512 // (-(-m // bm) * (n_out // bn)), steps))
+                    split = next(s for s in range(target, 0, -1) if steps % s == 0)
+                    for warps in (4, 8):
+                        blocks = (bm, bn, bkb, split)
+                        t = dict(shape=label, m=m, blocks=blocks, warps=warps)
+                        try:
+                            t["ms"] = timed(lambda: kernels.nf4_linear(x, packed, qs.absmax, qs.code, n_out=n_out,
+                                                                       blocks=blocks, num_warps=warps), reps=20)
+                        except Exception as err:  # noqa: BLE001 - a config that does not compile is a result too
+                            t["error"] = str(err)[:200]
+                        tiles.append(t)
+            ok = [t for t in tiles if t["shape"] == label and t["m"] == m and "ms" in t]
+            print("best linear", label, m, min(ok, key=lambda t: t["ms"]) if ok else None,
+                  "default", kernels.pick_linear_blocks(k, n_out, m), flush=True)
+        report["linear_sweep"] = tiles
+        save()
+
+
+def linear_checks():
     """The NF4 Linear kernel (:func:`kernels.nf4_linear`) against bitsandbytes' ``matmul_4bit`` (what a
     ``Linear4bit`` runs: ``gemv_4bit`` for one row, dequantize + GEMM for more) on Scout's attention and
-    shared-expert shapes at M rows: relative error, ms, GB/s of packed weights; with ``sweep_tiles`` also
-    (BN, BKB, warps) at M = 1 and 32 per shape. Writes OUT/linear_rows: "lo-hi", the row counts where ours won
-    on every shape."""
+    shared-expert shapes at M rows: relative error, ms, GB/s of packed weights. Writes OUT/linear_rows: "lo-hi",
+    the row counts where ours won on every shape."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
-    shapes = {"q/o 5120x5120": (5120, 5120), "k/v 1024x5120": (1024, 5120), "shared gate/up 8192x5120": (8192, 5120),
-              "shared down 5120x8192": (5120, 8192)}
-    rows_out, tiles = [], []
+    rows_out = []
     wins = {}
-    for label, (n_out, k) in shapes.items():
+    for label, (n_out, k) in LINEAR_SHAPES.items():
         torch.manual_seed(n_out + k)
         w = torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
@@ -230,26 +265,6 @@ def linear_checks(sweep_tiles: bool):
             rows_out.append(row)
             wins.setdefault(m, []).append(t_ours < t_bnb)
             print(row, flush=True)
-            if sweep_tiles and m in (1, 32):
-                bm = kernels.pick_linear_blocks(k, n_out, m)[0]
-                for bn in (2, 4, 8, 16, 32):
-                    for bkb in (64, 128, 256, 512):
-                        if bm * bn * bkb > 16384 or (k // 2) % bkb:
-                            continue
-                        steps = k // 2 // bkb
-                        target = max(1, min(512 // (-(-m // bm) * (n_out // bn)), steps))
-                        split = next(s for s in range(target, 0, -1) if steps % s == 0)
-                        for warps in (2, 4, 8):
-                            blocks = (bm, bn, bkb, split)
-                            t = dict(shape=label, m=m, blocks=blocks, warps=warps)
-                            try:
-                                t["ms"] = timed(lambda: kernels.nf4_linear(x, packed, qs.absmax, qs.code, n_out=n_out,
-                                                                           blocks=blocks, num_warps=warps), reps=20)
-                            except Exception as err:  # noqa: BLE001
-                                t["error"] = str(err)[:200]
-                            tiles.append(t)
-                ok = [t for t in tiles if t["shape"] == label and t["m"] == m and "ms" in t]
-                print("best linear", label, m, min(ok, key=lambda t: t["ms"]) if ok else None, flush=True)
     won = [m for m in sorted(wins) if all(wins[m])]
     lo = won[0] if won else 0
     hi = lo
@@ -261,7 +276,6 @@ def linear_checks(sweep_tiles: bool):
     (OUT / "linear_rows").write_text(f"{lo}-{hi}" if won else "0-0")
     print("linear_rows", (OUT / "linear_rows").read_text(), flush=True)
     report["linear"] = rows_out
-    report["linear_sweep"] = tiles
     save()
 
 
@@ -300,12 +314,13 @@ if __name__ == "__main__":
     report["gpu"] = torch.cuda.get_device_name()
     report["versions"] = dict(torch=torch.__version__)
     experts = scout_experts(0)
-    kernel_checks(experts)
+    kernel_checks(experts)  # writes OUT/fused_max_rows
+    linear_checks()  # writes OUT/linear_rows
+    greedy_equality()
     if "--sweep" in sys.argv:
         sweep(experts)
+        linear_sweep()
     del experts
     torch.cuda.empty_cache()
-    linear_checks("--sweep" in sys.argv)
-    greedy_equality()
     if "--profile" in sys.argv:
         profile_step()
