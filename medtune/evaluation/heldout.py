@@ -370,9 +370,11 @@ def metrics_table(run) -> str:
 
     Rows: response loss, perplexity, answer length (tokens), share stopped with EOS (always); ROUGE-L, answer
     length in characters, share following the template (when recorded); per benchmark, the accuracy (with its
-    mode, item count and chance level) and, in generation mode, the unparseable answers (count and share). The
-    difference is fine-tuned minus baseline. A note follows when 04 and 06 did not measure the same thing
-    (different question counts, benchmark items or modes).
+    mode, item count and chance level), the spread of its predicted letters, and, in generation mode, the
+    unparseable answers (count and share). The difference is fine-tuned minus baseline. A note follows when 04 and 06
+    did not measure the same thing (different question counts, benchmark items or modes), and a warning for each
+    benchmark where one letter is most of the predictions
+    (:func:`medtune.evaluation.multiple_choice.summarize`'s ``warning``).
     """
     m = run.metrics()
     b, f = m.get("baseline", {}), m.get("finetuned", {})
@@ -382,7 +384,7 @@ def metrics_table(run) -> str:
         if always or bv is not None or fv is not None:
             lines.append(f"| {label} | {bv} | {fv} | {_diff(bv, fv)} |")
     bb, fb = b.get("benchmarks", {}), f.get("benchmarks", {})
-    notes = []
+    notes, warned = [], []
     if b.get("answers") is not None and f.get("answers") is not None and b["answers"] != f["answers"]:
         notes.append(f"held-out answers: {b['answers']} in 04, {f['answers']} in 06")
     for name in list(dict.fromkeys([*bb, *fb])):
@@ -390,6 +392,11 @@ def metrics_table(run) -> str:
         ref = y or x
         lines.append(f"| {name}: accuracy ({ref.get('mode')}, {ref.get('items')} items; chance {ref.get('chance')}) | "
                      f"{x.get('accuracy')} | {y.get('accuracy')} | {_diff(x.get('accuracy'), y.get('accuracy'))} |")
+        if x.get("predicted_spread") or y.get("predicted_spread"):
+            lines.append(f"| {name}: predicted letters | {x.get('predicted_spread', '')} | "
+                         f"{y.get('predicted_spread', '')} | |")
+        warned += [f"**Warning, {stage} {name}:** {r['warning']}" for stage, r in (("baseline", x), ("fine-tuned", y))
+                   if r.get("warning")]
         if "generate" in (x.get("mode"), y.get("mode")):
             lines.append(f"| {name}: unparseable answers (count, counted wrong) | {x.get('unparsed')} | "
                          f"{y.get('unparsed')} | {_diff(x.get('unparsed'), y.get('unparsed'))} |")
@@ -400,6 +407,8 @@ def metrics_table(run) -> str:
                          f"{y.get('items')} by {y.get('mode')} in 06")
     if notes:
         lines += ["", "**Not the same measurement in 04 and 06** (compare with care): " + "; ".join(notes) + "."]
+    if warned:
+        lines += ["", *warned]
     return "\n".join(lines)
 
 

@@ -803,19 +803,37 @@ def predict_generate(model, tokenizer, items: Sequence[MCItem], *, language: str
     return out
 
 
+ONE_LETTER_SHARE = 0.9  # one letter this share or more of the readable predictions: the table says so plainly
+
+
 def summarize(predictions: Sequence[dict], items: Sequence[MCItem]) -> dict:
-    """Accuracy and parse failures over one benchmark's predictions.
+    """Accuracy, parse failures and the spread of the predicted letters over one benchmark's predictions.
 
     Returns:
         ``{"items", "correct", "accuracy" (correct / items; unparseable count as wrong), "unparsed",
         "unparsed_share", "chance" (mean of 1 / options: the accuracy of guessing), "predicted_counts"
-        ({letter or "unparsed": count})}``. Shares are fractions in [0, 1] rounded to 4 places; ``None`` when empty.
+        ({letter or "unparsed": count}), "answer_counts" ({letter: count} of the right answers, every option letter),
+        "predicted_spread" (:func:`spread`: ``"A 0 · B 1 · C 0 · D 7"``), "top_letter" (the letter predicted most;
+        ties: the first), "top_share" (its share of the readable predictions), "warning" (a plain sentence when
+        ``top_share`` >= :data:`ONE_LETTER_SHARE` over 2+ readable predictions, else None)}``. Shares are fractions
+        in [0, 1] rounded to 4 places; ``None`` when empty.
     """
     n = len(predictions)
     correct = sum(bool(p["correct"]) for p in predictions)
     unparsed = sum(not p["parsed"] for p in predictions)
     counts = Counter(p["predicted"] or "unparsed" for p in predictions)
-    return {
+    letters = LETTERS[:max((len(i.options) for i in items), default=0)]
+    answers = Counter(i.answer for i in items)
+    read = {k: v for k, v in counts.items() if k != "unparsed"}
+    top = max(sorted(read), key=lambda k: read[k]) if read else None
+    top_share = round(read[top] / sum(read.values()), 4) if top else None
+    warning = None
+    if top and top_share >= ONE_LETTER_SHARE and sum(read.values()) >= 2:
+        warning = (f"{top} is {read[top]} of {sum(read.values())} readable predictions ({100 * top_share:.0f}%), "
+                   f"but the right answer of only {answers[top]} of {len(items)} items "
+                   f"({100 * answers[top] / len(items):.0f}%). The model hardly tells the options apart, so this "
+                   f"accuracy mostly counts how often {top} is right; it is no sign of medical knowledge.")
+    out = {
         "items": n,
         "correct": correct,
         "accuracy": round(correct / n, 4) if n else None,
@@ -823,7 +841,26 @@ def summarize(predictions: Sequence[dict], items: Sequence[MCItem]) -> dict:
         "unparsed_share": round(unparsed / n, 4) if n else None,
         "chance": round(sum(1 / len(i.options) for i in items) / n, 4) if n else None,
         "predicted_counts": dict(sorted(counts.items())),
+        "answer_counts": {k: answers[k] for k in letters},
     }
+    return {
+        **out,
+        "predicted_spread": spread(out),
+        "top_letter": top,
+        "top_share": top_share,
+        "warning": warning,
+    }
+
+
+def spread(result: dict) -> str:
+    """The predicted letters of one :func:`summarize` result as text, every option letter with its count (``A 0 · B 1
+    · C 0 · D 7``), then the unreadable answers when there are any (``· unreadable 2``)."""
+    counts = result.get("predicted_counts") or {}
+    letters = list(result.get("answer_counts") or {}) or sorted(k for k in counts if k != "unparsed")
+    parts = [f"{k} {counts.get(k, 0)}" for k in letters]
+    if counts.get("unparsed"):
+        parts.append(f"unreadable {counts['unparsed']}")
+    return " · ".join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -880,19 +917,26 @@ def measure(cfg, run, model, tokenizer, stage: str) -> dict:
                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
         _data.write_jsonl(preds, predictions_path(run, stage, name))
         results[name] = {"source": spec["source"], "mode": cfg.benchmark_mode, **summarize(preds, items)}
+        if results[name]["warning"]:
+            print(f"warning, {name}: {results[name]['warning']}", flush=True)
     return results
 
 
 def show(results: dict) -> str:
-    """Markdown table of :func:`measure`'s results for one stage."""
+    """Markdown table of :func:`measure`'s results for one stage: accuracy beside chance and the spread of the
+    predicted letters, then a plain warning for each benchmark where one letter is most of the predictions."""
     if not results:
         return "_No benchmarks in this profile._"
-    lines = ["| benchmark | mode | items | correct | accuracy | chance | unparseable (share) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| benchmark | mode | items | correct | accuracy | chance | predicted letters | right answers | "
+             "unparseable (share) |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|"]
     for name, r in results.items():
-        lines.append(f"| {name} | {r['mode']} | {r['items']} | {r['correct']} | {r['accuracy']} | {r['chance']} | "
+        right = " · ".join(f"{k} {v}" for k, v in (r.get("answer_counts") or {}).items())
+        lines.append(f"| {name} | {r['mode']} | {r['items']} | {r['correct']} | "
+                     f"{r['accuracy']} | {r['chance']} | {r.get('predicted_spread') or spread(r)} | {right} | "
                      f"{r['unparsed']} ({r['unparsed_share']}) |")
-    return "\n".join(lines)
+    warnings = [f"**Warning, {name}:** {r['warning']}" for name, r in results.items() if r.get("warning")]
+    return "\n".join(lines + ([""] + warnings if warnings else []))
 
 
 def _pct(value) -> str:

@@ -334,8 +334,9 @@ def _flatten(section: dict, prefix: str = "") -> dict:
 
 
 def _benchmark_rows(section: dict) -> dict:
-    """A benchmark's figures as table rows: its accuracy (with items and chance level in the label) and, when any
-    answer could not be read (``generate`` mode), the unparsed share. Per-item details stay in the run."""
+    """A benchmark's figures as table rows: its accuracy (with items and chance level in the label), the spread of
+    its predicted letters, and, when any answer could not be read (``generate`` mode), the unparsed share. Per-item
+    details stay in the run."""
     out = {}
     for name, r in (section.get("benchmarks") or {}).items():
         if not isinstance(r, dict):
@@ -344,6 +345,8 @@ def _benchmark_rows(section: dict) -> dict:
         out[f"`{name}` accuracy ({_fmt(r.get('items'))} items, {r.get('mode', '')}{chance})"] = r.get("accuracy")
         if r.get("unparsed"):
             out[f"`{name}` share of answers with no readable letter"] = r.get("unparsed_share")
+        if r.get("predicted_spread"):
+            out[f"`{name}` predicted letters"] = r["predicted_spread"]
     return out
 
 

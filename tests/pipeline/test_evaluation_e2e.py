@@ -86,6 +86,8 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
             assert 0 <= r["unparsed"] <= LIMIT and r["unparsed_share"] == round(r["unparsed"] / LIMIT, 4)
             assert r["correct"] <= LIMIT - r["unparsed"]  # unparseable answers count as wrong
             assert sum(r["predicted_counts"].values()) == LIMIT
+            assert r["predicted_spread"] == B.spread(r) and r["predicted_spread"].startswith("A ")
+            assert sum(r["answer_counts"].values()) == LIMIT
             assert r["chance"] == (0.25 if name == "medqa" else 0.3333)
             preds = B.load_predictions(B.predictions_path(run, stage, name))
             assert [p["answer"] for p in preds] == gold[name]
@@ -106,7 +108,8 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
     assert (run.path / "evaluation.png").stat().st_size > 10_000
     nb06 = (run.notebooks_dir / "06_evaluate_finetuned.ipynb").read_text()
     for text in ("| held-out metric | baseline | fine-tuned | difference |", "medqa: accuracy (generate, 2 items",
-                 "pubmedqa: unparseable answers (count, counted wrong)", "ROUGE-L F1, answer after",
+                 "pubmedqa: unparseable answers (count, counted wrong)", "medqa: predicted letters",
+                 "ROUGE-L F1, answer after",
                  "Context, not a target", "Llama-3.1-8B-Instruct before SFT (paper)", "image/png"):
         assert text in nb06, text
     nb04 = (run.notebooks_dir / "04_baseline.ipynb").read_text()

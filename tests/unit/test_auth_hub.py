@@ -250,9 +250,11 @@ def test_model_card_scout_with_metrics(tmp_path):
                          "peak_gib": 67.4, "train_loss": 1.31, "trainable_params": 223_000_000})
     run.record("gpu", {"devices": [{"device": "cuda:0", "name": "NVIDIA H200"}]})
     run.record("baseline", {"loss": 1.9, "perplexity": 6.69, "examples": 20, "stopped_with_eos": 0.1,
-                            "benchmarks": {"medqa": {"accuracy": 0.61, "items": 1273, "mode": "loglik"}}})
+                            "benchmarks": {"medqa": {"accuracy": 0.61, "items": 1273, "mode": "loglik",
+                                                     "predicted_spread": "A 400 · B 300 · C 350 · D 223"}}})
     run.record("finetuned", {"loss": 1.2, "perplexity": 3.32, "examples": 20, "stopped_with_eos": 0.9, "new_key": 7,
-                             "benchmarks": {"medqa": {"accuracy": 0.63, "items": 1273, "mode": "loglik"}},
+                             "benchmarks": {"medqa": {"accuracy": 0.63, "items": 1273, "mode": "loglik",
+                                                      "predicted_spread": "A 380 · B 310 · C 340 · D 243"}},
                              "paper_anchor": {"source": "HuatuoGPT-o1 paper", "model": "Llama-3.1-8B-Instruct",
                                               "unit": "accuracy, percent",
                                               "medqa": {"before_sft": 58.7, "after_sft": 69.0}}})
@@ -266,6 +268,7 @@ def test_model_card_scout_with_metrics(tmp_path):
     assert "| perplexity (lower is better) | 6.69 | 3.32 | -3.37 |" in card
     # one row per benchmark: its accuracy, with the item count and mode in the label (no raw per-field rows)
     assert "| `medqa` accuracy (1,273 items, loglik) | 0.61 | 0.63 | +0.02 |" in card
+    assert "| `medqa` predicted letters | A 400 · B 300 · C 350 · D 223 | A 380 · B 310 · C 340 · D 243 |  |" in card
     assert "benchmarks: medqa" not in card and "items | 1,273" not in card
     assert "<think>" not in card.split("## Evaluation", 1)[1].split("## Prompt template", 1)[0].replace("`<think>", "")
     assert "| new_key |  | 7 |  |" in card  # keys added later appear under their own name

@@ -549,9 +549,15 @@ def test_loglik_follows_the_model(model, tok):
     finally:
         hook.remove()
     assert [p["predicted"] for p in preds] == ["C", "C"]
-    assert B.summarize(preds, ITEMS) == {"items": 2, "correct": 0, "accuracy": 0.0, "unparsed": 0,
-                                         "unparsed_share": 0.0, "chance": round((1 / 4 + 1 / 3) / 2, 4),
-                                         "predicted_counts": {"C": 2}}
+    summary = B.summarize(preds, ITEMS)
+    assert summary == {"items": 2, "correct": 0, "accuracy": 0.0, "unparsed": 0, "unparsed_share": 0.0,
+                       "chance": round((1 / 4 + 1 / 3) / 2, 4), "predicted_counts": {"C": 2},
+                       "answer_counts": {"A": 1, "B": 1, "C": 0, "D": 0}, "predicted_spread": "A 0 · B 0 · C 2 · D 0",
+                       "top_letter": "C", "top_share": 1.0,
+                       "warning": "C is 2 of 2 readable predictions (100%), but the right answer of only 0 of 2 items "
+                                  "(0%). The model hardly tells the options apart, so this accuracy mostly counts how "
+                                  "often C is right; it is no sign of medical knowledge."}
+    assert B.spread(summary) == "A 0 · B 0 · C 2 · D 0"
 
 
 def test_continuation_logprobs_merging_boundary(model, tok):
@@ -584,11 +590,49 @@ def test_predict_generate_counts_unparseable(monkeypatch):
     preds = B.predict_generate(None, None, items, max_new_tokens=7)
     assert [(p["predicted"], p["correct"], p["parsed"]) for p in preds] == [
         ("A", True, True), (None, False, False), ("B", True, True)]
-    assert B.summarize(preds, items) == {"items": 3, "correct": 2, "accuracy": 0.6667, "unparsed": 1,
-                                         "unparsed_share": 0.3333, "chance": round((1 / 4 + 1 / 4 + 1 / 3) / 3, 4),
-                                         "predicted_counts": {"A": 1, "B": 1, "unparsed": 1}}
+    summary = B.summarize(preds, items)
+    assert summary == {"items": 3, "correct": 2, "accuracy": 0.6667, "unparsed": 1, "unparsed_share": 0.3333,
+                       "chance": round((1 / 4 + 1 / 4 + 1 / 3) / 3, 4),
+                       "predicted_counts": {"A": 1, "B": 1, "unparsed": 1},
+                       "answer_counts": {"A": 2, "B": 1, "C": 0, "D": 0},
+                       "predicted_spread": "A 1 · B 1 · C 0 · D 0 · unreadable 1", "top_letter": "A", "top_share": 0.5,
+                       "warning": None}
+    assert B.spread(summary) == "A 1 · B 1 · C 0 · D 0 · unreadable 1"
     assert B.summarize([], []) == {"items": 0, "correct": 0, "accuracy": None, "unparsed": 0,
-                                   "unparsed_share": None, "chance": None, "predicted_counts": {}}
+                                   "unparsed_share": None, "chance": None, "predicted_counts": {},
+                                   "answer_counts": {}, "predicted_spread": "", "top_letter": None, "top_share": None,
+                                   "warning": None}
+
+
+def one_letter(n_items: int, predicted: list[str], answers: str):
+    items = [B.MCItem(id=str(k), question="q", options=tuple(FOUR), answer=a) for k, a in enumerate(answers)]
+    preds = [{"predicted": p, "parsed": p is not None, "correct": p == i.answer}
+             for p, i in zip(predicted, items, strict=True)]
+    assert len(items) == n_items
+    return B.summarize(preds, items)
+
+
+def test_one_letter_warning_at_90_percent():
+    """The default model's log-likelihood on real 4-option sets put every prediction on D (issue 13). 20 items, 18 D
+    (90%): warned; 17 D (85%): not. 10 items all D with D right 3 times: accuracy 0.3 above chance 0.25, warned."""
+    answers = "ABCD" * 5
+    at = one_letter(20, ["D"] * 18 + ["A", "B"], answers)
+    assert (at["top_letter"], at["top_share"]) == ("D", 0.9)
+    assert at["warning"].startswith("D is 18 of 20 readable predictions (90%), but the right answer of only 5 of 20 "
+                                    "items (25%).")
+    below = one_letter(20, ["D"] * 17 + ["A", "B", "C"], answers)
+    assert (below["top_share"], below["warning"]) == (0.85, None)
+    allD = one_letter(10, ["D"] * 10, "ABCDDDABCA")
+    assert (allD["accuracy"], allD["chance"], allD["top_share"]) == (0.3, 0.25, 1.0)
+    table = B.show({"medqa": {"mode": "loglik", **allD}})
+    row = "| medqa | loglik | 10 | 3 | 0.3 | 0.25 | A 0 · B 0 · C 0 · D 10 | A 3 · B 2 · C 2 · D 3 | 0 (0.0) |"
+    assert row in table
+    assert ("**Warning, medqa:** D is 10 of 10 readable predictions (100%), but the right answer of only 3 of 10 items "
+            "(30%).") in table
+    # unreadable answers do not count as predictions: 9 D of 9 readable (one None) is still 100%
+    gen = one_letter(10, ["D"] * 9 + [None], "ABCDDDABCA")
+    assert (gen["top_share"], gen["unparsed"]) == (1.0, 1) and gen["warning"].startswith("D is 9 of 9 readable")
+    assert one_letter(1, ["D"], "A")["warning"] is None  # one prediction says nothing about a spread
 
 
 def test_measure_writes_predictions_and_summaries(model, tok, tmp_path, bench_dir):

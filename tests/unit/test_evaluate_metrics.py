@@ -365,6 +365,21 @@ def test_metrics_table_every_metric(tmp_path):
     assert "medqa: 8 items by generate in 04, 4 by generate in 06" in note
 
 
+def test_metrics_table_predicted_letters_and_one_letter_warning(tmp_path):
+    """The spread of predicted letters sits beside the accuracy; a one-letter warning of either stage follows the
+    table in plain words."""
+    run = RunDir.create(C.load(PARAMS / "smoke.yaml"), root=tmp_path)
+    warning = "D is 8 of 8 readable predictions (100%), but the right answer of only 2 of 8 items (25%). ..."
+    run.record("baseline", {"benchmarks": {"medqa": {"items": 8, "mode": "loglik", "chance": 0.25, "accuracy": 0.25,
+                                                     "predicted_spread": "A 0 · B 0 · C 0 · D 8", "warning": warning}}})
+    run.record("finetuned", {"benchmarks": {"medqa": {"items": 8, "mode": "loglik", "chance": 0.25, "accuracy": 0.5,
+                                                      "predicted_spread": "A 3 · B 2 · C 1 · D 2", "warning": None}}})
+    lines = E.metrics_table(run).splitlines()
+    i = lines.index("| medqa: accuracy (loglik, 8 items; chance 0.25) | 0.25 | 0.5 | +0.25 |")
+    assert lines[i + 1] == "| medqa: predicted letters | A 0 · B 0 · C 0 · D 8 | A 3 · B 2 · C 1 · D 2 | |"
+    assert lines[-2:] == ["", f"**Warning, baseline medqa:** {warning}"]
+
+
 def test_plot_comparison_writes_png(tmp_path):
     run = RunDir.create(C.load(PARAMS / "smoke.yaml"), root=tmp_path)
     run.record("baseline", {"rouge_l": 0.1, "stopped_with_eos": 0.25, "template_share": 0.0, "answers": 4,
