@@ -1,7 +1,8 @@
 """Multiple-choice medical benchmarks (MedQA, PubMedQA) before (04) and after (06) fine-tuning.
 
 Sources (``RunConfig.benchmarks``: a mapping ``name -> source``, the source a string or
-``{"source", "config", "split"}``):
+``{"source", "config", "split", "language"}``; ``language`` "en" or "zh" scores that benchmark with its own prompt
+wording and answer cues, whatever the run's ``language``):
 
 - a local JSONL file or ``package:<pkg>/<file>.jsonl``;
 - a Hub id ``owner/name`` such as ``GBaker/MedQA-USMLE-4-options``, or a local dataset folder: handed to
@@ -262,21 +263,95 @@ def normalize_row(row: dict, index: int = 0, source: str = "<rows>", *, line: in
                   answer=answer, context=context)
 
 
+LANGUAGES = ("en", "zh")  # a benchmark's prompt wording and answer cues (_WORDING, ANSWER_PREFIX)
+
+
 def spec_of(value) -> dict:
-    """A ``benchmarks`` entry (a source string or ``{"source", "config", "split"}``) -> the full dict.
+    """A ``benchmarks`` entry (a source string or ``{"source", "config", "split", "language"}``) -> the full dict.
+
+    ``language`` ("en" or "zh") is the benchmark's own prompt wording and answer cues; ``None`` when not given (the
+    run's ``language`` then applies, see :func:`measure`).
 
     Raises:
-        BenchmarkError: not a non-blank string or a dict with a ``source`` and only those three keys
-            (:func:`medtune.io.sources.parse_source` decides).
+        BenchmarkError: not a non-blank string or a dict with a ``source`` and only those four keys
+            (:func:`medtune.io.sources.parse_source` decides the source's shape), or a language other than
+            :data:`LANGUAGES`.
     """
+    language = None
+    if isinstance(value, dict) and "language" in value:
+        language = value["language"]
+        if language not in LANGUAGES:
+            raise BenchmarkError(f"benchmark spec {value!r}: language must be one of {', '.join(LANGUAGES)}, got "
+                                 f"{language!r}.")
+        value = {k: v for k, v in value.items() if k != "language"}
     try:
         spec = _sources.parse_source(value)
     except _sources.SourceSpecError:
         raise BenchmarkError(
             f"benchmark spec {value!r}: give a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
-            "{source: ..., config: ..., split: ...}."
+            "{source: ..., config: ..., split: ..., language: ...}."
         ) from None
-    return {"source": spec.text, "config": spec.config, "split": spec.split}
+    return {"source": spec.text, "config": spec.config, "split": spec.split, "language": language}
+
+
+def _cjk(char: str) -> bool:
+    return "\u3400" <= char <= "\u9fff" or "\uf900" <= char <= "\ufaff"
+
+
+def script_of(items: Sequence[MCItem]) -> tuple[str, float]:
+    """Which of :data:`LANGUAGES` the items are written in, by their letters: ``("zh", share)`` when at least half of
+    the letters of the questions, contexts and options are CJK ideographs, else ``("en", share)``; ``share`` is the
+    CJK share of the letters (0 to 1, rounded to 4 places; 0.0 when there are no letters)."""
+    cjk = latin = 0
+    for item in items:
+        for text in (item.question, item.context or "", *item.options):
+            for char in text:
+                if _cjk(char):
+                    cjk += 1
+                elif char.isascii() and char.isalpha():
+                    latin += 1
+    share = cjk / (cjk + latin) if cjk + latin else 0.0
+    return ("zh" if share >= 0.5 else "en"), round(share, 4)
+
+
+def language_note(name: str, value, language: str, items: Sequence[MCItem]) -> str | None:
+    """A plain warning when benchmark ``name``'s items are written in another script than the ``language`` it is
+    scored in (:func:`script_of`), naming the fix; None when they match.
+
+    Args:
+        name: the benchmark's name in the profile. value: its ``benchmarks`` entry (for the fix).
+        language: the language it is scored in (its own, else the run's). items: its items.
+    """
+    script, share = script_of(items)
+    if script == language:
+        return None
+    words = {"en": "English", "zh": "Chinese"}
+    source = spec_of(value)["source"]
+    return (f"benchmarks.{name}: its items look {words[script]} ({100 * share:.0f}% of their letters are CJK) but it "
+            f"is scored with the {words[language]} prompt and answer cues (language: {language}). Fix: give it its "
+            f"own language in the profile: benchmarks: {{{name}: {{source: {source}, language: {script}}}}}.")
+
+
+def language_notes(cfg) -> list[str]:
+    """:func:`language_note` for every local or ``package:`` benchmark of ``cfg`` (Hub ids are not read before 04,
+    where :func:`measure` prints the same note); sources that cannot be read are left to :func:`validate`.
+
+    Returns:
+        One warning per benchmark whose script does not match its language, in profile order.
+    """
+    notes = []
+    for name, value in (cfg.benchmarks or {}).items():
+        try:
+            spec = spec_of(value)
+            if _locate(spec["source"])[0] == "hub":
+                continue
+            items = read_benchmark(spec["source"], spec["config"], spec["split"])
+        except BenchmarkError:
+            continue
+        note = language_note(name, value, spec["language"] or cfg.language, items)
+        if note:
+            notes.append(note)
+    return notes
 
 
 _PATH_FIX = ("Fix the path in the profile's 'benchmarks' (a relative path starts from the project folder, where make "
@@ -888,7 +963,9 @@ def _remote(cfg, source: str):
 
 
 def measure(cfg, run, model, tokenizer, stage: str) -> dict:
-    """Score every benchmark of ``cfg.benchmarks`` (first ``cfg.benchmark_limit`` items, ``cfg.benchmark_mode``).
+    """Score every benchmark of ``cfg.benchmarks`` (first ``cfg.benchmark_limit`` items, ``cfg.benchmark_mode``),
+    each in its own ``language`` when its entry gives one, else in ``cfg.language``; a benchmark whose items are
+    written in another script than that language gets a printed warning (:func:`language_note`).
 
     Per-item predictions go to :func:`predictions_path`. Generation uses ``cfg.max_new_tokens`` and
     ``cfg.generation_batch_size``; log-likelihood uses ``cfg.eval_batch_size``.
@@ -897,7 +974,7 @@ def measure(cfg, run, model, tokenizer, stage: str) -> dict:
         stage: "baseline" (04) or "finetuned" (06); names the prediction files.
 
     Returns:
-        ``{name: summarize(...) | {"source", "mode"}}``; ``{}`` when the profile lists no benchmarks.
+        ``{name: summarize(...) | {"source", "mode", "language"}}``; ``{}`` when the profile lists no benchmarks.
 
     Raises:
         BenchmarkError: a source cannot be read (names it and the row).
@@ -909,14 +986,20 @@ def measure(cfg, run, model, tokenizer, stage: str) -> dict:
         spec = spec_of(value)
         items = read_benchmark(spec["source"], spec["config"], spec["split"], cfg.benchmark_limit,
                                remote=_remote(cfg, spec["source"]))
-        print(f"{name}: {len(items)} items from {spec['source']}, mode {cfg.benchmark_mode}", flush=True)
+        language = spec["language"] or cfg.language
+        print(f"{name}: {len(items)} items from {spec['source']}, mode {cfg.benchmark_mode}, language {language}",
+              flush=True)
+        note = language_note(name, value, language, items)
+        if note:
+            print(f"warning: {note}", flush=True)
         if cfg.benchmark_mode == "loglik":
-            preds = predict_loglik(model, tokenizer, items, language=cfg.language, batch_size=cfg.eval_batch_size)
+            preds = predict_loglik(model, tokenizer, items, language=language, batch_size=cfg.eval_batch_size)
         else:
-            preds = predict_generate(model, tokenizer, items, language=cfg.language,
+            preds = predict_generate(model, tokenizer, items, language=language,
                                      max_new_tokens=cfg.max_new_tokens, batch_size=cfg.generation_batch_size)
         _data.write_jsonl(preds, predictions_path(run, stage, name))
-        results[name] = {"source": spec["source"], "mode": cfg.benchmark_mode, **summarize(preds, items)}
+        results[name] = {"source": spec["source"], "mode": cfg.benchmark_mode, "language": language,
+                         **summarize(preds, items)}
         if results[name]["warning"]:
             print(f"warning, {name}: {results[name]['warning']}", flush=True)
     return results
@@ -927,12 +1010,12 @@ def show(results: dict) -> str:
     predicted letters, then a plain warning for each benchmark where one letter is most of the predictions."""
     if not results:
         return "_No benchmarks in this profile._"
-    lines = ["| benchmark | mode | items | correct | accuracy | chance | predicted letters | right answers | "
-             "unparseable (share) |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    lines = ["| benchmark | mode | language | items | correct | accuracy | chance | predicted letters | "
+             "right answers | unparseable (share) |",
+             "|---|---|---|---:|---:|---:|---:|---|---|---:|"]
     for name, r in results.items():
         right = " · ".join(f"{k} {v}" for k, v in (r.get("answer_counts") or {}).items())
-        lines.append(f"| {name} | {r['mode']} | {r['items']} | {r['correct']} | "
+        lines.append(f"| {name} | {r['mode']} | {r.get('language', '')} | {r['items']} | {r['correct']} | "
                      f"{r['accuracy']} | {r['chance']} | {r.get('predicted_spread') or spread(r)} | {right} | "
                      f"{r['unparsed']} ({r['unparsed_share']}) |")
     warnings = [f"**Warning, {name}:** {r['warning']}" for name, r in results.items() if r.get("warning")]

@@ -60,7 +60,8 @@ class RunConfig:
     eval_batch_size: int | Literal["auto"] = 4
     eval_questions: int | None = None  # held-out questions answered in 04/06 (the first N held-out rows); null: all
     # --- multiple-choice benchmarks in 04 and 06 (medtune.evaluation.multiple_choice) ---------------------------------
-    # name -> source (JSONL, package:..., Hub id) or {source, config, split}
+    # name -> source (JSONL, package:..., Hub id) or {source, config, split, language}; language (en, zh): the
+    # benchmark's own prompt and answer cues, else the run's language
     benchmarks: dict = dataclasses.field(default_factory=dict)
     benchmark_limit: int | None = None  # first N items of each benchmark; null: all
     # score option letters by log-likelihood, or generate and read the letter
@@ -352,22 +353,30 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
 
 
 def _check_benchmarks(benchmarks: dict, source: str) -> None:
-    """Each ``benchmarks`` entry: a name usable in file names -> a source string or {source, config, split}
-    (its shape: :func:`medtune.io.sources.parse_source`)."""
+    """Each ``benchmarks`` entry: a name usable in file names -> a source string or {source, config, split,
+    language} (its shape: :func:`medtune.io.sources.parse_source`; language one of ``RunConfig.language``'s)."""
     import re
 
     from medtune.io import sources
 
+    languages = typing.get_args(_HINTS["language"])
     for name, spec in benchmarks.items():
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
             raise ConfigError(f"{source}: benchmark name {name!r} must be letters, digits, '_', '.' or '-' "
                               "(e.g. medqa).")
+        if isinstance(spec, dict) and "language" in spec:
+            if spec["language"] not in languages:
+                raise ConfigError(
+                    f"{source}: 'benchmarks.{name}.language' must be one of {', '.join(map(repr, languages))} (the "
+                    f"benchmark's prompt and answer cues), got {spec['language']!r}."
+                )
+            spec = {k: v for k, v in spec.items() if k != "language"}
         try:
             sources.parse_source(spec)
         except sources.SourceSpecError:
             raise ConfigError(
                 f"{source}: benchmarks.{name} must be a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
-                f"{{source: ..., config: ..., split: ...}}, got {spec!r}."
+                f"{{source: ..., config: ..., split: ..., language: en|zh}}, got {spec!r}."
             ) from None
 
 

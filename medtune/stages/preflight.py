@@ -378,6 +378,18 @@ def check_benchmark_files(cfg: _config.RunConfig) -> Check:
     return Check("benchmarks", "ok", f"{', '.join(cfg.benchmarks)}: readable.")
 
 
+def check_benchmark_languages(cfg: _config.RunConfig) -> Check:
+    """Each local or ``package:`` benchmark's script against the language it will be scored in (its own
+    ``language``, else the run's): a Chinese set scored with the English prompt, or the reverse, is a warning that
+    names the fix (:func:`medtune.evaluation.multiple_choice.language_notes`). Never an error: the run can go on."""
+    from medtune.evaluation import multiple_choice
+
+    notes = multiple_choice.language_notes(cfg) if cfg.benchmarks else []
+    if notes:
+        return Check("benchmarks.language", "warning", " ".join(notes))
+    return Check("benchmarks.language", "ok", "each local benchmark is written in the language it is scored in.")
+
+
 def model_config(cfg: _config.RunConfig):
     """The model's transformers config, from its ``config.json`` only (no weights), or None when not available
     without work (a ``package:`` model not yet converted by 01; it is small).
@@ -651,6 +663,7 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
     checks.append(check_push(cfg))
     checks.append(check_dataset_file(cfg))
     checks.append(check_benchmark_files(cfg))
+    checks.append(check_benchmark_languages(cfg))
     access_check, status = check_access(cfg, access)
     checks.append(access_check)
     conf = estimate = None

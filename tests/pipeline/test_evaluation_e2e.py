@@ -113,5 +113,5 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
                  "Context, not a target", "Llama-3.1-8B-Instruct before SFT (paper)", "image/png"):
         assert text in nb06, text
     nb04 = (run.notebooks_dir / "04_baseline.ipynb").read_text()
-    assert "| medqa | generate | 2 |" in nb04 and "| pubmedqa | generate | 2 |" in nb04
+    assert "| medqa | generate | en | 2 |" in nb04 and "| pubmedqa | generate | en | 2 |" in nb04
     assert "Not the same measurement" not in nb06

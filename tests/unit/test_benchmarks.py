@@ -302,7 +302,7 @@ def test_validate_reports_every_bad_source(tmp_path, monkeypatch, no_hub):
         f"benchmarks.null_opt: {null_opt} line 3: option B of 'options' has no text (null). Give option B its text; "
         "every option needs one.",
         "benchmarks.spec: benchmark spec {'path': 'x.jsonl'}: give a source (local JSONL, package:<pkg>/<file>, or "
-        "Hub id) or {source: ..., config: ..., split: ...}.",
+        "Hub id) or {source: ..., config: ..., split: ..., language: ...}.",
     ]
     assert no_hub.calls == []
     # the limit does not hide a bad row past it: 04 would read only the first items, validate reads all
@@ -323,6 +323,82 @@ def test_profile_keys_are_validated(tmp_path):
     ok = cfg.replace(benchmarks={"pubmedqa": {"source": "qiaojin/PubMedQA", "config": "pqa_labeled", "split": "train"}})
     C.dump(ok, tmp_path / "c.yaml")
     assert C.load(tmp_path / "c.yaml") == ok
+    zh = cfg.replace(benchmarks={"cmexam": {"source": "x.jsonl", "language": "zh"}})
+    assert B.spec_of(zh.benchmarks["cmexam"]) == {"source": "x.jsonl", "config": None, "split": None, "language": "zh"}
+    assert B.spec_of("x.jsonl")["language"] is None
+    with pytest.raises(C.ConfigError, match=r"'benchmarks.cmexam.language' must be one of 'en', 'zh' \(the "
+                                            r"benchmark's prompt and answer cues\), got 'cn'"):
+        cfg.replace(benchmarks={"cmexam": {"source": "x.jsonl", "language": "cn"}})
+    with pytest.raises(B.BenchmarkError, match="language must be one of en, zh, got 'cn'"):
+        B.spec_of({"source": "x.jsonl", "language": "cn"})
+
+
+# The issue's Chinese item (a hand-written row in the BigBio QA layout; no Chinese benchmark file is in ../shared)
+ZH_ROWS = [{"id": "zh1", "question": "急性缺血性脑卒中静脉溶栓应在发病后多长时间内进行？",
+            "choices": ["2小时", "4小时内", "12小时内", "24小时内"],
+            "answer": ["4小时内"]},
+           {"id": "zh2", "question": "肝素过量应使用哪种药物拮抗？",
+            "choices": ["维生素K", "鱼精蛋白", "纳洛酮", "氟马西尼"],
+            "answer": ["鱼精蛋白"]}]
+
+
+def zh_file(tmp_path) -> Path:
+    path = tmp_path / "cmexam_style.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ZH_ROWS), encoding="utf-8")
+    return path
+
+
+def test_script_of_real_and_chinese_items(bench_dir, tmp_path):
+    assert B.script_of(B.read_benchmark(str(bench_dir / "medqa_usmle_4op_test.jsonl"))) == ("en", 0.0)
+    assert B.script_of(B.read_benchmark(str(bench_dir / "pubmedqa_pqa_labeled_test.jsonl"))) == ("en", 0.0)
+    items = B.read_benchmark(str(zh_file(tmp_path)))
+    assert items[0].answer == "B" and items[1].answer == "B"
+    # letters: 24 + 13 ideographs in the questions, 11 + 14 in the options (digits are no letters); the one Latin
+    # letter is the K of 维生素K
+    assert B.script_of(items) == ("zh", round(62 / 63, 4))
+
+
+def test_each_benchmark_is_scored_in_its_own_language(bench_dir, tmp_path, monkeypatch):
+    """A Chinese set named language: zh in an English run gets the Chinese prompt and answer cue; the English set
+    beside it keeps the run's; 00 warns about a set whose script does not match the language it is scored in."""
+    from medtune.stages import preflight
+
+    seen = []
+
+    def fake(model, tokenizer, pairs, batch_size=4):
+        seen.extend(pairs)
+        return [0.0 if cont.strip() == "B" else -1.0 for _, cont in pairs]
+
+    monkeypatch.setattr(B, "continuation_logprobs", fake)
+    medqa = str(bench_dir / "medqa_usmle_4op_test.jsonl")
+    zh = str(zh_file(tmp_path))
+    cfg = C.load(PARAMS / "smoke.yaml").replace(
+        benchmarks={"medqa": medqa, "cmexam": {"source": zh, "language": "zh"}}, benchmark_limit=2)
+    assert cfg.language == "en"
+    run = RunDir.create(cfg, root=tmp_path / "runs")
+    results = B.measure(cfg, run, None, None, "baseline")
+    assert (results["medqa"]["language"], results["cmexam"]["language"]) == ("en", "zh")
+    english, chinese = seen[:8], seen[8:]  # 2 items x 4 options each
+    assert len(chinese) == 8
+    assert all("\n\nOptions:\nA. " in p and p.endswith("<think>\n</think>\nThe answer is") for p, _ in english)
+    assert [c for _, c in english] == [" A", " B", " C", " D"] * 2
+    assert all("选项：\nA. 2小时" in p or "选项：\nA. 维生素K" in p for p, _ in chinese[::4])
+    assert all(p.endswith("<think>\n</think>\n答案是") for p, _ in chinese)
+    assert [c for _, c in chinese] == ["A", "B", "C", "D"] * 2
+    assert results["cmexam"]["correct"] == 2 and results["medqa"]["correct"] == 1  # "B": gold B, D of the real file
+    assert preflight.check_benchmark_languages(cfg).status == "ok"
+    # the same Chinese set without its language: scored with the English prompt, and 00 says so with the fix
+    wrong = cfg.replace(benchmarks={"medqa": medqa, "cmexam": zh})
+    check = preflight.check_benchmark_languages(wrong)
+    assert check.status == "warning" and check.detail == (
+        "benchmarks.cmexam: its items look Chinese (98% of their letters are CJK) but it is scored with the English "
+        f"prompt and answer cues (language: en). Fix: give it its own language in the profile: benchmarks: "
+        f"{{cmexam: {{source: {zh}, language: zh}}}}.")
+    # and an English set scored in Chinese
+    check = preflight.check_benchmark_languages(cfg.replace(benchmarks={"medqa": {"source": medqa, "language": "zh"}}))
+    assert check.status == "warning" and check.detail.startswith(
+        "benchmarks.medqa: its items look English (0% of their letters are CJK) but it is scored with the Chinese "
+        "prompt and answer cues (language: zh).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -624,8 +700,8 @@ def test_one_letter_warning_at_90_percent():
     assert (below["top_share"], below["warning"]) == (0.85, None)
     allD = one_letter(10, ["D"] * 10, "ABCDDDABCA")
     assert (allD["accuracy"], allD["chance"], allD["top_share"]) == (0.3, 0.25, 1.0)
-    table = B.show({"medqa": {"mode": "loglik", **allD}})
-    row = "| medqa | loglik | 10 | 3 | 0.3 | 0.25 | A 0 · B 0 · C 0 · D 10 | A 3 · B 2 · C 2 · D 3 | 0 (0.0) |"
+    table = B.show({"medqa": {"mode": "loglik", "language": "en", **allD}})
+    row = "| medqa | loglik | en | 10 | 3 | 0.3 | 0.25 | A 0 · B 0 · C 0 · D 10 | A 3 · B 2 · C 2 · D 3 | 0 (0.0) |"
     assert row in table
     assert ("**Warning, medqa:** D is 10 of 10 readable predictions (100%), but the right answer of only 3 of 10 items "
             "(30%).") in table
@@ -646,7 +722,7 @@ def test_measure_writes_predictions_and_summaries(model, tok, tmp_path, bench_di
     lines = B.load_predictions(B.predictions_path(run, "baseline", "medqa"))
     assert [p["answer"] for p in lines] == ["B", "D", "B"] and all(len(p["scores"]) == 4 for p in lines)
     assert sum(p["correct"] for p in lines) == r["correct"]
-    assert "| medqa | loglik | 3 |" in B.show(results)
+    assert r["language"] == "en" and "| medqa | loglik | en | 3 |" in B.show(results)
     assert B.measure(cfg.replace(benchmarks={}), run, model, tok, "baseline") == {}
 
 

@@ -119,8 +119,9 @@ def test_benchmark_spec_and_locate(tmp_path, monkeypatch):
     from medtune.evaluation import multiple_choice as B
 
     monkeypatch.chdir(tmp_path)
-    assert B.spec_of("a/b") == {"source": "a/b", "config": None, "split": None}
-    assert B.spec_of({"source": "a/b", "split": "test"}) == {"source": "a/b", "config": None, "split": "test"}
+    assert B.spec_of("a/b") == {"source": "a/b", "config": None, "split": None, "language": None}
+    assert B.spec_of({"source": "a/b", "split": "test"}) == {"source": "a/b", "config": None, "split": "test",
+                                                             "language": None}
     with pytest.raises(B.BenchmarkError, match="give a source"):
         B.spec_of("  ")
     with pytest.raises(B.BenchmarkError, match="benchmark source 'a/b/c' is neither an existing file"):
