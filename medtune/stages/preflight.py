@@ -8,6 +8,10 @@ anything large is fetched or loaded, :func:`run` checks, and reports every failu
   (``quantization.load_in_4bit``) needs bitsandbytes to import and quantize on the device the run uses;
   ``device: cuda`` needs a GPU.
 - **access**: the token is accepted and the gated model's license is granted (:func:`medtune.stages.auth.check_access`).
+- **rows**: the dataset read, checked and split exactly as 03 will, its training texts counted with the profile's
+  tokenizer (for a Hub model only the tokenizer files are fetched) against ``sft.max_length``
+  (:func:`check_dataset_file`): bad or over-long rows, ``heldout_rows`` past the rows read, a ``heldout_size`` that
+  leaves nothing to train on.
 - **memory**: an estimate of the training peak for the chosen quantization and expert dispatch
   (:func:`estimate_memory`, from the model's ``config.json`` only) against free GPU memory (or free RAM on CPU).
 - **disk**: the model's download (file sizes from the Hub's or ModelScope's file metadata, through
@@ -340,27 +344,58 @@ def check_tokens() -> Check:
     return Check("tokens", "ok", "token variables: unset or well-formed (values never shown).")
 
 
-def check_dataset_file(cfg: _config.RunConfig) -> Check:
-    """A local or ``package:`` JSONL dataset read and every row checked now (:func:`medtune.stages.data.load_rows`,
-    without the token-length check, which needs the tokenizer and comes in 03), so a broken file stops the run in 00,
-    before 01 loads the model. Hub datasets are checked by 00's access check here and read in 03."""
+_OVER_LONG_LISTED = 10  # over-long rows spelled out in 00's line when they are skipped (03 lists them all)
+
+
+def check_dataset_file(cfg: _config.RunConfig, tokenizer=None, *, remote: bool = True) -> Check:
+    """The dataset read, every row checked and split now, exactly as 03 will (:func:`medtune.stages.data.split_rows`),
+    so that nothing 03 would refuse is found after 01 loaded the model: a broken file or row, over-long rows (with
+    ``tokenizer``: training texts longer than ``sft.max_length`` tokens, each listed with its length, and the fixes),
+    ``heldout_rows`` past the rows read, a ``heldout_size`` that leaves nothing to train on, fewer than 2 usable rows.
+
+    Args:
+        cfg: the run's settings.
+        tokenizer: the profile's tokenizer (:func:`medtune.stages.modeling.profile_tokenizer`), or None to leave the
+            length check to 03.
+        remote: whether a Hub or ModelScope dataset may be read (downloaded, or from the cache) now; False (the
+            access check failed): it is left to 03.
+
+    Returns:
+        A :class:`Check` named "dataset": "error" with 03's own message, else "ok" with the usable rows, the split,
+        the token lengths against ``sft.max_length``, and the rows ``bad_rows: skip`` will leave out.
+    """
     from medtune.io import sources
     from medtune.stages import data
 
-    spec = cfg.dataset
     report = data.RowReport()
     try:
-        ref = sources.parse_source(spec)
-        if ref.kind not in ("package", "file"):
-            return Check("dataset", "ok", "read in 03 (a Hub dataset or a dataset folder).")
-        path = data.package_path(spec) if ref.kind == "package" else ref.path
+        ref = sources.parse_source(cfg.dataset)
+        if ref.kind not in ("package", "file", "folder") and (not remote or sources.for_dataset(cfg) is None):
+            why = "the access check failed" if not remote else "it is not a local path or a Hub id"
+            return Check("dataset", "skipped", f"{cfg.dataset} is read in 03 ({why}).")
+        name = data.package_path(cfg.dataset).name if ref.kind == "package" else (
+            ref.path.name if ref.kind == "file" else cfg.dataset)
         with contextlib.redirect_stdout(io.StringIO()):  # 03 prints the skipped rows; here only the verdict counts
-            rows = data.load_rows(spec, cfg.dataset_config, cfg.dataset_split, cfg.max_rows, source=cfg.source,
-                                  bad_rows=cfg.bad_rows, report=report)
-    except data.DataError as err:
+            rows, train, heldout = data.split_rows(cfg, tokenizer, report)
+    except (data.DataError, FileNotFoundError) as err:
         return Check("dataset", "error", str(err))
-    skipped = f", {len(report.bad)} bad rows to skip (listed in 03)" if report.bad else ""
-    return Check("dataset", "ok", f"{path.name}: {len(rows)} usable rows{skipped}.")
+    except sources.SourceError as err:
+        return Check("dataset", "error", f"cannot read the dataset {cfg.dataset}: {err}")
+    parts = [f"{name}: {len(rows)} usable rows of {report.read} read, {len(train)} to train and {len(heldout)} held "
+             "out"]
+    if report.tokens:
+        counts = report.tokens.values()
+        parts.append(f"training texts {min(counts):,}-{max(counts):,} tokens (sft.max_length "
+                     f"{report.max_length:,})")
+    elif tokenizer is None:
+        parts.append("token lengths checked in 03")
+    if report.bad:
+        over = report.over_long()
+        shown = ", ".join(f"{report.unit} {n} ({t:,} tokens)" for n, t in over[:_OVER_LONG_LISTED])
+        more = f" and {len(over) - _OVER_LONG_LISTED} more" if len(over) > _OVER_LONG_LISTED else ""
+        parts.append(f"{len(report.bad)} bad rows to skip (bad_rows: skip; all listed in 03)"
+                     + (f", {len(over)} of them longer than sft.max_length: {shown}{more}" if over else ""))
+    return Check("dataset", "ok", "; ".join(parts) + ".")
 
 
 def check_benchmark_files(cfg: _config.RunConfig) -> Check:
@@ -641,13 +676,16 @@ def check_versions(pyproject: Path | None = None, required: set[str] | None = No
 # All of it
 # ----------------------------------------------------------------------------------------------------------------
 
-def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
+def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True) -> dict:
     """Every preflight check, in order of cost; prints one line per check and raises once with all failures.
 
     Args:
         cfg: the run's settings.
         access: the result of :func:`medtune.stages.auth.check_access` if it was called already (notebook 00), else
             None.
+        rows: read and split the dataset and count its tokens with the profile's tokenizer
+            (:func:`check_dataset_file`; the tokenizer files are downloaded for a Hub model); False where that was
+            done already (01, after 00).
 
     Returns:
         ``{"ok": True, "checks": [{"name", "status", "detail", "fix"}], "estimate": {...} or None}``, for
@@ -661,11 +699,12 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
     checks = check_settings(cfg)
     checks.append(check_tokens())
     checks.append(check_push(cfg))
-    checks.append(check_dataset_file(cfg))
     checks.append(check_benchmark_files(cfg))
     checks.append(check_benchmark_languages(cfg))
     access_check, status = check_access(cfg, access)
     checks.append(access_check)
+    if rows:
+        checks.append(_check_rows(cfg, access_ok=access_check.status != "error"))
     conf = estimate = None
     if access_check.status != "error":
         try:
@@ -690,3 +729,20 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None) -> dict:
 
 
 _MARK = {"ok": "OK", "warning": "WARN", "error": "FAIL", "skipped": "SKIP"}
+
+
+def _check_rows(cfg: _config.RunConfig, access_ok: bool) -> Check:
+    """:func:`check_dataset_file` with the profile's tokenizer (none when it cannot be had: the model is remote and
+    the access check failed, or its tokenizer files fail to load; the check then says so and 03 counts tokens)."""
+    from medtune.io import sources
+    from medtune.stages import modeling
+
+    tokenizer, why = None, ""
+    if access_ok or sources.for_model(cfg) is None:
+        try:
+            tokenizer = modeling.profile_tokenizer(cfg)
+        except (sources.SourceError, OSError, ValueError) as err:
+            why = f"; the tokenizer did not load ({type(err).__name__}: {str(err)[:200]}), so 03 counts the tokens"
+    check = check_dataset_file(cfg, tokenizer, remote=access_ok)
+    check.detail = check.detail.rstrip(".") + why + "." if why else check.detail
+    return check

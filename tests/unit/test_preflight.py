@@ -18,7 +18,9 @@ from huggingface_hub.errors import GatedRepoError
 from medtune.io import sources as S
 from medtune.llama4 import scout_text_config
 from medtune.settings import config as C
+from medtune.stages import modeling
 from medtune.stages import preflight as P
+from medtune.stages.modeling import TOKENIZER_FILES
 from tests.helpers import FakeClient, response, use_fake
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +31,14 @@ CANARY = "hf_CANARYpreflight" + "w" * 24
 GB = 10**9
 NF4 = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=False)
 LORA = dict(r=64, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@pytest.fixture(scope="module")
+def real_rows_path(shared) -> Path:
+    path = shared / "data" / "medical-o1" / "medical_o1_sft_en_604.jsonl"
+    if not path.is_file():
+        pytest.fail(f"real rows missing: {path} (see shared/data/README.md)", pytrace=False)
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -126,13 +136,16 @@ def test_bad_benchmark_file_fails_in_00_not_in_04(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 
 @pytest.fixture
-def scout_hub(monkeypatch, tmp_path):
-    """The fake Hub serving Scout as its file metadata describes it: config.json (Scout's real dimensions) and 50
-    safetensors shards totalling 217.8 GB (sparse files: no disk used)."""
+def scout_hub(monkeypatch, tmp_path, shared):
+    """The fake Hub serving Scout as its file metadata describes it: config.json (Scout's real dimensions), the real
+    Llama 4 tokenizer files and 50 safetensors shards totalling 217.8 GB (sparse files: no disk used); and the
+    dataset repo with its card and, as its `en` data file, the 604 real rows of ../shared."""
     from transformers import Llama4Config
 
     repo = tmp_path / "scout"
     repo.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(shared / "tokenizers" / "llama4" / name, repo / name)
     text = scout_text_config().to_dict()
     (repo / "config.json").write_text(Llama4Config(text_config=text).to_json_string())
     for i in range(1, 51):
@@ -144,6 +157,7 @@ def scout_hub(monkeypatch, tmp_path):
     ds = tmp_path / "ds"
     ds.mkdir()
     (ds / "README.md").write_text("---\nconfigs:\n- config_name: en\n  data_files: a.json\n---\n")
+    shutil.copy(shared / "data" / "medical-o1" / "medical_o1_sft_en_604.jsonl", ds / "a.json")  # JSON lines
     fake = FakeClient(tmp_path / "cache", repos={("model", SCOUT_ID): repo, ("dataset", DATASET_ID): ds})
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -165,7 +179,7 @@ def fake_gpus(monkeypatch, free_gib: list[float], bf16: bool = True, name: str =
     monkeypatch.setattr(P, "_check_bitsandbytes", lambda cfg, gpu: [])  # this machine's bitsandbytes has no CUDA
 
 
-def test_scout_on_a_cpu_box_with_a_small_disk_fails_once_listing_everything(scout_hub, monkeypatch):
+def test_scout_on_a_cpu_box_with_a_small_disk_fails_once_listing_everything(scout_hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_TOKEN", CANARY)
     fake_disk(monkeypatch, free_gb=120)
     with pytest.raises(P.PreflightError) as err:
@@ -176,14 +190,22 @@ def test_scout_on_a_cpu_box_with_a_small_disk_fails_once_listing_everything(scou
     assert names == ["sft.bf16", "memory", "disk"]
     assert "sft.bf16 is true, but torch sees no GPU" in msg and "bf16: false" in msg and "params/default.yaml" in msg
     assert "training needs ~" in msg and "system RAM" in msg and "use a GPU machine" in msg
-    # download: 50 shards = 217.8 GB (config.json is already cached; Meta's original/ copy is never downloaded),
+    # download: 50 shards = 217.8 GB (config.json and the 2 tokenizer files are already cached; Meta's original/
+    # copy is never downloaded),
     # the NF4 experts cache (96.6B weights x 0.5625 B = 54.4 GB) and the checkpoints, all on one disk here
-    assert "model download (50 of 51 files) 217.8 GB" in msg and "NF4 experts cache 54.4 GB" in msg
+    assert "model download (50 of 53 files) 217.8 GB" in msg and "NF4 experts cache 54.4 GB" in msg
     assert "checkpoints + adapter" in msg and "288.2 GB needed, 120.0 GB free" in msg
     assert "free 168.2 GB more" in msg and "HF_HOME" in msg
     assert CANARY not in msg
-    downloads = [c for m, c in scout_hub.calls if m == "snapshot_download" and not c["local_files_only"]]
-    assert [c["allow_patterns"] for c in downloads] == [["config.json"]]  # nothing large was fetched
+    downloads = [(c["repo_type"], c["allow_patterns"]) for m, c in scout_hub.calls
+                 if m == "snapshot_download" and not c["local_files_only"]]
+    # nothing large was fetched: the tokenizer files, the dataset's card and its en file, the model's config.json
+    assert downloads == [("model", TOKENIZER_FILES), ("dataset", ["README.md"]), ("dataset", ["README.md", "a.json"]),
+                         ("model", ["config.json"])]
+    # the dataset was read and split, and its tokens counted with Scout's tokenizer, in 00
+    dataset = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("OK    dataset:"))
+    assert dataset == (f"OK    dataset: {DATASET_ID}: 500 usable rows of 500 read, 480 to train and 20 held out; "
+                       "training texts 403-1,061 tokens (sft.max_length 2,048).")
 
 
 def test_scout_on_one_h200_passes_and_records_the_estimate(scout_hub, monkeypatch):
@@ -323,7 +345,7 @@ def test_notebooks_00_and_01_run_preflight_before_the_model_loads():
     assert any("preflight.run(cfg, access=status)" in s for s in nb00)
     nb01 = [c.source for c in nbformat.read(ROOT / "notebooks" / "01_load_quantized_model.ipynb", as_version=4).cells
             if c.cell_type == "code"]
-    first = next(i for i, s in enumerate(nb01) if "preflight.run(cfg)" in s)
+    first = next(i for i, s in enumerate(nb01) if "preflight.run(cfg, rows=False)" in s)
     load = next(i for i, s in enumerate(nb01) if "modeling.load_model(cfg)" in s)
     assert first < load
     assert 'run.record("preflight", checks)' in nb01[-1]
@@ -366,8 +388,100 @@ def test_broken_local_dataset_fails_in_00_before_01_loads_the_model(tmp_path, co
 
 
 def test_shipped_dataset_passes_the_00_check():
-    check = P.check_dataset_file(C.load(PARAMS / "default.yaml"))
-    assert (check.status, check.detail) == ("ok", "medical_reasoning_illustrative.jsonl: 64 usable rows.")
+    cfg = C.load(PARAMS / "default.yaml")
+    assert P.check_dataset_file(cfg) == P.Check(
+        "dataset", "ok", "medical_reasoning_illustrative.jsonl: 64 usable rows of 64 read, 56 to train and 8 held out; "
+        "token lengths checked in 03.")
+    check = P.check_dataset_file(cfg, modeling.profile_tokenizer(cfg))  # SmolLM2's, read from the GGUF or 01's copy
+    assert (check.status, check.detail) == (
+        "ok", "medical_reasoning_illustrative.jsonl: 64 usable rows of 64 read, 56 to train and 8 held out; training "
+              "texts 308-403 tokens (sft.max_length 1,024).")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    return modeling.profile_tokenizer(C.load(PARAMS / "default.yaml"))
+
+
+SMOLLM2_OVER_1024 = [(93, 1111), (130, 1076), (169, 1083), (171, 1138), (212, 1055), (217, 1029), (261, 1071),
+                     (278, 1053), (280, 1046), (309, 1098), (391, 1026), (550, 1371), (556, 1051), (560, 1091),
+                     (585, 1046), (589, 1260), (600, 1159)]
+
+
+def test_real_rows_longer_than_max_length_stop_00_with_each_row_and_the_fixes(real_rows_path, smollm2_tokenizer):
+    """The 604 real rows with the default profile's tokenizer (SmolLM2) run to 1,371 tokens; 17 are over its
+    sft.max_length 1,024. Before, 03 found them, after 01 had loaded the model; now 00 lists each with its length."""
+    cfg = C.load(PARAMS / "default.yaml").replace(dataset=str(real_rows_path))
+    check = P.check_dataset_file(cfg, smollm2_tokenizer)
+    assert check.status == "error"
+    lines = check.detail.splitlines()
+    assert lines[0] == f"{real_rows_path}: 17 of 604 rows cannot be used (bad_rows: fail), by line number:"
+    assert lines[1:18] == [f"  line {n}: {t:,} tokens, longer than sft.max_length 1,024 (truncation would cut the "
+                           "answer and the EOS)" for n, t in SMOLLM2_OVER_1024]
+    assert lines[18] == (
+        "Fix them in the data, or set bad_rows: skip in the profile to leave them out (each skipped row is then listed "
+        "in 03 and in the run's data/skipped_rows.jsonl), or raise sft.max_length to at least 1,371 (the longest row; "
+        "more memory per step).")
+    skip = P.check_dataset_file(cfg.replace(bad_rows="skip"), smollm2_tokenizer)
+    listed = ", ".join(f"line {n} ({t:,} tokens)" for n, t in SMOLLM2_OVER_1024[:10])
+    assert (skip.status, skip.detail) == (
+        "ok", f"medical_o1_sft_en_604.jsonl: 587 usable rows of 604 read, 579 to train and 8 held out; training texts "
+              f"427-1,371 tokens (sft.max_length 1,024); 17 bad rows to skip (bad_rows: skip; all listed in 03), 17 of "
+              f"them longer than sft.max_length: {listed} and 7 more.")
+    raised = P.check_dataset_file(cfg.replace(sft={**cfg.sft, "max_length": 1371}), smollm2_tokenizer)
+    assert raised.status == "ok" and "604 usable rows of 604 read" in raised.detail
+
+
+def test_real_rows_with_the_llama4_tokenizer(real_rows_path, shared):
+    """The same rows with the real Llama 4 tokenizer (a local model folder holding only the tokenizer): 403-1,251
+    tokens; at sft.max_length 1,024, 6 rows are over, at scout.yaml's 2,048 none."""
+    base = C.load(PARAMS / "default.yaml")
+    cfg = base.replace(dataset=str(real_rows_path), model=str(shared / "tokenizers" / "llama4"),
+                       sft={**base.sft, "max_length": 1024})
+    tokenizer = modeling.profile_tokenizer(cfg)
+    assert tokenizer.eos_token == "<|eot|>"
+    check = P.check_dataset_file(cfg, tokenizer)
+    assert check.status == "error" and "6 of 604 rows cannot be used" in check.detail
+    assert [line.split(":")[0].strip() for line in check.detail.splitlines()[1:7]] == [
+        "line 93", "line 169", "line 550", "line 560", "line 589", "line 600"]
+    assert "line 550: 1,251 tokens" in check.detail and "at least 1,251" in check.detail
+    ok = P.check_dataset_file(cfg.replace(sft={**cfg.sft, "max_length": 2048}), tokenizer)
+    assert ok.detail.endswith("604 usable rows of 604 read, 596 to train and 8 held out; training texts 403-1,251 "
+                              "tokens (sft.max_length 2,048).")
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"max_rows": 500, "heldout_size": 500, "max_length": 1400},
+     "heldout_size 500 leaves no training rows: 500 usable rows (500 read with max_rows: 500). Set heldout_size below "
+     "500, or raise max_rows."),
+    ({"max_rows": 500, "heldout_size": 20, "heldout_rows": [0, 510], "max_length": 1400},
+     "heldout_rows [510] is past the 500 rows read with max_rows: 500; heldout_rows are 0-based row indices: use "
+     "indices below 500, or raise max_rows."),
+    ({"heldout_size": 600, "bad_rows": "skip", "max_length": 1024},
+     "heldout_size 600 leaves no training rows: 587 usable rows (604 read, 17 of them skipped as bad rows). Set "
+     "heldout_size below 587."),
+])
+def test_impossible_split_stops_00_not_03(real_rows_path, smollm2_tokenizer, changes, message):
+    """Split values that 03 would refuse after 01 loaded the model (for Scout: after the 217 GB load) stop 00."""
+    base, changes = C.load(PARAMS / "default.yaml"), dict(changes)
+    sft = {**base.sft, "max_length": changes.pop("max_length")}
+    cfg = base.replace(dataset=str(real_rows_path), sft=sft, **changes)
+    assert P.check_dataset_file(cfg, smollm2_tokenizer) == P.Check("dataset", "error", message)
+
+
+def test_preflight_run_reads_rows_with_the_profile_tokenizer(monkeypatch):
+    """P.run (00) checks the split with the profile's tokenizer and stops before any model loads; 01 passes
+    rows=False (00 did it)."""
+    loaded = []
+    monkeypatch.setattr(modeling, "load_model", lambda *a, **k: loaded.append(a))
+    cfg = C.load(PARAMS / "smoke.yaml").replace(heldout_size=16)
+    with pytest.raises(P.PreflightError) as err:
+        P.run(cfg)
+    assert [c.name for c in err.value.failed] == ["dataset"]
+    assert ("[dataset] heldout_size 16 leaves no training rows: 16 usable rows (16 read with max_rows: 16). Set "
+            "heldout_size below 16, or raise max_rows.") in str(err.value)
+    names = [c["name"] for c in P.run(cfg, rows=False)["checks"]]
+    assert "dataset" not in names and not loaded
 
 
 def test_pins_are_read_as_pep508_requirements(tmp_path):
