@@ -77,15 +77,26 @@ def resolve_run(resume: str | Path) -> RunDir:
     return RunDir.open(path)
 
 
-# The first notebook that reads each setting (every other setting: 00). A resumed run may take a changed setting
-# only while that notebook has not completed: the baseline (04) and the fine-tuned evaluation (06) must use the same
-# generation and benchmark settings, and nothing already measured is re-labelled with settings it did not run with.
-FIRST_READ_BY = {
+# The first notebook that USES each setting: builds, loads, reads, trains or measures with it. 00 only checks settings
+# (access, preflight), and a check is not a use: 00 runs again after a resume takes changed settings. A resumed run
+# may take a changed setting only while the notebook that first uses it has not completed: the baseline (04) and the
+# fine-tuned evaluation (06) must use the same generation and benchmark settings, the split (03) stays the one 04-06
+# measured, and nothing already measured is re-labelled with settings it did not run with. Every RunConfig field but
+# `profile` (the run's name) is listed; tests/pipeline/test_pipeline_failures.py checks that.
+FIRST_USED_BY = {
+    **dict.fromkeys(("model", "model_revision", "source", "hub_endpoint", "device", "quantization", "llama4_fast"),
+                    "01_load_quantized_model.ipynb"),
+    **dict.fromkeys(("dataset", "dataset_config", "dataset_split", "dataset_source", "max_rows", "bad_rows", "language",
+                     "heldout_rows", "heldout_size", "seed"), "03_format_prompts.ipynb"),
     **dict.fromkeys(("max_new_tokens", "generation_batch_size", "eval_batch_size", "eval_questions", "benchmarks",
                      "benchmark_limit", "benchmark_mode"), "04_baseline.ipynb"),
-    **dict.fromkeys(("lora", "sft"), "05_train_lora.ipynb"),
+    **dict.fromkeys(("lora", "sft", "loss_on"), "05_train_lora.ipynb"),
     **dict.fromkeys(("push", "hub_repo_id", "hub_private", "push_to", "export_merged"), "07_push.ipynb"),
 }
+# Keys of a section that an earlier notebook already uses: 03 drops rows longer than sft.max_length (and 04 truncates
+# the held-out loss to it), so a changed max_length counts from 03, other sft keys from 05.
+FIRST_USED_BY_KEY = {("sft", "max_length"): "03_format_prompts.ipynb"}
+CHECKS_ONLY = "00_authenticate.ipynb"
 
 
 def _changes(old: dict, new: dict) -> dict[str, tuple]:
@@ -94,12 +105,34 @@ def _changes(old: dict, new: dict) -> dict[str, tuple]:
             if k != "profile" and old.get(k) != new.get(k)}
 
 
+def first_use(key: str, old, new) -> tuple[str, str]:
+    """Which notebook first uses a changed setting, and the name to report it by.
+
+    Args:
+        key: a :class:`~medtune.settings.config.RunConfig` field. old, new: its two values.
+
+    Returns:
+        ``(notebook file name, label)``: from :data:`FIRST_USED_BY`, or for a section (``sft``) the earliest of its
+        changed keys' (:data:`FIRST_USED_BY_KEY`), labelled ``sft.max_length``; 00 for a key not listed.
+    """
+    first, label = FIRST_USED_BY.get(key, CHECKS_ONLY), key
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed = [k for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        for sub in changed:
+            earlier = FIRST_USED_BY_KEY.get((key, sub))
+            if earlier and earlier < first:
+                first, label = earlier, f"{key}.{sub}"
+    return first, label
+
+
 def update_resumed_config(run: RunDir, params: str | Path) -> list[str]:
-    """Give a resumed run the settings of ``params`` where that is still sound, e.g. a fixed ``sft`` section after
-    05 failed on it: every changed setting must be first read by a notebook that has not completed
-    (:data:`FIRST_READ_BY`; other settings are read from 00 on), and 05's settings only while it has no checkpoint.
-    The run's previous ``config.yaml`` is kept as ``config.<UTC time>.yaml`` and the change is recorded in
-    ``metrics.json`` (section ``pipeline``, ``config_changes``).
+    """Give a resumed run the settings of ``params`` where that is still sound, e.g. ``bad_rows: skip`` after 03
+    refused over-long rows, or a fixed ``sft`` section after 05 failed on it: every changed setting must be first used
+    by a notebook that has not completed (:func:`first_use`; 00 only checks settings, which is no use), and 05's
+    settings only while it has no checkpoint. The run's previous ``config.yaml`` is kept as ``config.<UTC
+    time>.yaml`` and the change is recorded in ``metrics.json`` (section ``pipeline``, ``config_changes``). 00 is
+    marked not completed, so the resumed run checks the new settings again before anything else runs (its earlier
+    executed copy is kept as ``notebooks/00_authenticate.<UTC time>.ipynb``).
 
     Returns:
         The changed keys (empty: the profile matches the run; nothing is written).
@@ -117,11 +150,11 @@ def update_resumed_config(run: RunDir, params: str | Path) -> list[str]:
     done = set(run.metrics().get("pipeline", {}).get("completed", []))
     checkpoints = any(run.checkpoints_dir.glob("checkpoint-*")) if run.checkpoints_dir.is_dir() else False
     used = []
-    for key in changes:
-        first = FIRST_READ_BY.get(key, "00_authenticate.ipynb")
-        if first in done:
-            used.append(f"{key} (used since {first.removesuffix('.ipynb')})")
-        elif key in ("lora", "sft") and checkpoints:
+    for key, (before, after) in changes.items():
+        first, label = first_use(key, before, after)
+        if first in done and first != CHECKS_ONLY:
+            used.append(f"{label} (used since {first.removesuffix('.ipynb')})")
+        elif key in ("lora", "sft", "loss_on") and checkpoints:
             used.append(f"{key} (05 already wrote checkpoints with the old value)")
     if used:
         raise _config.ConfigError(
@@ -135,7 +168,13 @@ def update_resumed_config(run: RunDir, params: str | Path) -> list[str]:
     _config.dump(dataclasses.replace(new, profile=old.profile), run.config_path)  # the run id keeps its profile name
     record = run.metrics().get("pipeline", {}).get("config_changes", [])
     record.append({"at": stamp, "from": str(params), "keys": sorted(changes), "previous": f"config.{stamp}.yaml"})
-    run.record("pipeline", {"config_changes": record})
+    update: dict = {"config_changes": record}
+    if CHECKS_ONLY in done:  # 00 checks the new settings again, before the notebooks still to run
+        update["completed"] = sorted(done - {CHECKS_ONLY})
+        executed = run.notebooks_dir / CHECKS_ONLY
+        if executed.is_file():
+            executed.rename(executed.with_name(f"{executed.stem}.{stamp}.ipynb"))
+    run.record("pipeline", update)
     return sorted(changes)
 
 

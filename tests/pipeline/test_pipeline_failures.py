@@ -171,9 +171,52 @@ def test_resume_with_a_fixed_sft_section_before_05_ran_takes_it_and_keeps_the_ol
     assert pipeline.update_resumed_config(run, fixed) == []  # same settings now: nothing to do
 
 
+def test_every_setting_has_the_notebook_that_first_uses_it():
+    import dataclasses
+
+    from medtune.settings.config import RunConfig
+
+    assert set(pipeline.FIRST_USED_BY) == {f.name for f in dataclasses.fields(RunConfig)} - {"profile"}
+    assert pipeline.CHECKS_ONLY not in pipeline.FIRST_USED_BY.values()  # 00 checks settings; it uses none
+    old, new = {"max_length": 512, "learning_rate": 2e-4}, {"max_length": 1024, "learning_rate": 1e-4}
+    assert pipeline.first_use("sft", old, new) == ("03_format_prompts.ipynb", "sft.max_length")
+    assert pipeline.first_use("sft", {"learning_rate": 2e-4}, {"learning_rate": 1e-4}) == ("05_train_lora.ipynb", "sft")
+
+
+def test_resume_after_03_refused_rows_takes_the_fixes_00_only_checked(tmp_path, monkeypatch):
+    """Issue 13: 03 stopped on over-long rows; its first suggested fix, bad_rows: skip (and heldout_size, max_rows,
+    sft.max_length), was refused on RESUME ... PARAMS= as "used since 00_authenticate", though 00 only checks them.
+    Now they are taken, and 00 is marked to run again, so the new settings are checked before 03; its earlier
+    executed copy is kept."""
+    from medtune.settings import config as C
+    from medtune.settings.runs import RunDir
+
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    run = RunDir.create(C.load(SMOKE))
+    done = ["00_authenticate.ipynb", "01_load_quantized_model.ipynb", "02_check_gpu.ipynb"]
+    run.record("pipeline", {"completed": done})
+    run.notebooks_dir.mkdir()
+    (run.notebooks_dir / "00_authenticate.ipynb").write_text("{}")
+    fixed = _profile(tmp_path, "fixed", bad_rows="skip", heldout_size=6, max_rows=12, sft={"max_length": 1024})
+    assert pipeline.update_resumed_config(run, fixed) == ["bad_rows", "heldout_size", "max_rows", "sft"]
+    cfg = run.config()
+    assert (cfg.bad_rows, cfg.heldout_size, cfg.max_rows, cfg.sft["max_length"]) == ("skip", 6, 12, 1024)
+    m = run.metrics()["pipeline"]
+    assert m["completed"] == ["01_load_quantized_model.ipynb", "02_check_gpu.ipynb"]  # 00 checks them again
+    (kept,) = run.notebooks_dir.glob("00_authenticate.*.ipynb")
+    assert kept.name == f"00_authenticate.{m['config_changes'][0]['at']}.ipynb"
+    assert not (run.notebooks_dir / "00_authenticate.ipynb").exists()
+    # the model is used since 01: a changed model is still refused
+    with pytest.raises(C.ConfigError, match=r"model \(used since 01_load_quantized_model\)"):
+        pipeline.update_resumed_config(run, _profile(tmp_path, "other", model="owner/other-model", bad_rows="skip",
+                                                     heldout_size=6, max_rows=12, sft={"max_length": 1024}))
+
+
 @pytest.mark.parametrize(("changes", "named"), [
     ({"max_new_tokens": 48}, "max_new_tokens (used since 04_baseline)"),
-    ({"heldout_size": 6}, "heldout_size (used since 00_authenticate)"),
+    ({"heldout_size": 6}, "heldout_size (used since 03_format_prompts)"),
+    ({"sft": {"max_length": 256}}, "sft.max_length (used since 03_format_prompts)"),
+    ({"quantization": {"bnb_4bit_use_double_quant": True}}, "quantization (used since 01_load_quantized_model)"),
     ({"lora": {"r": 8}}, "lora (05 already wrote checkpoints with the old value)"),
 ])
 def test_resume_refuses_a_change_a_finished_notebook_already_used(tmp_path, monkeypatch, changes, named):
