@@ -86,8 +86,8 @@ def resolve_run(resume: str | Path) -> RunDir:
 FIRST_USED_BY = {
     **dict.fromkeys(("model", "model_revision", "source", "hub_endpoint", "device", "quantization", "llama4_fast"),
                     "01_load_quantized_model.ipynb"),
-    **dict.fromkeys(("dataset", "dataset_config", "dataset_split", "dataset_source", "max_rows", "bad_rows", "language",
-                     "heldout_rows", "heldout_size", "seed"), "03_format_prompts.ipynb"),
+    **dict.fromkeys(("dataset", "dataset_config", "dataset_split", "dataset_source", "max_rows", "columns", "bad_rows",
+                     "language", "heldout_rows", "heldout_size", "seed"), "03_format_prompts.ipynb"),
     **dict.fromkeys(("max_new_tokens", "generation_batch_size", "eval_batch_size", "eval_questions", "benchmarks",
                      "benchmark_limit", "benchmark_mode"), "04_baseline.ipynb"),
     **dict.fromkeys(("lora", "sft", "loss_on"), "05_train_lora.ipynb"),

@@ -21,6 +21,10 @@ from typing import Any, Literal
 
 import yaml
 
+# The fields of a medical-o1-reasoning-SFT row that medtune reads (medtune.stages.data); `columns` maps them to a
+# dataset's own column names.
+DATASET_FIELDS = ("Question", "Complex_CoT", "Response")
+
 
 class ConfigError(ValueError):
     """A profile or a parameter is wrong; the message names the file, the key and the fix."""
@@ -38,6 +42,9 @@ class RunConfig:
     dataset_config: str | None = None  # Hub dataset config; the walkthrough uses "en"
     dataset_split: str = "train"  # Hub dataset split
     max_rows: int | None = None  # use the first N rows of the dataset only (walkthrough: 500)
+    # the dataset's own column names for Question / Complex_CoT / Response, e.g. {Question: question, Complex_CoT:
+    # complex_cot, Response: response} (as LLaMA-Factory's dataset_info "columns"); {}: the fields' own names
+    columns: dict = dataclasses.field(default_factory=dict)
     # rows that are unusable or longer than sft.max_length: stop (fail) or skip and list them
     bad_rows: Literal["skip", "fail"] = "fail"
     language: Literal["en", "zh"] = "en"  # language of the prompt template
@@ -272,8 +279,32 @@ def _check_values(cfg: RunConfig, source: str) -> None:
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1 (or null for all), got {getattr(cfg, key)}.")
     _check_benchmarks(cfg.benchmarks, source)
+    _check_columns(cfg.columns, source)
     _check_combinations(cfg, source)
     _check_library_sections(cfg, source)
+
+
+def _check_columns(columns: dict, source: str) -> None:
+    """``columns``: keys among :data:`DATASET_FIELDS` (exact case), values column names (non-blank text), no column
+    given to two fields.
+
+    Raises:
+        ConfigError: naming the key and the fix.
+    """
+    example = "columns: {Question: question, Complex_CoT: complex_cot, Response: response}"
+    for field, column in columns.items():
+        if field not in DATASET_FIELDS:
+            close = [f for f in DATASET_FIELDS if str(field).lower() == f.lower()]
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"{source}: 'columns' maps the fields {', '.join(DATASET_FIELDS)} (as written) to the "
+                              f"dataset's column names; {field!r} is none of them.{hint} E.g. {example}.")
+        if not isinstance(column, str) or not column.strip():
+            raise ConfigError(f"{source}: 'columns.{field}' must be the dataset's column name (text), got "
+                              f"{column!r}. E.g. {example}.")
+    doubled = [c for c in set(columns.values()) if list(columns.values()).count(c) > 1]
+    if doubled:
+        raise ConfigError(f"{source}: 'columns' gives the column {doubled[0]!r} to two fields; each field needs its "
+                          "own column.")
 
 
 def _check_library_sections(cfg: RunConfig, source: str) -> None:

@@ -16,10 +16,11 @@ import dataclasses
 import importlib.util
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
-FIELDS = ("Question", "Complex_CoT", "Response")
+from medtune.settings.config import DATASET_FIELDS as FIELDS  # ("Question", "Complex_CoT", "Response")
 
 _INSTRUCTION = {
     "en": (
@@ -350,32 +351,86 @@ def read_jsonl(path: str | Path) -> list:
     return [value for _, value in records]
 
 
-def _field_problems(row: object) -> str | None:
+def _name(field: str, columns: dict) -> str:
+    """How a field is named in messages: ``'Question'``, or ``'question' (Question, by columns)`` when mapped."""
+    return f"'{columns[field]}' ({field}, by columns)" if field in columns else f"'{field}'"
+
+
+def _field_problems(row: object, columns: dict | None = None) -> str | None:
+    columns = columns or {}
     if not isinstance(row, dict):
-        return f"expected a JSON object with {', '.join(FIELDS)}, got {type(row).__name__}"
+        return f"expected a JSON object with {', '.join(columns.get(f, f) for f in FIELDS)}, got {type(row).__name__}"
     problems = []
     for field in FIELDS:
-        value = row.get(field)
-        if field not in row:
-            problems.append(f"field '{field}' is missing")
+        key = columns.get(field, field)
+        value = row.get(key)
+        name = _name(field, columns)
+        if key not in row:
+            problems.append(f"field {name} is missing")
         elif value is None:
-            problems.append(f"field '{field}' is null")
+            problems.append(f"field {name} is null")
         elif not isinstance(value, str):
-            problems.append(f"field '{field}' is {type(value).__name__}, not a string")
+            problems.append(f"field {name} is {type(value).__name__}, not a string")
         elif not value.strip():
-            problems.append(f"field '{field}' is empty")
+            problems.append(f"field {name} is empty")
         else:
             try:  # JSON's escape \ud800 without its pair parses to a lone surrogate, which no tokenizer takes
                 value.encode("utf-8")
             except UnicodeEncodeError as err:
-                problems.append(f"field '{field}' is not valid Unicode (lone surrogate \\u{ord(value[err.start]):04x} "
+                problems.append(f"field {name} is not valid Unicode (lone surrogate \\u{ord(value[err.start]):04x} "
                                 f"at character {err.start + 1}; remove it, or write the character or its whole "
                                 "surrogate pair)")
     return "; ".join(problems) or None
 
 
+def check_columns(records, source: str, columns: dict | None = None) -> None:
+    """Fields the dataset names otherwise, found once for the whole dataset instead of once per row.
+
+    Raises:
+        DataError: the rows lack a field (its ``columns`` name, if mapped) but hold the same name in another case
+            (``question``, ``complex_cot``, ``response``, as several public copies of medical-o1-reasoning-SFT have
+            them): one message that names the ``columns`` mapping to add. Or no row at all has a field: one message
+            with the fields the first row has and the mapping to write. Rows that are not objects are left to the
+            row checks.
+    """
+    columns = columns or {}
+    rows = [(n, v) for n, v in records if isinstance(v, dict)]
+    if not rows:
+        return
+    unit = records.unit if isinstance(records, Records) else "row"
+    variants: dict[str, Counter] = {}
+    missing_everywhere = []
+    for field in FIELDS:
+        key = columns.get(field, field)
+        lacking = [(n, v) for n, v in rows if key not in v]
+        found = Counter(k for _, v in lacking for k in v if isinstance(k, str) and k.lower() == key.lower())
+        if found:
+            variants[field] = found
+        elif len(lacking) == len(rows):
+            missing_everywhere.append(field)
+    if variants:
+        names = {f: c.most_common(1)[0][0] for f, c in variants.items()}
+        count = sum(1 for _, v in rows if any(columns.get(f, f) not in v for f in names))
+        first = next(n for n, v in rows if any(columns.get(f, f) not in v for f in names))
+        mapping = ", ".join(f"{f}: {names[f]}" for f in FIELDS if f in names)
+        raise DataError(
+            f"{source}: the rows have no field {', '.join(repr(columns.get(f, f)) for f in names)} but have "
+            f"{', '.join(repr(n) for n in names.values())}: the same names in another case ({count:,} of {len(rows):,} "
+            f"rows, from {unit} {first}). Fields are read by their exact names; map them in the profile:\n"
+            f"  columns: {{{mapping}}}"
+        )
+    if missing_everywhere:
+        seen = ", ".join(repr(k) for k in rows[0][1]) or "none"
+        mapping = ", ".join(f"{f}: <its column>" for f in missing_everywhere)
+        raise DataError(
+            f"{source}: no row has the field {', '.join(_name(f, columns) for f in missing_everywhere)} "
+            f"({unit} {rows[0][0]} has {seen}). If the dataset names it otherwise, map it in the profile: "
+            f"columns: {{{mapping}}}; else give a dataset with {', '.join(FIELDS)}."
+        )
+
+
 def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, max_length: int | None = None,
-                  report: RowReport | None = None) -> list[dict]:
+                  report: RowReport | None = None, columns: dict | None = None) -> list[dict]:
     """Check every row, then keep the good ones (``bad_rows: skip``) or stop on any bad one (``bad_rows: fail``).
 
     A row is bad when: its line is not JSON or not UTF-8; it is not a JSON object; a field of ``FIELDS`` is missing,
@@ -390,25 +445,30 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
         lengths: ``f(list of rows) -> list of token counts`` of the formatted examples, or None (no length check).
         max_length: the training ``max_length`` in tokens (``sft.max_length``); None: no length check.
         report: a :class:`RowReport` to fill in (what was read, skipped and kept).
+        columns: ``{field: the dataset's column}`` for fields the dataset names otherwise (``RunConfig.columns``).
 
     Returns:
-        The usable rows, each reduced to the three fields, in order.
+        The usable rows, each reduced to the three fields (under medtune's names), in order.
 
     Raises:
         DataError: ``bad_rows`` is "fail" and a row is bad: the message names the source, counts the bad rows and
-            lists them (up to :data:`LISTED`) with number and reason, and the fix. Unknown ``bad_rows``.
+            lists them (up to :data:`LISTED`) with number and reason, and the fix. Unknown ``bad_rows``. Fields named
+            otherwise (:func:`check_columns`), whatever ``bad_rows`` says.
     """
     if bad_rows not in BAD_ROW_POLICIES:
         raise DataError(f"bad_rows must be one of {BAD_ROW_POLICIES}, got {bad_rows!r}.")
     records = rows if isinstance(rows, Records) else Records(list(enumerate(rows, start=1)), unit="row")
+    columns = columns or {}
+    check_columns(records, source, columns)
     rep = report if report is not None else RowReport()
     rep.source, rep.unit, rep.read, rep.policy, rep.bad, rep.kept = source, records.unit, len(records), bad_rows, [], []
     rep.tokens, rep.max_length = {}, None
     good: list[tuple[int, int, dict]] = []  # (dataset index, number, row)
     first_seen: dict[str, int] = {}
     for index, (number, value) in enumerate(records):
-        why = str(value) if isinstance(value, Unreadable) else _field_problems(value)
+        why = str(value) if isinstance(value, Unreadable) else _field_problems(value, columns)
         if why is None:
+            value = {f: value[columns.get(f, f)] for f in FIELDS}
             question = value["Question"].strip()
             if question in first_seen:
                 why = f"duplicate of {records.unit} {first_seen[question]} (same Question)"
@@ -446,7 +506,8 @@ def validate_rows(rows, source: str, *, bad_rows: str = "fail", lengths=None, ma
 
 def load_rows(dataset: str, config_name: str | None = None, split: str = "train", max_rows: int | None = None, *,
               source: str = "hub", endpoint: str | None = None, bad_rows: str = "fail", lengths=None,
-              max_length: int | None = None, report: RowReport | None = None) -> list[dict]:
+              max_length: int | None = None, report: RowReport | None = None,
+              columns: dict | None = None) -> list[dict]:
     """Read the dataset's rows from a repo id, a local JSONL file or dataset folder, or ``package:<pkg>/<file>``.
 
     Args:
@@ -457,8 +518,9 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
         max_rows: keep only the first N rows (walkthrough: 500).
         source: where a repo id is downloaded from: "hub" (``endpoint``: a mirror, else ``$HF_ENDPOINT``),
             "modelscope", or "local" (ids are an error). Downloads go through :mod:`medtune.io.sources`.
-        bad_rows, lengths, max_length, report: what to do with bad rows, and the length check; see
-            :func:`validate_rows` (rows are numbered by file line, or by position for Hub datasets).
+        bad_rows, lengths, max_length, report, columns: what to do with bad rows, the length check, and the dataset's
+            own column names; see :func:`validate_rows` (rows are numbered by file line, or by position for Hub
+            datasets).
 
     Returns:
         A list of ``{"Question", "Complex_CoT", "Response"}`` dicts, in dataset order (bad rows left out with
@@ -494,7 +556,8 @@ def load_rows(dataset: str, config_name: str | None = None, split: str = "train"
         raw, source = ds.select(range(min(len(ds), max_rows or len(ds)))).to_list(), dataset
     if max_rows is not None:
         raw = raw[:max_rows]
-    rows = validate_rows(raw, source, bad_rows=bad_rows, lengths=lengths, max_length=max_length, report=report)
+    rows = validate_rows(raw, source, bad_rows=bad_rows, lengths=lengths, max_length=max_length, report=report,
+                         columns=columns)
     if len(rows) < 2:
         raise DataError(f"{source}: {len(rows)} usable rows of {len(raw)}; at least 2 are needed (one to train, one "
                         "held out)."
@@ -630,7 +693,7 @@ def split_rows(cfg, tokenizer, report: RowReport | None = None) -> tuple[list[di
     lengths = token_lengths(tokenizer, cfg.language) if callable(tokenizer) else None
     rows = load_rows(cfg.dataset, cfg.dataset_config, cfg.dataset_split, cfg.max_rows,
                      source=cfg.dataset_source or cfg.source, endpoint=cfg.hub_endpoint, bad_rows=cfg.bad_rows,
-                     lengths=lengths, max_length=sft_max_length(cfg), report=report)
+                     lengths=lengths, max_length=sft_max_length(cfg), report=report, columns=cfg.columns)
     cut = f" with max_rows: {cfg.max_rows}" if cfg.max_rows is not None and report.read == cfg.max_rows else ""
     position = {index: p for p, index in enumerate(report.kept)}
     fixed = []

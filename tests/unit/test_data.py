@@ -406,3 +406,69 @@ def test_read_split_before_prepare(tmp_path):
     run = RunDir.create(C.load(PARAMS / "smoke.yaml"), root=tmp_path)
     with pytest.raises(FileNotFoundError, match="notebook 03"):
         D.read_split(run)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dataset's own column names (columns)
+# ---------------------------------------------------------------------------------------------------------------
+
+LOWER = {"Question": "question", "Complex_CoT": "complex_cot", "Response": "response"}
+
+
+def renamed(real_path: Path, tmp_path: Path, names: dict, name: str = "renamed.jsonl") -> Path:
+    """The 604 real rows with their fields renamed (as several public copies of the dataset have them), in tmp."""
+    lines = [json.loads(line) for line in real_path.read_text(encoding="utf-8").splitlines()]
+    return write_lines(tmp_path, [json.dumps({names.get(k, k): v for k, v in r.items()}, ensure_ascii=False)
+                                  for r in lines], name)
+
+
+def test_lower_case_fields_get_one_message_naming_the_mapping(real_path, real_rows, tmp_path):
+    """Before: three "field is missing" lines per row, and with bad_rows: skip "0 usable rows"."""
+    path = renamed(real_path, tmp_path, LOWER)
+    for policy in ("fail", "skip"):
+        with pytest.raises(D.DataError) as err:
+            D.load_rows(str(path), bad_rows=policy)
+        assert str(err.value) == (
+            f"{path}: the rows have no field 'Question', 'Complex_CoT', 'Response' but have 'question', 'complex_cot', "
+            "'response': the same names in another case (604 of 604 rows, from line 1). Fields are read by their "
+            "exact names; map them in the profile:\n"
+            "  columns: {Question: question, Complex_CoT: complex_cot, Response: response}")
+    assert D.load_rows(str(path), columns=LOWER) == real_rows  # the mapping reads exactly the original rows
+
+
+def test_columns_map_other_names_and_name_them_in_row_messages(real_path, real_rows, tmp_path):
+    factory = {"Question": "instruction", "Complex_CoT": "cot", "Response": "output"}  # LLaMA-Factory's alpaca names
+    path = renamed(real_path, tmp_path, factory)
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(str(path))
+    assert str(err.value) == (
+        f"{path}: no row has the field 'Question', 'Complex_CoT', 'Response' (line 1 has 'instruction', 'cot', "
+        "'output'). If the dataset names it otherwise, map it in the profile: columns: {Question: <its column>, "
+        "Complex_CoT: <its column>, Response: <its column>}; else give a dataset with Question, Complex_CoT, Response.")
+    assert D.load_rows(str(path), columns=factory, max_rows=20) == real_rows[:20]
+    bad = write_lines(tmp_path, [json.dumps({"instruction": "q1", "cot": "c", "output": "r"}),
+                                 json.dumps({"instruction": "q2", "cot": "c"})], "bad.jsonl")
+    with pytest.raises(D.DataError, match=r"line 2: field 'output' \(Response, by columns\) is missing"):
+        D.load_rows(str(bad), columns=factory)
+
+
+def test_columns_through_the_profile_and_notebook_03(real_path, tmp_path):
+    path = renamed(real_path, tmp_path, LOWER)
+    cfg = C.load(PARAMS / "smoke.yaml").replace(dataset=str(path), columns=LOWER)
+    assert C.load(PARAMS / "smoke.yaml").columns == {}
+    run = RunDir.create(cfg, root=tmp_path / "runs")
+
+    class Tok:  # a stand-in without __call__: no length check
+        eos_token = EOT
+
+    info = D.prepare(cfg, run, Tok())
+    assert info["rows"] == 16 and info["heldout_rows"][:2] == [0, 10]
+    held = D.read_jsonl(run.heldout_path)
+    first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
+    assert {k: held[0][k] for k in D.FIELDS} == {f: first[c] for f, c in LOWER.items()}
+    for bad, words in [({"question": "q"}, "'question' is none of them. Did you mean 'Question'?"),
+                       ({"Question": 5}, "'columns.Question' must be the dataset's column name (text), got 5."),
+                       ({"Question": "q", "Response": "q"}, "gives the column 'q' to two fields")]:
+        with pytest.raises(C.ConfigError) as err:
+            cfg.replace(columns=bad)
+        assert words in str(err.value)

@@ -469,6 +469,19 @@ def test_impossible_split_stops_00_not_03(real_rows_path, smollm2_tokenizer, cha
     assert P.check_dataset_file(cfg, smollm2_tokenizer) == P.Check("dataset", "error", message)
 
 
+def test_lower_case_fields_stop_00_with_the_mapping(real_rows_path, tmp_path):
+    lower = {"Question": "question", "Complex_CoT": "complex_cot", "Response": "response"}
+    path = tmp_path / "lower.jsonl"
+    path.write_text("".join(json.dumps({lower[k]: v for k, v in json.loads(line).items()}) + "\n"
+                            for line in real_rows_path.read_text(encoding="utf-8").splitlines()), encoding="utf-8")
+    cfg = C.load(PARAMS / "default.yaml").replace(dataset=str(path), bad_rows="skip")
+    check = P.check_dataset_file(cfg)
+    assert check.status == "error" and check.detail.endswith(
+        "map them in the profile:\n  columns: {Question: question, Complex_CoT: complex_cot, Response: response}")
+    ok = P.check_dataset_file(cfg.replace(columns=lower))
+    assert ok.status == "ok" and ok.detail.startswith("lower.jsonl: 604 usable rows of 604 read, 596 to train")
+
+
 def test_preflight_run_reads_rows_with_the_profile_tokenizer(monkeypatch):
     """P.run (00) checks the split with the profile's tokenizer and stops before any model loads; 01 passes
     rows=False (00 did it)."""
