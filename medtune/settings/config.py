@@ -205,7 +205,8 @@ def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
         hint = _HINTS[key]
         if not _type_ok(value, hint):
             raise ConfigError(
-                f"{source}: key '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})."
+                f"{source}: key '{key}' must be {_describe(hint)}, got {value!r} ({type(value).__name__})"
+                f"{_yaml_bool(value)}."
             )
     for section in _LIBRARY_SECTIONS:
         valid = _library_fields(section)
@@ -216,7 +217,7 @@ def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
             if key not in valid:
                 raise _unknown(key, valid, f"{source}: section '{section}'")
             if key in hints and value is not None and not _type_ok(value, hints[key]):
-                fix = ""
+                fix = _yaml_bool(value)
                 if isinstance(value, str) and _is_number(value):
                     fix = " (YAML reads 1e-4 as text: write 1.0e-4)" if "e" in value.lower() else " (remove the quotes)"
                 raise ConfigError(
@@ -228,6 +229,19 @@ def from_dict(data: dict, source: str = "<dict>") -> RunConfig:
     cfg = RunConfig(**data)
     _check_values(cfg, source)
     return cfg
+
+
+_YAML_WORDS = {True: ("yes", "on", "true"), False: ("no", "off", "false")}
+
+
+def _yaml_bool(value: Any) -> str:
+    """For a message about a value of the wrong type: YAML 1.1 (PyYAML's) reads unquoted yes/no/on/off/true/false as
+    booleans, so ``language: no`` arrives as False. Says so, with the fix; empty for anything but a bool."""
+    if not isinstance(value, bool):
+        return ""
+    words = _YAML_WORDS[value]
+    return (f"; YAML reads an unquoted {words[0]} (also {words[1]}, {words[2]}) as the boolean {str(value).lower()}, "
+            f"not as the text '{words[0]}' (text in quotes stays text)")
 
 
 def _is_number(text: str) -> bool:
@@ -399,7 +413,7 @@ def _check_benchmarks(benchmarks: dict, source: str) -> None:
             if spec["language"] not in languages:
                 raise ConfigError(
                     f"{source}: 'benchmarks.{name}.language' must be one of {', '.join(map(repr, languages))} (the "
-                    f"benchmark's prompt and answer cues), got {spec['language']!r}."
+                    f"benchmark's prompt and answer cues), got {spec['language']!r}{_yaml_bool(spec['language'])}."
                 )
             spec = {k: v for k, v in spec.items() if k != "language"}
         try:

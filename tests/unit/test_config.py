@@ -446,3 +446,28 @@ def test_relative_paths_in_a_profile_mean_the_project_folder_wherever_it_is_load
         assert cfg.benchmarks["missing"] == str(root / "data" / "nosuch.jsonl")  # error messages show where it looked
         assert cfg.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert cfg.benchmarks["pubmedqa"]["source"] == "qiaojin/PubMedQA"
+
+
+def test_yaml_booleans_in_text_settings_are_explained(tmp_path):
+    """YAML 1.1 reads an unquoted no/off/false (and yes/on/true) as a boolean: `language: no` arrived as False and was
+    reported as "got False (bool)" without saying why."""
+    path = tmp_path / "no.yaml"
+    path.write_text("profile: mine\nlanguage: no\n", encoding="utf-8")
+    with pytest.raises(C.ConfigError) as err:
+        C.load(path)
+    assert str(err.value) == (
+        f"{path}: key 'language' must be one of 'en', 'zh', got False (bool); YAML reads an unquoted no (also off, "
+        "false) as the boolean false, not as the text 'no' (text in quotes stays text).")
+    path.write_text("profile: mine\npush_to: yes\n", encoding="utf-8")
+    with pytest.raises(C.ConfigError, match=r"got True \(bool\); YAML reads an unquoted yes \(also on, true\) as the "
+                                             r"boolean true, not as the text 'yes'"):
+        C.load(path)
+    data = yaml.safe_load((PARAMS / "default.yaml").read_text())
+    data["sft"] = {**data["sft"], "optim": yaml.safe_load("off")}
+    with pytest.raises(C.ConfigError, match=r"'sft.optim' must be .*, got False \(bool\); YAML reads an unquoted no"):
+        C.from_dict(data, "bad.yaml")
+    with pytest.raises(C.ConfigError, match=r"'benchmarks.cmexam.language' .* got False; YAML reads an unquoted no"):
+        C.from_dict({"benchmarks": {"cmexam": {"source": "x.jsonl", "language": False}}}, "bad.yaml")
+    path.write_text("profile: mine\nlanguage: 'en'\n", encoding="utf-8")
+    assert C.load(path).language == "en"  # quoted text and real booleans are unaffected
+    assert C.from_dict({"push": False}).push is False
