@@ -280,13 +280,22 @@ def _training_section(cfg, m, base) -> str:
                                  f"{_fmt(t.get('tokens'))} tokens in {_fmt(t.get('runtime_s'))} s "
                                  f"({_fmt(t.get('tokens_per_s'))} tokens/s), "
                                  f"peak memory {_fmt(t.get('peak_gib'))} GiB; "
-                                 f"mean training loss {_fmt(t.get('train_loss'))}"))
+                                 f"mean training loss {_fmt(t.get('train_loss_run', t.get('train_loss')))}"
+                                 + _loss_steps(t)))
     devices = m.get("gpu", {}).get("devices") or []
     if devices:
         gpus = [str(r.get("name")) for r in devices if r.get("device") != "cpu"]
         rows.append(("hardware", ", ".join(f"{gpus.count(n)} x {n}" for n in dict.fromkeys(gpus)) or "CPU (no GPU)"))
     body = "\n".join(f"| {k} | {v} |" for k, v in rows)
     return f"## Training\n\n| setting | value |\n|---|---|\n{body}\n"
+
+
+def _loss_steps(t: dict) -> str:
+    """After a resume, over which steps the card's mean training loss was taken (empty for a run trained at once)."""
+    if not t.get("resumed_from") or t.get("train_loss_run") is None:
+        return ""
+    return (f" (all {_fmt(t.get('train_loss_run_steps'))} steps; the {_fmt(t.get('steps_this_session'))} after the "
+            f"resume from {t['resumed_from']}: {_fmt(t.get('train_loss'))})")
 
 
 def _ran_as(cfg, t: dict) -> str:

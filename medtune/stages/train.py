@@ -112,6 +112,37 @@ def trainable_parameters(model) -> tuple[int, int]:
     return int(trainable), int(total)
 
 
+def run_loss(history: list[dict], resumed_at: int, session_loss: float, session_steps: int) -> tuple[float, int]:
+    """The mean training loss over the whole run's optimizer steps, after a resume.
+
+    The trainer's own figure covers only the steps of this call (transformers 5.23 ``Trainer._finalize_training``).
+    The steps before the checkpoint are taken from the log history the checkpoint carries: each logged ``loss`` is
+    the mean over the steps since the previous log, so it counts with that many steps. Steps between the last log and
+    the checkpoint (a checkpoint off the logging grid) are in no log, so they are left out and the count says so.
+
+    Args:
+        history: ``trainer.state.log_history`` (the checkpoint's, then this call's), dicts with ``step`` and
+            ``loss``.
+        resumed_at: the checkpoint's step (0: a fresh start).
+        session_loss: this call's mean loss (``TrainOutput.training_loss``). session_steps: this call's steps.
+
+    Returns:
+        ``(mean loss in nats/token, steps it covers)``; the steps equal the run's when every earlier step was logged.
+
+    Raises:
+        ValueError: no step to average over.
+    """
+    total, covered, previous = 0.0, 0, 0
+    for entry in history:
+        if "loss" in entry and 0 < entry.get("step", 0) <= resumed_at:
+            steps = entry["step"] - previous
+            total, covered, previous = total + entry["loss"] * steps, covered + steps, entry["step"]
+    total, covered = total + session_loss * session_steps, covered + session_steps
+    if covered == 0:
+        raise ValueError("no optimizer step to average the training loss over.")
+    return total / covered, covered
+
+
 def train(trainer, run) -> dict:
     """Train (resuming from the run's last complete checkpoint if there is one), save adapter, tokenizer and log.
 
@@ -122,10 +153,13 @@ def train(trainer, run) -> dict:
     difference <= 1e-5 on CPU).
 
     Returns:
-        ``{"train_loss", "steps", "epochs", "runtime_s", "tokens", "tokens_per_s", "steps_this_session", "peak_gib",
-        "resumed_from", "trainable_params", "optim"}``. ``steps`` and ``tokens`` count the whole run (``tokens``:
-        non-padding tokens seen in training, all epochs); ``train_loss`` (nats/token), ``runtime_s`` and
-        ``tokens_per_s`` this call's steps only (after a resume: the steps after the checkpoint); ``peak_gib`` is
+        ``{"train_loss", "train_loss_run", "train_loss_run_steps", "steps", "epochs", "runtime_s", "tokens",
+        "tokens_per_s", "steps_this_session", "peak_gib", "resumed_from", "trainable_params", "optim"}``. ``steps``
+        and ``tokens`` count the whole run (``tokens``: non-padding tokens seen in training, all epochs);
+        ``train_loss`` (nats/token), ``runtime_s`` and ``tokens_per_s`` this call's steps only (after a resume: the
+        steps after the checkpoint); ``train_loss_run`` the mean loss over the whole run's steps (:func:`run_loss`;
+        ``train_loss_run_steps`` of them, fewer than ``steps`` only when the checkpoint was off the logging grid);
+        ``peak_gib`` is
         ``torch.cuda.max_memory_allocated`` summed over GPUs, or the process's peak resident memory on CPU
         (``ru_maxrss``).
     """
@@ -156,8 +190,13 @@ def train(trainer, run) -> dict:
     steps = int(trainer.state.global_step)
     tokens_now = tokens * steps_now / steps if steps else 0  # this call's share, for tokens/s
     train_loss = float(result.training_loss)
-    if steps_now == 0:  # nothing left to train (re-run of a finished 05): keep the loss recorded by the run
-        train_loss = run.metrics().get("train", {}).get("train_loss", train_loss)
+    if steps_now == 0:  # nothing left to train (re-run of a finished 05): keep the losses recorded by the run
+        recorded = run.metrics().get("train", {})
+        train_loss = recorded.get("train_loss", train_loss)
+        loss_run = recorded.get("train_loss_run", train_loss)
+        loss_run_steps = recorded.get("train_loss_run_steps", steps)
+    else:
+        loss_run, loss_run_steps = run_loss(history, int(steps_before), train_loss, steps_now)
     if torch.cuda.is_available():
         peak = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / GIB
     else:
@@ -165,6 +204,8 @@ def train(trainer, run) -> dict:
     trainable, _ = trainable_parameters(trainer.model)
     return {
         "train_loss": train_loss,
+        "train_loss_run": loss_run,
+        "train_loss_run_steps": loss_run_steps,
         "steps": steps,
         "epochs": epochs,
         "runtime_s": round(runtime, 1),

@@ -144,6 +144,11 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_profile, tmp_path):
     assert resumed == run
     assert result["resumed_from"] in ("checkpoint-2", "checkpoint-4")
     assert result["steps"] == 6 and result["steps_this_session"] == 6 - int(result["resumed_from"].split("-")[1])
+    # train_loss covers the resumed steps only; train_loss_run all 6, and equals the uninterrupted run's loss
+    assert ref_result["train_loss_run"] == ref_result["train_loss"] and ref_result["train_loss_run_steps"] == 6
+    assert result["train_loss_run_steps"] == 6
+    assert result["train_loss_run"] == pytest.approx(ref_result["train_loss"], abs=1e-6)
+    assert result["train_loss"] != pytest.approx(ref_result["train_loss"], abs=1e-3)  # the part is not the whole
     a, b = adapter(reference), adapter(run)
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2  # lora_A and lora_B of 7 projections in 2 layers
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
@@ -151,6 +156,19 @@ def test_killed_training_resumes_to_the_same_adapter(tiny_profile, tmp_path):
     assert diff <= 1e-5, diff
     moved = max(float((a[k] - adapter_init(a, k)).abs().max()) for k in a if "lora_B" in k)
     assert moved > 1e-4  # training moved the weights: the comparison is not between two untouched adapters
+
+
+def test_run_loss_by_hand():
+    """Logged losses are means over the steps since the previous log (transformers 5.23 _maybe_log_save_evaluate)."""
+    history = [{"loss": 2.0, "step": 2}, {"loss": 1.0, "step": 4}, {"loss": 0.5, "step": 6},
+               {"train_runtime": 9.0, "train_loss": 0.45, "step": 8}]
+    # resumed from checkpoint-4, then 4 more steps at a mean of 0.4: (2.0 * 2 + 1.0 * 2 + 0.4 * 4) / 8 = 0.95
+    assert train.run_loss(history, 4, 0.4, 4) == (pytest.approx(0.95), 8)
+    # logging every 3 steps, checkpoint at 4: step 4 was never logged, so 5 of the 6 steps are averaged
+    assert train.run_loss([{"loss": 2.0, "step": 3}], 4, 0.5, 2) == (pytest.approx((2.0 * 3 + 0.5 * 2) / 5), 5)
+    assert train.run_loss([], 0, 1.25, 28) == (1.25, 28)  # a fresh run: the trainer's own figure
+    with pytest.raises(ValueError, match="no optimizer step"):
+        train.run_loss([], 0, 0.0, 0)
 
 
 def adapter_init(weights: dict, key: str):

@@ -274,6 +274,11 @@ def test_model_card_scout_with_metrics(tmp_path):
     assert "| new_key |  | 7 |  |" in card  # keys added later appear under their own name
     assert "paper_anchor" not in card and "58.7 -> 69.0" in card  # context, not a row of this run's table
     assert "1 x NVIDIA H200" in card and "240 optimizer steps" in card and "config `en`" in card
+    assert "mean training loss 1.31 |" in card  # trained at once: one figure
+    run.record("train", {"train_loss": 1.05, "train_loss_run": 1.28, "train_loss_run_steps": 240,
+                         "steps_this_session": 40, "resumed_from": "checkpoint-200"})
+    assert ("mean training loss 1.28 (all 240 steps; the 40 after the resume from checkpoint-200: 1.05) |"
+            in H.model_card(cfg, run))
     assert "Llama4ForConditionalGeneration" in card and 'ADAPTER = "me/llama4-scout-medical-qlora"' in card
     assert "dtype=torch.bfloat16" in card and "NF4 routed experts" in card
 
