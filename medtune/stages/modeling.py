@@ -12,6 +12,7 @@ Model sources (``RunConfig.model``):
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -312,9 +313,39 @@ def check_lora_targets(cfg: _config.RunConfig, model) -> int:
     return len(matched)
 
 
-def nf4_experts_cache(cfg: _config.RunConfig, double_quant: bool) -> Path:
-    """Folder of the NF4 routed experts quantized from ``cfg.model`` (one per model, revision and double_quant)."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "--", f"{cfg.model}@{cfg.model_revision or 'main'}")
+def checkpoint_fingerprint(folder: str | Path) -> str:
+    """A short id of the checkpoint in ``folder`` that changes when its weights do.
+
+    A Hugging Face Hub cache snapshot (``.../snapshots/<40-hex commit>``) is named by the commit it resolved to:
+    its first 12 hex digits. Any other folder (a local copy, a ModelScope download) gets the first 12 hex digits of
+    the sha256 of its weight files' and config.json's names, sizes and modification times (reading 200 GB to hash
+    the contents would take longer than re-quantizing); a copied or edited folder therefore counts as new.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a directory.
+    """
+    path = Path(folder)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{folder}: no such checkpoint folder")
+    if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name):
+        return path.name[:12]
+    digest = hashlib.sha256()
+    for file in sorted(path.iterdir()):
+        if file.is_file() and (file.suffix in (".safetensors", ".bin") or file.name == "config.json"):
+            st = file.stat()
+            digest.update(f"{file.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+def nf4_experts_cache(cfg: _config.RunConfig, double_quant: bool, checkpoint: str | Path | None = None) -> Path:
+    """Folder of the NF4 routed experts quantized from ``cfg.model``: one per model, revision, checkpoint
+    (:func:`checkpoint_fingerprint` of the resolved folder ``checkpoint``, so that a moved ``main`` or an edited
+    local copy is quantized afresh instead of reusing a stale cache) and double_quant. Without ``checkpoint`` (the
+    model is not downloaded yet) the folder has no fingerprint and never holds a cache the loader would use."""
+    label = f"{cfg.model}@{cfg.model_revision or 'main'}"
+    if checkpoint is not None:
+        label += f"@{checkpoint_fingerprint(checkpoint)}"
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", label)
     return cache_dir() / "nf4-experts" / f"{name}-dq{int(double_quant)}"
 
 
@@ -329,7 +360,7 @@ def _load_llama4_fast(cfg: _config.RunConfig, path: str, bnb, dtype):
     dmap = device_map(cfg)
     device = "cpu" if dmap == {"": "cpu"} else "cuda"
     double_quant = bool(bnb is not None and bnb.bnb_4bit_use_double_quant)
-    cached = nf4_experts_cache(cfg, double_quant) / llama4.EXPERTS_FILE
+    cached = nf4_experts_cache(cfg, double_quant, checkpoint=path) / llama4.EXPERTS_FILE
     model = llama4.load_llama4_qlora(
         path, bnb, device=device, sparse_moe=True, quantize_experts=True, double_quant=double_quant,
         torch_dtype=dtype, experts_file=cached if cached.is_file() else None,

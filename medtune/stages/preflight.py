@@ -536,20 +536,22 @@ def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) 
 
     needs: list[tuple[str, Path, int]] = []
     src = sources.for_model(cfg)
+    checkpoint = Path(cfg.model) if src is None and Path(cfg.model).is_dir() else None  # fingerprints the NF4 cache
     if src is not None:
         listed = src.listing(cfg.model, "model", cfg.model_revision)
         if listed is None:
             return Check("disk", "skipped", "file sizes unknown (HF_HUB_OFFLINE is set): the cached copy is used.")
         ignore, kept = sources.select_model_files(listed)
         cached = src.cached(cfg.model, "model", cfg.model_revision, None, ignore)
+        checkpoint = cached
         missing = {f: n for f, n in kept.items() if cached is None or not (cached / f).is_file()}
         needs.append((f"model download ({len(missing)} of {len(kept)} files)", sources.cache_dir(src.kind),
                       sum(missing.values())))
     if conf is not None:
         if families.is_llama4(conf) and cfg.llama4_fast:
             dq = bool(cfg.quantization.get("bnb_4bit_use_double_quant"))
-            target = nf4_experts_cache(cfg, dq)
-            if not (target / "experts-nf4.safetensors").is_file():
+            target = None if checkpoint is None else nf4_experts_cache(cfg, dq, checkpoint)
+            if target is None or not (target / "experts-nf4.safetensors").is_file():
                 est = estimate or estimate_for(cfg, conf)
                 needs.append(("NF4 experts cache", cache_dir(), int(est["params"]["routed_experts"] * _bytes_4bit(dq))))
     if estimate is not None:

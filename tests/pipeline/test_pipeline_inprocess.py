@@ -97,7 +97,8 @@ def test_tiny_llama4_through_medtune(tmp_path, monkeypatch, fast):
     assert type(moe).__name__ == ("Llama4SparseMoe" if fast else "Llama4TextMoe")
     assert type(moe.experts).__name__ == ("Llama4NF4Experts" if fast else "Llama4TextExperts")
     assert type(model.language_model.model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    cached = modeling.nf4_experts_cache(cfg, double_quant=False) / "experts-nf4.safetensors"
+    cached = modeling.nf4_experts_cache(cfg, double_quant=False, checkpoint=modeling.resolve_model(cfg))
+    cached = cached / "experts-nf4.safetensors"
     assert cached.is_file() == fast  # quantized once, reused by later loads of the run
 
     summary = data.prepare(cfg, run, tok)
