@@ -42,6 +42,19 @@ per model instance: :func:`keep_cpu_4bit_weights_unpacked` turns the repacking o
 without AVX512-BF16. Upstream: not reported as of 2026-12-06 (bitsandbytes' issues corpus searched for
 "packing_format_for_cpu").
 
+transformers 5.23 strict configs + Llama 4 config.json files re-saved by transformers 4.51.x (seen 2026-12-06)
+=============================================================================================================
+Some copies of Scout's config.json (files re-saved by transformers 4.51.x) hold ``"attn_temperature_tuning": 4``;
+transformers 4.51 used the value only as a truth value (temperature tuning on the NoPE layers). transformers
+5.23's ``Llama4TextConfig`` is a strict dataclass that types the field ``bool`` and refuses the integer:
+``StrictDataclassFieldValidationError: Field 'attn_temperature_tuning' expected bool, got int (value: 4)`` before
+any weight is read, and ``from_pretrained`` re-reads config.json itself. Fix: :func:`load_config` reads the raw
+config dict, turns each known legacy value into what 5.23 expects (:data:`LEGACY_CONFIG_VALUES`: an integer
+``attn_temperature_tuning`` becomes its truth value, as 4.51 read it), builds the config from the cleaned dict,
+and the loaders pass that config to ``from_pretrained``. A value it does not know how to clean is refused with the
+key and the fix. Upstream: no transformers issue found for it (issues corpus searched for
+"attn_temperature_tuning", 2026-12-06).
+
 Note on the loss: with (b) fixed, TRL adds Mixtral's softmax load-balancing loss x 0.001 to the SFT loss of a
 Llama 4 model (whose router is a sigmoid top-1). transformers' own ``Llama4ForCausalLM.forward`` adds no
 auxiliary loss, nor did the walkthrough's trainer. Pass ``SFTConfig(router_aux_loss_coef=0.0)`` to train on the
@@ -57,8 +70,8 @@ from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration, Llam
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_llama4_trl_fixes", "Llama4MultimodalBackbone", "cpu_adapters_in_compute_dtype",
-           "keep_cpu_4bit_weights_unpacked"]
+__all__ = ["LEGACY_CONFIG_VALUES", "apply_llama4_trl_fixes", "Llama4MultimodalBackbone",
+           "cpu_adapters_in_compute_dtype", "keep_cpu_4bit_weights_unpacked", "load_config", "normalize_legacy_config"]
 
 # Llama4TextConfig.attribute_map as transformers ships it, kept so that tests can show the bug without the fix.
 ORIGINAL_LLAMA4_TEXT_ATTRIBUTE_MAP: dict[str, str] = dict(Llama4TextConfig.attribute_map)
@@ -234,3 +247,63 @@ def keep_cpu_4bit_weights_unpacked(model) -> int:
             module.support_avx512bf16_for_cpu = False
             n += 1
     return n
+
+
+# (config key, test of the legacy value, conversion to the value transformers 5.23 expects)
+LEGACY_CONFIG_VALUES = (
+    ("attn_temperature_tuning", lambda v: isinstance(v, int) and not isinstance(v, bool), bool),
+)
+
+
+def normalize_legacy_config(config_dict: dict) -> list[str]:
+    """Clean, in place, the legacy values of :data:`LEGACY_CONFIG_VALUES` in a raw config dict (top level and its
+    ``text_config``/``vision_config``). Returns the keys changed, as ``"text_config.attn_temperature_tuning: 4 ->
+    True"`` lines (empty when none)."""
+    changed = []
+    for prefix, d in (("", config_dict), ("text_config.", config_dict.get("text_config")),
+                      ("vision_config.", config_dict.get("vision_config"))):
+        if not isinstance(d, dict):
+            continue
+        for key, is_legacy, convert in LEGACY_CONFIG_VALUES:
+            if key in d and is_legacy(d[key]):
+                new = convert(d[key])
+                changed.append(f"{prefix}{key}: {d[key]!r} -> {new!r}")
+                d[key] = new
+    return changed
+
+
+def load_config(source, **kwargs):
+    """``AutoConfig.from_pretrained(source, **kwargs)``, with the legacy values of checkpoints saved by older
+    transformers cleaned first (module doc; :func:`normalize_legacy_config`). Pass the result to
+    ``from_pretrained(..., config=...)`` so that transformers does not re-read the raw file.
+
+    Args:
+        source: a local folder with config.json, or a repo id (config file only).
+        kwargs: ``revision``, ``token``... as ``AutoConfig.from_pretrained`` takes them.
+
+    Returns:
+        A transformers ``PreTrainedConfig``.
+
+    Raises:
+        ValueError: config.json holds a value transformers refuses that this function does not know how to clean;
+            the message names the file, the key and the fix.
+        OSError: no config.json at ``source`` (transformers' error).
+    """
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig, PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    try:
+        return AutoConfig.from_pretrained(source, **kwargs)
+    except StrictDataclassError as err:
+        raw, _ = PretrainedConfig.get_config_dict(source, **kwargs)
+        changed = normalize_legacy_config(raw)
+        if not changed:
+            raise ValueError(f"{source}/config.json: transformers refuses a value in it ({err}). Edit that key in "
+                             f"config.json to the type named above, or use a checkpoint saved by a recent "
+                             f"transformers.") from err
+        logger.warning("%s/config.json: legacy values cleaned for transformers 5: %s", source, "; ".join(changed))
+        model_type = raw.pop("model_type", None)
+        if model_type not in CONFIG_MAPPING:
+            raise ValueError(f"{source}/config.json: unknown model_type {model_type!r}") from err
+        return CONFIG_MAPPING[model_type].from_dict(raw)

@@ -809,18 +809,20 @@ def load_llama4_qlora(
     """
     from huggingface_hub import snapshot_download
     from safetensors import safe_open
-    from transformers import AutoConfig, Llama4ForCausalLM, Llama4ForConditionalGeneration
+    from transformers import Llama4ForCausalLM, Llama4ForConditionalGeneration
+
+    from medtune.compat import load_config
 
     folder = Path(path_or_id)
     if not folder.is_dir():
         folder = Path(snapshot_download(str(path_or_id), allow_patterns=["*.json", "*.safetensors", "*.model"]))
-    config = AutoConfig.from_pretrained(folder)
+    config = load_config(folder)  # legacy config.json values cleaned (medtune.compat)
     if not is_llama4(config):
         raise ValueError(f"{path_or_id}: model_type {config.model_type!r} is not Llama 4")
     if model_class is None:
         model_class = Llama4ForConditionalGeneration if config.model_type == "llama4" else Llama4ForCausalLM
     device = torch.device(device)
-    kwargs = dict(dtype=torch_dtype, device_map={"": device})
+    kwargs = dict(config=config, dtype=torch_dtype, device_map={"": device})
     if bnb_config is not None:
         kwargs["quantization_config"] = bnb_config
     with _experts_deferred():

@@ -204,9 +204,9 @@ def device_map(cfg: _config.RunConfig):
 def model_type(model_path: str, revision: str | None = None) -> str:
     """The ``model_type`` of a checkpoint's config (``"llama"``, ``"llama4"``, ``"llama4_text"``...; ``""`` when its
     config has none): a local folder, or a repo id at ``revision`` (the config file only)."""
-    from transformers import AutoConfig
+    from medtune.compat import load_config
 
-    return getattr(AutoConfig.from_pretrained(model_path, revision=revision, token=_token()), "model_type", "")
+    return getattr(load_config(model_path, revision=revision, token=_token()), "model_type", "")
 
 
 def is_llama4(model_path: str, revision: str | None = None) -> bool:
@@ -257,9 +257,11 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
         cls = AutoModelForCausalLM
         if model_type(path, cfg.model_revision) == "llama4":
             from transformers import Llama4ForConditionalGeneration as cls
+        from medtune.compat import load_config
+
         model = cls.from_pretrained(
-            path, quantization_config=bnb, device_map=device_map(cfg), dtype=dtype, revision=cfg.model_revision,
-            token=_token(),
+            path, config=load_config(path, revision=cfg.model_revision, token=_token()), quantization_config=bnb,
+            device_map=device_map(cfg), dtype=dtype, revision=cfg.model_revision, token=_token(),
         )
     keep_cpu_4bit_weights_unpacked(model)  # bitsandbytes' in-place CPU repacking breaks a later training step
     if model.generation_config.pad_token_id is None:

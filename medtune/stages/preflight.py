@@ -432,8 +432,7 @@ def model_config(cfg: _config.RunConfig):
     Raises:
         medtune.io.sources.SourceError: a remote model's config.json cannot be fetched.
     """
-    from transformers import AutoConfig
-
+    from medtune.compat import load_config
     from medtune.io import sources
 
     if sources.parse_source(cfg.model).kind == "package":
@@ -441,12 +440,12 @@ def model_config(cfg: _config.RunConfig):
         from medtune.stages.modeling import cache_dir
 
         folder = cache_dir() / "models" / package_path(cfg.model).stem
-        return AutoConfig.from_pretrained(folder) if (folder / "config.json").is_file() else None
+        return load_config(folder) if (folder / "config.json").is_file() else None
     src = sources.for_model(cfg)
     if src is None:
-        return AutoConfig.from_pretrained(cfg.model) if (Path(cfg.model) / "config.json").is_file() else None
+        return load_config(cfg.model) if (Path(cfg.model) / "config.json").is_file() else None
     folder = src.download(cfg.model, "model", cfg.model_revision, allow_patterns=["config.json"])
-    return AutoConfig.from_pretrained(folder)
+    return load_config(folder)
 
 
 def _free_memory(cfg: _config.RunConfig, single_device: bool) -> tuple[float, str]:
@@ -711,7 +710,7 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True
     if access_check.status != "error":
         try:
             conf = model_config(cfg)
-        except sources.SourceError as err:
+        except (sources.SourceError, ValueError) as err:  # ValueError: a config value transformers refuses
             checks.append(Check("memory", "error", f"cannot read the model's config.json: {err}"))
     if access_check.status != "error" and not any(c.name == "memory" for c in checks):
         mem, estimate = check_memory(cfg, conf)

@@ -611,7 +611,10 @@ def export_merged(cfg: _config.RunConfig, run, out_dir: str | Path | None = None
     cls = AutoModelForCausalLM
     if modeling.model_type(plan["base"]) == "llama4":  # Scout is multimodal; adapters were trained on this class
         from transformers import Llama4ForConditionalGeneration as cls
-    model = cls.from_pretrained(plan["base"], dtype=torch.bfloat16, device_map={"": "cpu"})
+    from medtune.compat import load_config
+
+    model = cls.from_pretrained(plan["base"], config=load_config(plan["base"]), dtype=torch.bfloat16,
+                                device_map={"": "cpu"})
     if any(type(mod).__name__ in ("Linear4bit", "Linear8bitLt", "Params4bit") for mod in model.modules()):
         raise RuntimeError(f"{plan['base']} loaded with quantized weights; merging needs the bf16 base checkpoint.")
     merged = PeftModel.from_pretrained(model, str(run.adapter_dir)).merge_and_unload()

@@ -138,3 +138,66 @@ def test_trl_casts_cpu_adapters_to_bf16_and_the_fix_restores_compute_dtype(tmp_p
     assert cpu_adapters_in_compute_dtype(trainer) == len(trainable) == 4
     assert {p.dtype for p in trainer.model.parameters() if p.requires_grad} == {torch.float32}
     assert cpu_adapters_in_compute_dtype(trainer) == 0  # idempotent
+
+
+def legacy_checkpoint(tmp_path):
+    """A tiny multimodal Llama 4 saved by transformers 5, with config.json edited as transformers 4.51.x wrote Scout's:
+    legacy ``torch_dtype`` and ``"attn_temperature_tuning": 4`` in its text_config."""
+    import json
+
+    folder = tmp_path / "legacy"
+    build("multimodal").save_pretrained(folder)
+    conf = json.loads((folder / "config.json").read_text())
+    conf["text_config"]["attn_temperature_tuning"] = 4
+    conf["torch_dtype"] = conf.pop("dtype", "float32")
+    (folder / "config.json").write_text(json.dumps(conf))
+    return folder
+
+
+def test_transformers_refuses_the_legacy_attn_temperature_tuning(tmp_path):
+    """The bug the workaround exists for: when this test fails, transformers accepts the file again and
+    compat.load_config's cleaning can go."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    with pytest.raises(StrictDataclassError, match="attn_temperature_tuning"):
+        AutoConfig.from_pretrained(legacy_checkpoint(tmp_path))
+
+
+def test_load_config_cleans_legacy_values_and_the_loaders_use_it(tmp_path, caplog):
+    from transformers import BitsAndBytesConfig
+
+    from medtune import llama4 as l4
+    from medtune.stages import modeling
+
+    folder = legacy_checkpoint(tmp_path)
+    conf = compat.load_config(folder)
+    assert conf.model_type == "llama4" and conf.text_config.attn_temperature_tuning is True
+    assert "text_config.attn_temperature_tuning: 4 -> True" in caplog.text
+    assert modeling.model_type(str(folder)) == "llama4"
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = l4.load_llama4_qlora(folder, bnb, device="cpu", torch_dtype=torch.float32)
+    assert model.config.text_config.attn_temperature_tuning is True
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[200000, 1, 2, 3]])).logits
+    assert logits.shape == (1, 4, TEXT["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_normalize_legacy_config_leaves_valid_values_and_reports_changes():
+    conf = {"model_type": "llama4", "text_config": {"attn_temperature_tuning": True}, "vision_config": {}}
+    assert compat.normalize_legacy_config(conf) == []
+    conf["text_config"]["attn_temperature_tuning"] = 0
+    assert compat.normalize_legacy_config(conf) == ["text_config.attn_temperature_tuning: 0 -> False"]
+    assert conf["text_config"]["attn_temperature_tuning"] is False
+
+
+def test_load_config_names_the_key_it_cannot_clean(tmp_path):
+    import json
+
+    folder = legacy_checkpoint(tmp_path)
+    conf = json.loads((folder / "config.json").read_text())
+    conf["text_config"]["attn_temperature_tuning"] = "yes"  # no known legacy form: refused with the key and the fix
+    (folder / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=r"(?s)legacy/config.json: transformers refuses a value in it .*"
+                                         r"attn_temperature_tuning.*Edit that key"):
+        compat.load_config(folder)
