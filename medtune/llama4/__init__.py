@@ -586,16 +586,19 @@ class Llama4NF4Experts(nn.Module):
     def fused_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
         """Both projections straight from the packed NF4 bytes (:func:`medtune.llama4.kernels.nf4_moe_matmul`):
         x (N, H) in ``compute_dtype`` sorted by expert, counts (E,) integer tensor on x's device -> (N, H), or None
-        when the kernel does not apply (no Triton, a shape that does not tile). Reads only the experts with rows;
-        no host sync. No autograd: inference only."""
+        when the kernel does not apply (no Triton, a shape that does not tile) or failed to build or launch in this
+        process (:func:`medtune.llama4.kernels.guarded`: the caller then takes the dequantize path). Reads only the
+        experts with rows; no host sync. No autograd: inference only."""
         code = _nf4_code(x.device)
         num = self.num_experts
-        h = kernels.nf4_moe_matmul(x, counts, self.gate_up_packed, self._absmax("gate_up", 0, num).view(num, -1),
-                                   code, k=self.hidden_size, n_out=self.intermediate_size, gated=True)
+        h = kernels.guarded("nf4_moe_matmul", kernels.nf4_moe_matmul, x, counts, self.gate_up_packed,
+                            self._absmax("gate_up", 0, num).view(num, -1), code, k=self.hidden_size,
+                            n_out=self.intermediate_size, gated=True)
         if h is None:
             return None
-        return kernels.nf4_moe_matmul(h, counts, self.down_packed, self._absmax("down", 0, num).view(num, -1), code,
-                                      k=self.intermediate_size, n_out=self.hidden_size, gated=False)
+        return kernels.guarded("nf4_moe_matmul", kernels.nf4_moe_matmul, h, counts, self.down_packed,
+                               self._absmax("down", 0, num).view(num, -1), code, k=self.intermediate_size,
+                               n_out=self.hidden_size, gated=False)
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -35,12 +35,15 @@ without a GPU.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
-__all__ = ["available", "interpreted", "nf4_dequantize", "nf4_linear", "nf4_moe_matmul", "pick_blocks",
-           "pick_linear_blocks"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["available", "failed", "guarded", "interpreted", "nf4_dequantize", "nf4_linear", "nf4_moe_matmul",
+           "pick_blocks", "pick_linear_blocks", "reset_failures"]
 
 NF4_BYTES_PER_ABSMAX = 32  # 64 weights per absmax block, 2 weights per byte
 
@@ -54,6 +57,40 @@ except ImportError:  # pragma: no cover - exercised where Triton is absent
 def available() -> bool:
     """True when Triton imports (on a GPU box, or on the CPU with ``TRITON_INTERPRET=1``)."""
     return triton is not None
+
+
+_FAILED: dict[str, str] = {}  # kernel name -> the error that turned it off for this process
+
+
+def guarded(name: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, or None once kernel ``name`` has failed to build or launch in this process.
+
+    Why: a Triton kernel that does not compile or launch on an untested GPU, driver or Triton version must not crash
+    a run after an hour of download and training; the callers fall back to their library path (bitsandbytes,
+    dequantize + matmul) when they get None. The first failure is logged as a warning with the error; later calls
+    skip the kernel. ``ValueError`` and ``TypeError`` (wrong arguments: a bug in the caller) are raised as usual.
+    """
+    if name in _FAILED:
+        return None
+    try:
+        return fn(*args, **kwargs)
+    except (ValueError, TypeError):
+        raise
+    except Exception as err:  # noqa: BLE001 - any build or launch failure: fall back, say so once
+        _FAILED[name] = f"{type(err).__name__}: {err}"
+        logger.warning("Triton kernel %s failed (%s); using the library path for the rest of this process",
+                       name, _FAILED[name][:500])
+        return None
+
+
+def failed() -> dict[str, str]:
+    """Kernels turned off by :func:`guarded` in this process, with their errors (empty when all work)."""
+    return dict(_FAILED)
+
+
+def reset_failures() -> None:
+    """Turn every kernel that :func:`guarded` turned off back on (after fixing the cause, or in tests)."""
+    _FAILED.clear()
 
 
 def interpreted() -> bool:

@@ -52,15 +52,17 @@ def eligible(module: nn.Module) -> bool:
 
 def nf4_linear_forward(module: nn.Module, x: torch.Tensor, fallback) -> torch.Tensor:
     """``module(x)`` for an :func:`eligible` layer: x (..., in_features) -> (..., out_features) in x's dtype,
-    computed in the layer's ``compute_dtype`` with fp32 accumulation; ``fallback(x)`` (bitsandbytes) when
-    gradients are wanted, x is not on CUDA (outside Triton's interpreter), or its row count is outside :data:`ROWS`."""
+    computed in the layer's ``compute_dtype`` with fp32 accumulation; ``fallback(x)`` (bitsandbytes) when the
+    kernel failed to build or launch in this process (:func:`medtune.llama4.kernels.guarded`), gradients are
+    wanted, x is not on CUDA (outside Triton's interpreter), or its row count is outside :data:`ROWS`."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     on_device = x.is_cuda or kernels.interpreted()
     if (torch.is_grad_enabled() and x.requires_grad) or not on_device or not ROWS[0] <= rows <= ROWS[1]:
         return fallback(x)
     qs = module.weight.quant_state
     flat = x.reshape(rows, x.shape[-1]).to(module.compute_dtype or x.dtype).contiguous()
-    y = kernels.nf4_linear(flat, module.weight.data.view(-1), qs.absmax, qs.code, n_out=module.out_features)
+    y = kernels.guarded("nf4_linear", kernels.nf4_linear, flat, module.weight.data.view(-1), qs.absmax, qs.code,
+                        n_out=module.out_features)
     if y is None:
         return fallback(x)
     if module.bias is not None:

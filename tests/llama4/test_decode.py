@@ -361,3 +361,34 @@ def test_fast_nf4_linears_route_eligible_layers_and_restore_them(monkeypatch):
     with torch.no_grad(), linear4bit.fast_nf4_linears(model):
         layers[0](torch.randn(9, 128))  # 9 rows: outside ROWS, bitsandbytes
     assert calls == [3]
+
+
+def test_a_kernel_that_fails_to_build_falls_back_to_the_library_path(monkeypatch, caplog):
+    """A Triton build or launch failure (an untested GPU or driver) must not end the run: the experts take the
+    dequantize path, with one warning, and the kernel is not tried again in the process; a wrong argument (a bug in
+    the caller) still raises."""
+    model, reference = tiny_nf4_model(seed=6)
+    monkeypatch.setattr(l4.Llama4NF4Experts, "fused", "always")
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("triton: out of resources: shared memory")
+
+    monkeypatch.setattr(kernels, "nf4_moe_matmul", broken)
+    kernels.reset_failures()
+    ids = torch.randint(0, 256, (2, 6), generator=torch.Generator().manual_seed(8))
+    try:
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+            again = model(input_ids=ids).logits
+            want = reference(input_ids=ids).logits
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4) and torch.equal(got, again)
+        assert len(calls) == 1  # tried once, then skipped
+        assert "out of resources" in kernels.failed()["nf4_moe_matmul"]
+        assert "Triton kernel nf4_moe_matmul failed" in caplog.text
+    finally:
+        kernels.reset_failures()
+    with pytest.raises(ValueError, match="bad argument"):
+        kernels.guarded("x", lambda: (_ for _ in ()).throw(ValueError("bad argument")))
+    assert kernels.failed() == {}
