@@ -89,7 +89,7 @@ FIRST_USED_BY = {
     **dict.fromkeys(("dataset", "dataset_config", "dataset_split", "dataset_source", "max_rows", "columns", "bad_rows",
                      "language", "heldout_rows", "heldout_size", "seed"), "03_format_prompts.ipynb"),
     **dict.fromkeys(("max_new_tokens", "generation_batch_size", "eval_batch_size", "eval_questions", "benchmarks",
-                     "benchmark_limit", "benchmark_mode"), "04_baseline.ipynb"),
+                     "benchmark_limit", "benchmark_mode", "benchmark_harness"), "04_baseline.ipynb"),
     **dict.fromkeys(("lora", "sft", "loss_on"), "05_train_lora.ipynb"),
     **dict.fromkeys(("push", "hub_repo_id", "hub_private", "push_to", "export_merged"), "07_push.ipynb"),
 }

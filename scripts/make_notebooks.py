@@ -36,6 +36,12 @@ BENCH_MD = (
     "run's `benchmarks/` folder."
 )
 
+HARNESS_MD = (
+    "With `benchmark_harness: true` in the profile, lm-evaluation-harness (`lm-eval`) scores the same items on this "
+    "same model, offline: with medtune's own prompt (its log-likelihoods must equal medtune's: a check of the "
+    "scoring) and with its own MedQA / PubMedQA / MedMCQA task prompt (the accuracy comparable with figures published "
+    "from lm-eval)."
+)
 
 def nb(title: str, line: str, imports: str, params: str, cells: list) -> nbformat.NotebookNode:
     out = [new_markdown_cell(f"# {title}\n\n{line}"), new_code_cell(imports)]
@@ -145,7 +151,8 @@ NOTEBOOKS = {
         "Numbers before training, on the same held-out data that 06 uses after it: answers to the held-out questions "
         "scored against the reference responses (ROUGE-L, length, EOS, template), the held-out loss and perplexity, "
         "and multiple-choice accuracy on the profile's benchmarks (MedQA, PubMedQA).",
-        "from IPython.display import Markdown, display\n\nfrom medtune.evaluation import heldout, multiple_choice\n"
+        "from IPython.display import Markdown, display\n\nfrom medtune.evaluation import harness, heldout, "
+        "multiple_choice\n"
         "from medtune.settings import runs\nfrom medtune.stages import modeling",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (walkthrough: 1200)"),
         [
@@ -162,6 +169,9 @@ NOTEBOOKS = {
             ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
             ("code", 'bench = multiple_choice.measure(cfg, run, model, tokenizer, "baseline")\n'
                      "display(Markdown(multiple_choice.show(bench)))"),
+            ("md", "## 5. Cross-check with lm-evaluation-harness\n\n" + HARNESS_MD),
+            ("code", 'bench = harness.cross_check(cfg, run, model, tokenizer, "baseline", bench)\n'
+                     "display(Markdown(harness.show(bench)))"),
             ("md", "## Record"),
             ("code", 'run.record("baseline", loss | scores | {"benchmarks": bench});'),
         ],
@@ -192,7 +202,7 @@ NOTEBOOKS = {
         "The same held-out questions, reference responses and benchmark items as 04, with the LoRA adapter from 05: "
         "every metric baseline against fine-tuned, with plots, the HuatuoGPT-o1 paper's figures for context, and "
         "the answers side by side.",
-        "from IPython.display import Image, Markdown, display\n\nfrom medtune.evaluation import heldout, "
+        "from IPython.display import Image, Markdown, display\n\nfrom medtune.evaluation import harness, heldout, "
         "multiple_choice\nfrom medtune.settings import runs\nfrom medtune.stages import data, modeling",
         PARAMS.format(empty=LATEST) + EVAL_PARAMS.format(which="the profile's (use 04's values)"),
         [
@@ -208,6 +218,8 @@ NOTEBOOKS = {
             ("md", "## 4. Multiple-choice benchmarks\n\n" + BENCH_MD),
             ("code", 'bench = multiple_choice.measure(cfg, run, model, tokenizer, "finetuned")\n'
                      "display(Markdown(multiple_choice.show(bench)))"),
+            ("code", 'bench = harness.cross_check(cfg, run, model, tokenizer, "finetuned", bench)\n'
+                     "display(Markdown(harness.show(bench)))"),
             ("code", 'run.record("finetuned", loss | scores | {"benchmarks": bench, '
                      '"paper_anchor": multiple_choice.PAPER_ANCHOR});'),
             ("md", "## 5. Baseline vs fine-tuned\n\nEvery metric of 04 and 06; the difference is fine-tuned minus "

@@ -49,7 +49,7 @@ _LISTED = 20  # bad rows of one source spelled out by validate()
 # What follows the test prompt in "loglik" mode: an empty reasoning block in the training template's shape
 # (medtune.stages.data.completion_text), then an answer statement that the letter completes.
 ANSWER_PREFIX = {"en": "<think>\n</think>\nThe answer is", "zh": "<think>\n</think>\n答案是"}
-_LETTER_CONTINUATION = {"en": " {letter}", "zh": "{letter}"}
+LETTER_CONTINUATION = {"en": " {letter}", "zh": "{letter}"}
 _TEXT_CONTINUATION = {"en": " {text}", "zh": "{text}"}
 _WORDING = {
     "en": {"context": "Context:", "question": "Question:", "options": "Options:",
@@ -839,7 +839,7 @@ def predict_loglik(model, tokenizer, items: Sequence[MCItem], *, language: str =
     """
     if target not in ("letter", "text"):
         raise ValueError(f"target must be 'letter' or 'text', got {target!r}.")
-    template = _LETTER_CONTINUATION[language] if target == "letter" else _TEXT_CONTINUATION[language]
+    template = LETTER_CONTINUATION[language] if target == "letter" else _TEXT_CONTINUATION[language]
     pairs, spans = [], []
     for item in items:
         prompt = mc_prompt(item, language) + ANSWER_PREFIX[language]

@@ -73,6 +73,9 @@ class RunConfig:
     benchmark_limit: int | None = None  # first N items of each benchmark; null: all
     # score option letters by log-likelihood, or generate and read the letter
     benchmark_mode: Literal["loglik", "generate"] = "loglik"
+    # 04/06: score each benchmark again with lm-evaluation-harness (lm-eval) on the same model: medtune's prompt (a
+    # check of the scoring) and lm-eval's own MedQA/PubMedQA/MedMCQA task (the figure comparable with published ones)
+    benchmark_harness: bool = False
     # --- training ------------------------------------------------------------------------------------------------
     loss_on: Literal["response", "text"] = "response"  # response-only loss, or the whole text (the walkthrough)
     device: Literal["auto", "cuda", "cpu"] = "auto"  # auto: all visible GPUs if any, else CPU

@@ -425,6 +425,22 @@ def check_benchmark_languages(cfg: _config.RunConfig) -> Check:
     return Check("benchmarks.language", "ok", "each local benchmark is written in the language it is scored in.")
 
 
+def check_harness(cfg: _config.RunConfig) -> Check:
+    """With ``benchmark_harness: true``, lm-eval must import now, not fail in 04 after the baseline answers; says which
+    lm-eval task scores each benchmark with its own prompt (:data:`medtune.evaluation.harness.TASKS`)."""
+    if not cfg.benchmark_harness:
+        return Check("benchmark_harness", "ok", "off: 04/06 score the benchmarks with medtune's own scoring only.")
+    from medtune.evaluation import harness
+
+    version = harness.lm_eval_version()
+    if version is None:
+        return Check("benchmark_harness", "error", "benchmark_harness is true, but lm-eval is not installed.",
+                     "pip install lm-eval==0.4.13 (`make env` installs it; or pip install -e '.[harness]'), or "
+                     "benchmark_harness: false.")
+    tasks = ", ".join(f"{name} -> {harness.task_for(name) or 'same-prompt check only'}" for name in cfg.benchmarks)
+    return Check("benchmark_harness", "ok", f"lm-eval {version}; {tasks or 'no benchmarks in this profile'}.")
+
+
 def model_config(cfg: _config.RunConfig):
     """The model's transformers config, from its ``config.json`` only (no weights), or None when not available
     without work (a ``package:`` model not yet converted by 01; it is small).
@@ -702,6 +718,7 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True
     checks.append(check_push(cfg))
     checks.append(check_benchmark_files(cfg))
     checks.append(check_benchmark_languages(cfg))
+    checks.append(check_harness(cfg))
     access_check, status = check_access(cfg, access)
     checks.append(access_check)
     if rows:

@@ -52,7 +52,7 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
     profile.update(
         benchmarks={"medqa": str(bench_dir / "medqa_usmle_4op_test.jsonl"),
                     "pubmedqa": str(bench_dir / "pubmedqa_pqa_labeled_test.jsonl")},
-        benchmark_limit=LIMIT, benchmark_mode="generate", eval_questions=2,
+        benchmark_limit=LIMIT, benchmark_mode="generate", eval_questions=2, benchmark_harness=True,
         max_new_tokens=NEW_TOKENS,  # on CPU each NF4 forward pass costs about the same, whatever the prompt length
     )
     params = tmp_path / "smoke_benchmarks.yaml"
@@ -89,6 +89,11 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
             assert r["predicted_spread"] == B.spread(r) and r["predicted_spread"].startswith("A ")
             assert sum(r["answer_counts"].values()) == LIMIT
             assert r["chance"] == (0.25 if name == "medqa" else 0.3333)
+            # lm-eval on the same model: its own task and prompt (generate mode: no same-prompt log-likelihoods)
+            h = r["harness"]
+            assert h["lm_eval"] == "0.4.13" and h["same_prompt"] is None and "benchmark_mode: loglik" in h["note"]
+            assert h["own_prompt"]["task"] == ("medqa_4options" if name == "medqa" else "pubmedqa")
+            assert h["own_prompt"]["items"] == LIMIT and h["own_prompt"]["accuracy"] in (0.0, 0.5, 1.0)
             preds = B.load_predictions(B.predictions_path(run, stage, name))
             assert [p["answer"] for p in preds] == gold[name]
             # the recorded letter is the rule applied to the saved output
@@ -114,4 +119,5 @@ def test_04_and_06_with_real_benchmark_subsets(tmp_path, monkeypatch):
         assert text in nb06, text
     nb04 = (run.notebooks_dir / "04_baseline.ipynb").read_text()
     assert "| medqa | generate | en | 2 |" in nb04 and "| pubmedqa | generate | en | 2 |" in nb04
+    assert "| medqa_4options |" in nb04 and "| medqa_4options |" in nb06
     assert "Not the same measurement" not in nb06
