@@ -232,7 +232,9 @@ def cross_check(cfg, run, model, tokenizer, stage: str, results: dict) -> dict:
         items = _mc.read_benchmark(spec["source"], spec["config"], spec["split"], cfg.benchmark_limit)
         folder = run.path / "benchmarks" / "harness" / f"{stage}-{name}"
         longest = max(len(tokenizer(_mc.mc_prompt(i, r["language"]))["input_ids"]) for i in items)
-        lm = _harness_model(model, tokenizer, resolve_batch_size(cfg.eval_batch_size, model, longest, len(items)))
+        # lm-eval keeps every position's logits (no logits_to_keep): "auto" sizes batches for that
+        size = resolve_batch_size(cfg.eval_batch_size, model, longest, len(items), full_logits=True)
+        lm = _harness_model(model, tokenizer, size)
         check: dict = {"lm_eval": lm_eval_version(), "same_prompt": None, "own_prompt": None, "note": ""}
         if r["mode"] == "loglik":
             ours = _mc.load_predictions(_mc.predictions_path(run, stage, name))
