@@ -97,9 +97,12 @@ def hand_own_prompt(model, tok, items, task: str) -> list[str]:
     pubmedqa, 0.4.13), choices after a space, scored with medtune's continuation_logprobs; argmax -> letter."""
     out = []
     for i in items:
+        listed = "".join(f"{B.LETTERS[k]}. {o}\n" for k, o in enumerate(i.options))
         if task == "medqa_4options":
-            listed = "".join(f"{k}. {o}\n" for k, o in zip("ABCD", i.options, strict=True))
             prompt = f"Question: {i.question}\n{listed}Answer:"
+            conts = [" A", " B", " C", " D"]
+        elif task == "medmcqa":
+            prompt = f"Question: {i.question}\nChoices:\n{listed}Answer:"
             conts = [" A", " B", " C", " D"]
         else:
             prompt = f"Abstract: {i.context}\nQuestion: {i.question}\nAnswer:"
@@ -109,7 +112,9 @@ def hand_own_prompt(model, tok, items, task: str) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize(("name", "task", "limit"), [("medqa", "medqa_4options", 8), ("pubmedqa", "pubmedqa", 4)])
+# No MedMCQA file is in ../shared: its task runs on real MedQA items (4 options too), to check its layout and prompt.
+@pytest.mark.parametrize(("name", "task", "limit"), [("medqa", "medqa_4options", 8), ("pubmedqa", "pubmedqa", 4),
+                                                     ("medqa", "medmcqa", 4)])
 def test_own_prompt_tasks_read_the_real_items_from_local_files(model, tok, bench, tmp_path, name, task, limit):
     items = B.read_benchmark(str(bench[name]), limit=limit)
     own = H.own_prompt(H._harness_model(model, tok, 4), items, task, tmp_path)
@@ -121,6 +126,9 @@ def test_own_prompt_tasks_read_the_real_items_from_local_files(model, tok, bench
     if task == "medqa_4options":
         assert doc == {"sent1": items[0].question, **{f"ending{k}": o for k, o in enumerate(items[0].options)},
                        "label": 1}
+    elif task == "medmcqa":
+        assert doc == {"question": items[0].question, **dict(zip(("opa", "opb", "opc", "opd"), items[0].options,
+                                                                 strict=True)), "cop": 1}
     else:
         assert doc["QUESTION"] == items[0].question and doc["final_decision"] == items[0].options[
             B.LETTERS.index(items[0].answer)]
