@@ -372,7 +372,7 @@ class Llama4NF4Experts(nn.Module):
     # dequantize for few rows, reading the counts on the host), as before the decode work. Env MEDTUNE_NF4_FUSED
     # and MEDTUNE_NF4_FUSED_MAX_ROWS set the defaults; the crossover is measured by scripts/device/decode_gpu.py.
     fused: str = os.environ.get("MEDTUNE_NF4_FUSED", "auto")
-    fused_max_rows: int = int(os.environ.get("MEDTUNE_NF4_FUSED_MAX_ROWS", "1"))
+    fused_max_rows: int = int(os.environ.get("MEDTUNE_NF4_FUSED_MAX_ROWS", "32"))
 
     def __init__(
         self,

@@ -25,7 +25,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from medtune import families
-from medtune.llama4 import linear4bit
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +116,7 @@ def greedy_decode(
             the batch is right-padded; ``pad_token_id`` is None; P + max_new_tokens exceeds the attention chunk
             (:func:`fits_static_cache`; use ``model.generate`` then).
     """
+    from transformers import StaticCache
 
     if max_new_tokens < 1 or check_every < 1:
         raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
@@ -138,18 +138,6 @@ def greedy_decode(
     if not fits_static_cache(model, total):
         raise ValueError(f"{total} positions exceed the attention chunk "
                          f"({_text_config(model).attention_chunk_size}); decode with model.generate")
-    with linear4bit.fast_nf4_linears(model):
-        return _decode(model, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id, cuda_graph,
-                       check_every, on_tokens)
-
-
-def _decode(model, input_ids, attention_mask, max_new_tokens, eos_token_ids, pad_token_id, cuda_graph, check_every,
-            on_tokens) -> torch.Tensor:
-    """:func:`greedy_decode` after its checks (same arguments)."""
-    from transformers import StaticCache
-
-    batch, prompt_len = input_ids.shape
-    total = prompt_len + max_new_tokens
     device = input_ids.device
     chunk = getattr(_text_config(model), "attention_chunk_size", None)
     cache = StaticCache(config=model.config, max_cache_len=total)

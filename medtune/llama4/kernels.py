@@ -36,14 +36,13 @@ without a GPU.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "failed", "guarded", "interpreted", "nf4_dequantize", "nf4_linear", "nf4_moe_matmul",
-           "pick_blocks", "pick_linear_blocks", "reset_failures"]
+__all__ = ["available", "failed", "guarded", "nf4_dequantize", "nf4_moe_matmul",
+           "pick_blocks", "reset_failures"]
 
 NF4_BYTES_PER_ABSMAX = 32  # 64 weights per absmax block, 2 weights per byte
 
@@ -91,12 +90,6 @@ def failed() -> dict[str, str]:
 def reset_failures() -> None:
     """Turn every kernel that :func:`guarded` turned off back on (after fixing the cause, or in tests)."""
     _FAILED.clear()
-
-
-def interpreted() -> bool:
-    """True when Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``, the CPU tests): CPU tensors are
-    then valid kernel arguments."""
-    return triton is not None and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 if triton is not None:
@@ -173,44 +166,6 @@ if triton is not None:
         else:
             tl.atomic_add(out, res_hi, mask=omask, sem="relaxed")
             tl.atomic_add(out + 1, res_lo, mask=omask, sem="relaxed")
-
-
-    @triton.jit
-    def linear_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, out_ptr, n_rows, stride_x, stride_out,
-                           K_BYTES: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, G: tl.constexpr,
-                           W: tl.constexpr, K_SPLIT_BYTES: tl.constexpr, SPLIT_K: tl.constexpr, ROUND: tl.constexpr,
-                           BYTES_PER_ABSMAX: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_k = tl.program_id(2)
-        rows = pid_m * BM + tl.arange(0, BM)
-        rmask = rows < n_rows
-        rows = rows.to(tl.int64)
-        feats = (pid_n * BN + tl.arange(0, BN)).to(tl.int64)  # output features: BN divides them (no mask)
-        # the weight is (out, in) row-major, K contiguous: a tile is BN feature rows x G groups of W packed bytes
-        # (W divides the 32 bytes of one absmax block); byte j of a row holds weights 2j (high nibble) and 2j + 1
-        acc = tl.zeros((BM, BN, G, W), dtype=tl.float32)
-        for i in range(0, K_SPLIT_BYTES, G * W):
-            cb0 = pid_k * K_SPLIT_BYTES + i + tl.arange(0, G) * W  # [G]
-            cb = cb0[:, None] + tl.arange(0, W)[None, :]  # [G, W]
-            byte = tl.load(packed_ptr + feats[:, None, None] * K_BYTES + cb[None, :, :]).to(tl.int32)
-            scale = tl.load(absmax_ptr + (feats[:, None] * K_BYTES + cb0[None, :]) // BYTES_PER_ABSMAX)
-            w_hi = tl.load(code_ptr + (byte >> 4)) * scale[:, :, None]
-            w_lo = tl.load(code_ptr + (byte & 15)) * scale[:, :, None]
-            if ROUND:
-                w_hi = w_hi.to(x_ptr.dtype.element_ty).to(tl.float32)
-                w_lo = w_lo.to(x_ptr.dtype.element_ty).to(tl.float32)
-            xp = x_ptr + rows[:, None, None] * stride_x + 2 * cb[None, :, :]
-            xe = tl.load(xp, mask=rmask[:, None, None], other=0.0).to(tl.float32)
-            xo = tl.load(xp + 1, mask=rmask[:, None, None], other=0.0).to(tl.float32)
-            acc += xe[:, None, :, :] * w_hi[None, :, :, :] + xo[:, None, :, :] * w_lo[None, :, :, :]
-        res = tl.sum(tl.sum(acc, axis=3), axis=2)  # [BM, BN]
-        out = out_ptr + rows[:, None] * stride_out + feats[None, :]
-        omask = rmask[:, None] & (feats >= 0)[None, :]  # full shape: the interpreter does not broadcast masks
-        if SPLIT_K == 1:
-            tl.store(out, res, mask=omask)
-        else:
-            tl.atomic_add(out, res, mask=omask, sem="relaxed")
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, ...],
                    dtype: torch.dtype) -> torch.Tensor | None:
@@ -366,78 +321,3 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     g, u = acc.to(x.dtype).chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
 
-
-def pick_linear_blocks(k: int, n_out: int, rows: int) -> tuple[int, int, int, int] | None:
-    """Tile sizes (BM, BN, BKB, SPLIT_K) for :func:`nf4_linear`, or None when the shape does not tile.
-
-    BM: input rows per program (each dequantized weight tile serves BM rows); BN: output features per program;
-    BKB: packed bytes of K per step (2 BKB weights); SPLIT_K: programs sharing one output tile's K range (fp32
-    atomics), so that narrow projections (Scout's k/v: 1,024 features) still spread over the whole GPU (about 512
-    programs in all). At most 4,096 fp32 accumulators per program. Defaults from the sweep of
-    scripts/device/decode_gpu.py (docs/bench-generate.md)."""
-    k_bytes = k // 2
-    if k % 64:
-        return None
-    bm = 1 if rows <= 1 else 2 if rows <= 4 else 4 if rows <= 16 else 8
-    bkb = next((b for b in (256, 128, 64, 32) if k_bytes % b == 0), None)
-    bn = next((b for b in (16, 8, 4, 2, 1) if n_out % b == 0 and bm * b * bkb <= 4096), None)
-    if bkb is None or bn is None:
-        return None
-    programs = -(-rows // bm) * (n_out // bn)
-    steps = k_bytes // bkb
-    target = max(1, min(512 // programs, steps))
-    split = next(s for s in range(target, 0, -1) if steps % s == 0)
-    return bm, bn, bkb, split
-
-
-def nf4_linear(x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, *, n_out: int,
-               blocks: tuple[int, int, int, int] | None = None, num_warps: int = 4,
-               round_weights: bool = True) -> torch.Tensor | None:
-    """``x @ W.T`` for a bitsandbytes NF4 ``Linear4bit`` weight, dequantized inside the product (a GEMV on the CUDA
-    cores for a few rows, as decoding has; bitsandbytes' own ``gemv_4bit`` serves one row only and dequantizes the
-    whole weight for two or more).
-
-    Args:
-        x: (M, k) bf16/fp16/fp32, last dim contiguous.
-        packed: uint8, ``n_out * k / 2`` bytes, contiguous: ``W`` (n_out, k) row-major, two weights per byte
-            (high nibble first), as ``Params4bit`` stores it (shape (n_out * k / 2, 1)).
-        absmax: float32 (n_out * k / 64,), contiguous: one scale per 64 weights (no double quant).
-        code: float32 (16,) NF4 table on x's device.
-        n_out: output features.
-        blocks: (BM, BN, BKB, SPLIT_K); default :func:`pick_linear_blocks`.
-        num_warps: Triton launch option.
-        round_weights: round each dequantized weight to x's dtype first, as bitsandbytes' dequantize + matmul.
-
-    Returns:
-        (M, n_out) in x's dtype, accumulated in fp32; None when Triton is unavailable or the shape does not tile.
-
-    Raises:
-        ValueError: wrong dtypes, layouts or sizes of the buffers for (n_out, k), or blocks that do not tile them.
-    """
-    if triton is None:
-        return None
-    k = x.shape[-1]
-    if x.dim() != 2 or x.stride(1) != 1:
-        raise ValueError(f"x must be (M, k) with a contiguous last dim, got {tuple(x.shape)} {x.stride()}")
-    _check_nf4_buffers(packed, absmax, code)
-    if packed.numel() * 2 != n_out * k or absmax.numel() * 64 != n_out * k:
-        raise ValueError(f"packed/absmax ({packed.numel()} bytes, {absmax.numel()} scales) do not hold an NF4 "
-                         f"matrix of {n_out}x{k} ({n_out * k // 2} bytes, {n_out * k // 64} scales)")
-    blocks = blocks or pick_linear_blocks(k, n_out, x.shape[0])
-    if blocks is None:
-        return None
-    bm, bn, bkb, split = blocks
-    k_bytes = k // 2
-    if not all(b >= 1 and b & (b - 1) == 0 for b in (bm, bn, bkb)) or split < 1 or n_out % bn \
-            or k_bytes % (split * bkb):
-        raise ValueError(f"blocks {blocks} do not tile a {n_out}x{k} matrix: BM, BN, BKB must be powers of 2, "
-                         f"SPLIT_K >= 1, n_out % BN == 0 and (k / 2) % (SPLIT_K * BKB) == 0")
-    acc = torch.zeros(x.shape[0], n_out, dtype=torch.float32, device=x.device)
-    if x.shape[0]:
-        width = min(bkb, NF4_BYTES_PER_ABSMAX)
-        grid = (triton.cdiv(x.shape[0], bm), n_out // bn, split)
-        linear_gemv_kernel[grid](x, packed, absmax, code, acc, x.shape[0], x.stride(0), acc.stride(0),
-                                 K_BYTES=k_bytes, BM=bm, BN=bn, G=bkb // width, W=width,
-                                 K_SPLIT_BYTES=k_bytes // split, SPLIT_K=split, ROUND=round_weights,
-                                 BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX, num_warps=num_warps)
-    return acc.to(x.dtype)

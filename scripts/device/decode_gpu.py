@@ -11,9 +11,7 @@ Scout-shaped model. Run on the device machine: ``python scripts/device/decode_gp
 3. A 2-layer Scout-shaped ``Llama4ForCausalLM`` (bf16, NF4 Linears and experts): 64 greedy tokens at batch 2 from
    ``greedy_decode`` (static cache, CUDA graph, fused kernel) against ``model.generate`` with the fused kernel off
    (the dequantize path); the first divergence, if any, with the reference's top-2 logit margin there.
-4. The NF4 Linear kernel against bitsandbytes' ``matmul_4bit`` on Scout's attention and shared-expert shapes
-   (:func:`linear_checks`; tile sweep with ``--sweep``).
-5. ``--profile``: CUDA kernel times of eager decode steps on a 4-layer model at batch 1 (OUT_DIR/profile.txt).
+4. ``--profile``: CUDA kernel times of eager decode steps on a 4-layer model at batch 1 (OUT_DIR/profile.txt).
 Writes OUT_DIR/decode_gpu.json.
 """
 
@@ -36,10 +34,6 @@ report: dict = {}
 
 def save():
     (OUT / "decode_gpu.json").write_text(json.dumps(report, indent=2, default=str))
-
-
-LINEAR_SHAPES = {"q/o 5120x5120": (5120, 5120), "k/v 1024x5120": (1024, 5120),
-                 "shared gate/up 8192x5120": (8192, 5120), "shared down 5120x8192": (5120, 8192)}
 
 
 def timed(fn, reps=50, warm=5):
@@ -203,82 +197,6 @@ def profile_step():
     torch.cuda.empty_cache()
 
 
-def linear_sweep():
-    """Tiles of the NF4 Linear kernel (BN, BKB, warps) at M = 1 and 32 rows on each Scout shape; the best printed."""
-    import bitsandbytes.functional as bnbf
-
-    tiles = []
-    for label, (n_out, k) in LINEAR_SHAPES.items():
-        torch.manual_seed(n_out + k)
-        q, qs = bnbf.quantize_4bit(torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02, blocksize=64,
-                                   quant_type="nf4")
-        packed = q.view(-1)
-        for m in (1, 32):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            bm = kernels.pick_linear_blocks(k, n_out, m)[0]
-            for bn in (4, 8, 16):
-                for bkb in (128, 256):
-                    steps = k // 2 // bkb
-                    target = max(1, min(512 // (-(-m // bm) * (n_out // bn)), steps))
-                    split = next(s for s in range(target, 0, -1) if steps % s == 0)
-                    for warps in (4, 8):
-                        blocks = (bm, bn, bkb, split)
-                        t = dict(shape=label, m=m, blocks=blocks, warps=warps)
-                        try:
-                            t["ms"] = timed(lambda: kernels.nf4_linear(x, packed, qs.absmax, qs.code, n_out=n_out,
-                                                                       blocks=blocks, num_warps=warps), reps=20)
-                        except Exception as err:  # noqa: BLE001 - a config that does not compile is a result too
-                            t["error"] = str(err)[:200]
-                        tiles.append(t)
-            ok = [t for t in tiles if t["shape"] == label and t["m"] == m and "ms" in t]
-            print("best linear", label, m, min(ok, key=lambda t: t["ms"]) if ok else None,
-                  "default", kernels.pick_linear_blocks(k, n_out, m), flush=True)
-        report["linear_sweep"] = tiles
-        save()
-
-
-def linear_checks():
-    """The NF4 Linear kernel (:func:`kernels.nf4_linear`) against bitsandbytes' ``matmul_4bit`` (what a
-    ``Linear4bit`` runs: ``gemv_4bit`` for one row, dequantize + GEMM for more) on Scout's attention and
-    shared-expert shapes at M rows: relative error, ms, GB/s of packed weights. Writes OUT/linear_rows: "lo-hi",
-    the row counts where ours won on every shape."""
-    import bitsandbytes as bnb
-    import bitsandbytes.functional as bnbf
-
-    rows_out = []
-    wins = {}
-    for label, (n_out, k) in LINEAR_SHAPES.items():
-        torch.manual_seed(n_out + k)
-        w = torch.randn(n_out, k, device="cuda", dtype=torch.bfloat16) * 0.02
-        q, qs = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4")
-        del w
-        packed, nbytes = q.view(-1), q.numel() * 1.125
-        for m in (1, 2, 4, 8, 16, 32, 64):
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            ref = bnb.matmul_4bit(x, q.t(), quant_state=qs)
-            ours = kernels.nf4_linear(x, packed, qs.absmax, qs.code, n_out=n_out)
-            t_ours = timed(lambda: kernels.nf4_linear(x, packed, qs.absmax, qs.code, n_out=n_out))
-            t_bnb = timed(lambda: bnb.matmul_4bit(x, q.t(), quant_state=qs))
-            row = dict(shape=label, m=m, rel_err=((ours.float() - ref.float()).norm() / ref.float().norm()).item(),
-                       ours_ms=t_ours, bnb_ms=t_bnb, ours_gb_s=nbytes / (t_ours / 1e3) / 1e9,
-                       blocks=kernels.pick_linear_blocks(k, n_out, m))
-            rows_out.append(row)
-            wins.setdefault(m, []).append(t_ours < t_bnb)
-            print(row, flush=True)
-    won = [m for m in sorted(wins) if all(wins[m])]
-    lo = won[0] if won else 0
-    hi = lo
-    for m in sorted(wins):
-        if m > lo and all(wins[m]):
-            hi = m
-        elif m > lo:
-            break
-    (OUT / "linear_rows").write_text(f"{lo}-{hi}" if won else "0-0")
-    print("linear_rows", (OUT / "linear_rows").read_text(), flush=True)
-    report["linear"] = rows_out
-    save()
-
-
 def greedy_equality():
     from medtune.bench.models import build_model
 
@@ -315,10 +233,8 @@ if __name__ == "__main__":
     report["versions"] = dict(torch=torch.__version__)
     experts = scout_experts(0)
     kernel_checks(experts)  # writes OUT/fused_max_rows
-    linear_checks()  # writes OUT/linear_rows
     greedy_equality()
     if "--profile" in sys.argv:
         profile_step()
     if "--sweep" in sys.argv:  # last: a time limit cuts only the sweeps
         sweep(experts)
-        linear_sweep()

@@ -15,7 +15,6 @@ if [ "${SKIP_CHECKS:-0}" != 1 ]; then
   timeout "${CHECK_S:-240}" python3 scripts/device/decode_gpu.py "$out" ${SWEEP:+--sweep} ${PROFILE:+--profile} 2>&1 | tee "$out/decode_gpu.log" | tail -40
   echo "decode_gpu exit: ${PIPESTATUS[0]}"
 fi
-[ -f "$out/linear_rows" ] && export MEDTUNE_NF4_LINEAR_ROWS=$(cat "$out/linear_rows") && echo "linear_rows=$MEDTUNE_NF4_LINEAR_ROWS"
 [ -f "$out/fused_max_rows" ] && export MEDTUNE_NF4_FUSED_MAX_ROWS=$(cat "$out/fused_max_rows") && echo "fused_max_rows=$MEDTUNE_NF4_FUSED_MAX_ROWS"
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   timeout "${BENCH_S:-400}" python3 -m medtune.bench --generate --out "$out" "$@" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$out/bench_generate.log" | tail -40
