@@ -84,7 +84,8 @@ def resolve_run(resume: str | Path) -> RunDir:
 # measured, and nothing already measured is re-labelled with settings it did not run with. Every RunConfig field but
 # `profile` (the run's name) is listed; tests/pipeline/test_pipeline_failures.py checks that.
 FIRST_USED_BY = {
-    **dict.fromkeys(("model", "model_revision", "source", "hub_endpoint", "device", "quantization", "llama4_fast"),
+    **dict.fromkeys(("model", "model_revision", "source", "hub_endpoint", "device", "quantization", "llama4_fast",
+                     "rehearsal"),
                     "01_load_quantized_model.ipynb"),
     **dict.fromkeys(("dataset", "dataset_config", "dataset_split", "dataset_source", "max_rows", "columns", "bad_rows",
                      "language", "heldout_rows", "heldout_size", "seed"), "03_format_prompts.ipynb"),

@@ -274,6 +274,34 @@ NOTEBOOKS = {
 }
 
 
+RESOURCES_MD = (
+    "## Resources per notebook\n\nWall time, peak GPU memory (`torch.cuda.max_memory_allocated`; - where CUDA "
+    "was not used) and peak CPU RSS of each notebook's kernel, as recorded by its last cell in `metrics.json` "
+    "(section `resources`)."
+)
+
+
+def with_resources(name: str, book: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """Add, after the session cell, the rehearsal notice (shown only when the run is a rehearsal: random weights),
+    and append the cell that records the notebook's wall time and peak memory; the last notebook also shows the
+    table of every notebook's."""
+    notice = new_code_cell("runs.show_rehearsal_notice(cfg);  # says so when the weights are random (rehearsal)")
+    notice.id = hashlib.sha1(f"{name}|rehearsal".encode()).hexdigest()[:8]
+    session = next(i for i, c in enumerate(book.cells) if "runs.session(" in c.source)
+    book.cells.insert(session + 1, notice)
+    cells = [new_code_cell(f'run.record_resources("{name}");')]
+    if name == list(NOTEBOOKS)[-1]:
+        cells = [new_markdown_cell(RESOURCES_MD),
+                 new_code_cell(f'run.record_resources("{name}")\ndisplay(Markdown(run.resources_table()))')]
+    for cell in cells:
+        cell.id = hashlib.sha1(f"{name}|resources|{len(book.cells)}".encode()).hexdigest()[:8]
+        book.cells.append(cell)
+    return book
+
+
+NOTEBOOKS = {name: with_resources(name, book) for name, book in NOTEBOOKS.items()}
+
+
 if __name__ == "__main__":
     folder = Path(__file__).resolve().parents[1] / "notebooks"
     folder.mkdir(exist_ok=True)

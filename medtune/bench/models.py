@@ -1,6 +1,7 @@
 """Scout-shaped models with random weights, built on the GPU layer by layer, for the benchmarks.
 
-Nothing is downloaded: the dimensions are Llama 4 Scout's text config (``medtune.llama4.SCOUT_TEXT_DIMS``).
+Nothing is downloaded: the dimensions are Llama 4 Scout's text config (``medtune.llama4.SCOUT_TEXT_DIMS``). The layers
+come from :mod:`medtune.llama4.synthetic`, the builder the rehearsal (``rehearsal: true``) uses too.
 """
 
 from __future__ import annotations
@@ -12,27 +13,10 @@ import torch
 import torch.nn as nn
 
 from medtune import llama4 as l4
+from medtune.llama4 import synthetic
 
 GIB = 2**30
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def quantize_linears(module: nn.Module, *, double_quant: bool) -> None:
-    """Replace every plain ``nn.Linear`` under ``module`` by a bitsandbytes NF4 ``Linear4bit`` (bf16 compute),
-    quantized on the Linear's device, as transformers' bitsandbytes integration does (it, too, converts only
-    ``type(m) is nn.Linear``: Llama 4's router, an ``nn.Linear`` subclass, stays bf16)."""
-    import bitsandbytes as bnb
-
-    for name, child in list(module.named_children()):
-        if type(child) is nn.Linear:
-            q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                  compute_dtype=torch.bfloat16, compress_statistics=double_quant, quant_type="nf4",
-                                  device="meta")
-            q.weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, quant_type="nf4",
-                                         compress_statistics=double_quant, blocksize=64).to(child.weight.device)
-            setattr(module, name, q)
-        else:
-            quantize_linears(child, double_quant=double_quant)
 
 
 def build_model(layers: int, setup: str, *, double_quant: bool = False, device="cuda"):
@@ -41,36 +25,26 @@ def build_model(layers: int, setup: str, *, double_quant: bool = False, device="
     Returns (model, weights GiB of one decoder layer). ``setup`` is ``walkthrough`` or ``medtune`` (module doc).
     """
     from transformers import Llama4ForCausalLM
-    from transformers.models.llama4.modeling_llama4 import (
-        Llama4TextDecoderLayer,
-        Llama4TextRMSNorm,
-        Llama4TextRotaryEmbedding,
-    )
+    from transformers.models.llama4.modeling_llama4 import Llama4TextRMSNorm, Llama4TextRotaryEmbedding
 
     config = l4.scout_text_config(num_hidden_layers=layers, attn_implementation="sdpa")
     with torch.device("meta"):
         model = Llama4ForCausalLM(config)
     gen = torch.Generator(device).manual_seed(0)
 
-    def init_(module):
-        for p in module.parameters():
-            p.data.normal_(0.0, 0.02, generator=gen)
-        return module
-
     with torch.device(device):
-        model.model.embed_tokens = init_(nn.Embedding(config.vocab_size, config.hidden_size, dtype=torch.bfloat16))
-        model.lm_head = init_(nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=torch.bfloat16))
+        emb = nn.Embedding(config.vocab_size, config.hidden_size, dtype=torch.bfloat16)
+        model.model.embed_tokens = synthetic.init_random_(emb, gen)
+        head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, dtype=torch.bfloat16)
+        model.lm_head = synthetic.init_random_(head, gen)
         model.model.norm = Llama4TextRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(torch.bfloat16)
         model.model.rotary_emb = Llama4TextRotaryEmbedding(config)
-        layer_gib = 0.0
-        for i in range(layers):
-            layer = init_(Llama4TextDecoderLayer(config, i).to(torch.bfloat16))
-            quantize_linears(layer, double_quant=double_quant)
-            if setup == "medtune":
-                l4.prepare_moe(layer.feed_forward, double_quant=double_quant)
-            model.model.layers[i] = layer
-            layer_gib = l4.weights_gib(layer)
-            torch.cuda.empty_cache()
+    layer_gib = 0.0
+    for i in range(layers):
+        layer = synthetic.random_decoder_layer(config, i, device=device, generator=gen, double_quant=double_quant,
+                                               nf4_experts=setup == "medtune")
+        model.model.layers[i] = layer
+        layer_gib = l4.weights_gib(layer)
     if setup == "medtune":  # nothing left to convert; registers the decoder-layer hooks (recompute skip)
         l4.prepare_llama4_for_qlora(model, double_quant=double_quant)
     meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]

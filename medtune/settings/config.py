@@ -84,6 +84,11 @@ class RunConfig:
     sft: dict = dataclasses.field(default_factory=dict)  # SFTConfig kwargs
     # --- Llama 4 ------------------------------------------------------------------------------------------------
     llama4_fast: bool = True  # Llama 4 only: NF4 routed experts + sparse expert dispatch; False = walkthrough's path
+    # Llama 4 only: a rehearsal of the run before the checkpoint is downloaded: the model's architecture at full size
+    # with random weights (built layer by layer straight into NF4 on the device; only config.json and the tokenizer
+    # are fetched), then the same data, SFT, generation, benchmarks and push dry run: times and memory are the real
+    # run's, the answers and scores are meaningless. Needs llama4_fast: true, push: false, export_merged: false
+    rehearsal: bool = False
     # --- push --------------------------------------------------------------------------------------------------
     hub_repo_id: str | None = None  # where 07 pushes the adapter, e.g. "you/llama4-scout-medical-qlora"
     push: bool = False  # False: dry run, writes the folder that would be uploaded and lists it
@@ -379,6 +384,7 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
     Raises:
         ConfigError: naming the keys and the fix.
     """
+    _check_rehearsal(cfg, source)
     targets = cfg.lora.get("target_parameters") or []
     targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
     if not targets:
@@ -397,6 +403,27 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
             f"{source}: 'lora.target_parameters' puts LoRA on Llama 4's routed experts ({llama4_experts}), but with "
             "'llama4_fast: true' they are NF4-packed buffers with no weight parameter for PEFT to wrap. Fix: set "
             "llama4_fast: false (bf16 experts: ~3x the GPU memory), or remove the experts from target_parameters."
+        )
+
+
+def _check_rehearsal(cfg: RunConfig, source: str) -> None:
+    """``rehearsal: true`` with the settings it cannot work with: it builds Llama 4 through medtune's NF4 path,
+    has no checkpoint to merge into, and must never upload an adapter trained on random weights. Whether the model
+    is Llama 4 needs its config.json: :func:`medtune.stages.modeling.check_rehearsal` (00 and 01)."""
+    if not cfg.rehearsal:
+        return
+    wrong = [(key, fix) for key, bad, fix in (
+        ("llama4_fast", not cfg.llama4_fast, "llama4_fast: true (the rehearsal builds the NF4 experts of that path)"),
+        ("push", cfg.push, "push: false (an adapter trained on random weights must not be uploaded; 07 still writes "
+                           "the folder it would upload)"),
+        ("export_merged", cfg.export_merged, "export_merged: false (there are no real weights to merge into)"),
+        ("model", cfg.model.startswith("package:"), "a Llama 4 model (Hub id or local folder with its config.json)"),
+    ) if bad]
+    if wrong:
+        raise ConfigError(
+            f"{source}: 'rehearsal: true' (random weights of the model's architecture) cannot work with "
+            + "; ".join(f"'{key}: {getattr(cfg, key)}'" for key, _ in wrong) + ". Fix: set "
+            + "; ".join(fix for _, fix in wrong) + ", or remove rehearsal for the real run."
         )
 
 

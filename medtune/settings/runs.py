@@ -28,6 +28,8 @@ import datetime as _dt
 import json
 import os
 import secrets
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,8 +124,112 @@ class RunDir:
         tmp.replace(self.metrics_path)
         return data[section]
 
+    def record_resources(self, notebook: str) -> dict:
+        """Record what this notebook's kernel took, in ``metrics.json`` section ``resources`` under ``notebook``.
+
+        The last cell of every notebook calls it (so a notebook that failed has no row). See :func:`peak_resources`
+        for what is measured.
+
+        Args:
+            notebook: the notebook's name without ``.ipynb``, e.g. ``"04_baseline"``.
+
+        Returns:
+            The whole ``resources`` section: notebook name -> ``{"wall_s", "peak_gpu_gib", "peak_rss_gib"}``.
+
+        Raises:
+            ValueError: ``notebook`` is not a pipeline notebook's name (``NN_name``, no ``.ipynb``).
+        """
+        if not (len(notebook) > 3 and notebook[:2].isdigit() and notebook[2] == "_" and "." not in notebook):
+            raise ValueError(f"record_resources takes a notebook's name such as '04_baseline', got {notebook!r}")
+        return self.record("resources", {notebook: peak_resources()})
+
+    def resources_table(self) -> str:
+        """The ``resources`` section as a Markdown table, one row per notebook in run order, with the total time.
+
+        Returns:
+            Markdown text; a one-line note when no notebook has recorded its resources yet.
+        """
+        rows = self.metrics().get("resources", {})
+        if not rows:
+            return "No notebook of this run has recorded its resources yet."
+
+        def gib(v):
+            return "-" if v is None else f"{v:.2f}"
+
+        lines = ["| notebook | wall time (min) | peak GPU memory (GiB) | peak CPU RSS (GiB) |", "|---|---|---|---|"]
+        for name in sorted(rows):
+            r = rows[name]
+            lines.append(f"| {name} | {r['wall_s'] / 60:.2f} | {gib(r['peak_gpu_gib'])} | {gib(r['peak_rss_gib'])} |")
+        total = sum(r["wall_s"] for r in rows.values())
+        lines.append(f"| total | {total / 60:.2f} | | |")
+        return "\n".join(lines)
+
     def __str__(self) -> str:  # notebooks print the run
         return str(self.path)
+
+
+def peak_resources() -> dict:
+    """What this process (a notebook's kernel) has taken so far.
+
+    Returns:
+        ``{"wall_s": float, "peak_gpu_gib": float | None, "peak_rss_gib": float}``:
+        ``wall_s``: seconds since the process started (``psutil.Process().create_time()``): for a notebook run by
+        the pipeline (papermill starts one kernel per notebook) the notebook's time including imports; in JupyterLab
+        the kernel's age. ``peak_gpu_gib``: ``torch.cuda.max_memory_allocated`` summed over the visible GPUs (tensors
+        allocated through PyTorch's caching allocator, in GiB), ``None`` when this process never initialized CUDA
+        (CPU runs, or notebooks that load no model). ``peak_rss_gib``: the process's peak resident set size in GiB:
+        ``getrusage``'s ``ru_maxrss`` (the kernel's own high-water mark, exact, unlike sampling
+        ``psutil.Process().memory_info().rss``), on Windows psutil's ``peak_wset``.
+    """
+    import psutil
+
+    proc = psutil.Process()
+    wall = time.time() - proc.create_time()
+    gpu = None
+    torch = sys.modules.get("torch")  # a notebook that never imported torch used no GPU
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
+    except ImportError:  # Windows
+        info = proc.memory_info()
+        peak = getattr(info, "peak_wset", info.rss)
+    return {"wall_s": round(wall, 3), "peak_gpu_gib": None if gpu is None else round(gpu, 3),
+            "peak_rss_gib": round(peak / 2**30, 3)}
+
+
+REHEARSAL_NOTICE = (
+    "**Rehearsal: the weights are random, the answers meaningless.** This run builds {model}'s architecture at full "
+    "size with random weights (`rehearsal: true`); nothing but its config.json and tokenizer is downloaded. Its times "
+    "and memory are the real run's; its answers, losses, scores and adapter mean nothing."
+)
+
+
+def show_rehearsal_notice(cfg: _config.RunConfig) -> str:
+    """Show, at the top of a notebook of a rehearsal run, that its weights are random and its answers meaningless.
+
+    Args:
+        cfg: the run's settings.
+
+    Returns:
+        The notice (Markdown), displayed in a notebook (printed elsewhere); ``""``, and nothing shown, for a real run.
+    """
+    if not cfg.rehearsal:
+        return ""
+    text = REHEARSAL_NOTICE.format(model=cfg.model)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Markdown, display
+    except ImportError:
+        get_ipython = None
+    if get_ipython is not None and get_ipython() is not None:
+        display(Markdown(text))
+    else:
+        print(text)
+    return text
 
 
 def session(params: str, run_dir: str = "", *, new_run: bool = False, **overrides: Any):

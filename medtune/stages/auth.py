@@ -40,7 +40,8 @@ def check_access(cfg: _config.RunConfig) -> dict:
     Returns:
         ``{"hub_needed": bool (a remote source is used), "source", "endpoint", "user" (None: anonymous),
         "model_access" (True, or None when the model is local), "model_files", "model_gb" (GB, 1e9 bytes, the
-        weights that will be downloaded), "dataset_access", "transfer"}``; never a token.
+        weights that will be downloaded), "dataset_access", "transfer"}``, plus ``"rehearsal": True`` when
+        ``rehearsal: true`` (then ``model_gb`` is the real run's download, not this run's); never a token.
 
     Raises:
         AuthError: token rejected, or no access to the gated model (the message names the fix).
@@ -68,6 +69,8 @@ def check_access(cfg: _config.RunConfig) -> dict:
         model_src.check_read(cfg.model, "model", cfg.model_revision)
         _, kept = _sources.select_model_files(model_src.files(cfg.model, "model", cfg.model_revision))
         status.update(model_access=True, model_files=len(kept), model_gb=round(sum(kept.values()) / 1e9, 2))
+        if cfg.rehearsal:  # the real run's download, for the record; the rehearsal fetches config and tokenizer only
+            status["rehearsal"] = True
     if data_src is not None:
         data_src.check_read(cfg.dataset, "dataset")
         status["dataset_access"] = True
@@ -82,7 +85,11 @@ def show(status: dict) -> None:
     print(f"source: {status['source']}  endpoint: {status['endpoint']}  transfer: {status['transfer']}")
     print(f"logged in as: {status['user']}" if status["user"] else "no token set: anonymous access (public repos only)")
     if status["model_access"]:
-        print(f"access to the model: granted. OK ({status['model_files']} files, {status['model_gb']:,.2f} GB to "
-              "download)")
+        if status.get("rehearsal"):
+            print(f"access to the model: granted. OK (rehearsal: config.json and the tokenizer only are downloaded, "
+                  f"not its {status['model_files']} files of {status['model_gb']:,.2f} GB)")
+        else:
+            print(f"access to the model: granted. OK ({status['model_files']} files, {status['model_gb']:,.2f} GB to "
+                  "download)")
     if status["dataset_access"]:
         print("access to the dataset: granted. OK")

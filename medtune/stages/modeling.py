@@ -52,6 +52,8 @@ def resolve_model(model: str | _config.RunConfig, revision: str | None = None, *
       cores); later calls reuse it. The folder is written under a temporary name and renamed when complete, so an
       interrupted conversion is never mistaken for a finished one.
 
+    - with the run's settings and ``rehearsal: true``: :func:`rehearsal_folder` (config.json and the tokenizer only).
+
     Raises:
         FileNotFoundError: the package or the file in it is missing (names both and the pip command); or
             ``source: local`` with a path that does not exist.
@@ -61,6 +63,8 @@ def resolve_model(model: str | _config.RunConfig, revision: str | None = None, *
 
     if isinstance(model, _config.RunConfig):
         cfg = model
+        if cfg.rehearsal:
+            return rehearsal_folder(cfg)
         model, revision, source, endpoint = cfg.model, cfg.model_revision, cfg.source, cfg.hub_endpoint
     if sources.parse_source(model).kind != "package":
         remote = sources.for_spec(model, source, endpoint, "model")
@@ -182,6 +186,69 @@ def profile_tokenizer(cfg: _config.RunConfig):
     return load_tokenizer(str(folder))
 
 
+REHEARSAL_SEED = 0  # seed of the rehearsal's random weights: fixed, so 04, 05 and 06 build the same model
+
+
+def rehearsal_folder(cfg: _config.RunConfig) -> str:
+    """The folder a rehearsal builds its model from: the model's config.json and tokenizer files only
+    (:data:`TOKENIZER_FILES`; Scout's are ~30 MB of its 218 GB), downloaded from the profile's source, or a local
+    model folder as it is (its weights, if any, are not read).
+
+    Returns:
+        A local folder holding config.json and the tokenizer.
+
+    Raises:
+        ConfigError: the model is not Llama 4 (:func:`check_rehearsal`).
+        FileNotFoundError: a local folder without config.json.
+        medtune.io.sources.SourceError: the files could not be downloaded (names the fix).
+    """
+    from medtune.io import sources
+
+    remote = sources.for_spec(cfg.model, cfg.source, cfg.hub_endpoint, "model")
+    if remote is None:
+        folder = Path(cfg.model)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"rehearsal: {cfg.model} has no config.json: a rehearsal builds the model from its "
+                                    "config.json and tokenizer. Give the folder that holds them, or a Hub id.")
+    else:
+        folder = remote.download(cfg.model, "model", cfg.model_revision, allow_patterns=TOKENIZER_FILES)
+    check_rehearsal(cfg, model_type(str(folder)))
+    return str(folder)
+
+
+def check_rehearsal(cfg: _config.RunConfig, kind: str) -> None:
+    """Refuse ``rehearsal: true`` for a model that is not Llama 4 (only Llama 4 has a random-weight builder,
+    :mod:`medtune.llama4.synthetic`).
+
+    Args:
+        cfg: the run's settings. kind: the model's ``model_type`` from its config.json.
+
+    Raises:
+        ConfigError: names the setting, the model and its type, and the fix.
+    """
+    from medtune import families
+
+    if cfg.rehearsal and not families.is_llama4(kind):
+        raise _config.ConfigError(
+            f"'rehearsal: true' builds random weights of Llama 4 models only, but {cfg.model} is model_type "
+            f"{kind!r}. Fix: remove rehearsal (or set rehearsal: false) to run this model for real, or name a Llama 4 "
+            "model (e.g. meta-llama/Llama-4-Scout-17B-16E-Instruct)."
+        )
+
+
+def _build_rehearsal(cfg: _config.RunConfig, path: str, bnb, dtype):
+    """The rehearsal's model: :func:`medtune.llama4.synthetic.build_random_llama4` of the config at ``path`` on the
+    run's device, with the profile's double quantization. Writes nothing (no NF4 experts cache)."""
+    from medtune.compat import load_config
+    from medtune.llama4 import synthetic
+
+    dmap = device_map(cfg)
+    device = "cpu" if dmap == {"": "cpu"} else "cuda"
+    double_quant = bool(bnb is not None and bnb.bnb_4bit_use_double_quant)
+    return synthetic.build_random_llama4(load_config(path), device=device, compute_dtype=dtype,
+                                         double_quant=double_quant, seed=REHEARSAL_SEED)
+
+
 def _token() -> str | None:
     from medtune.stages.auth import hub_token
 
@@ -230,7 +297,9 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
     """Load the model 4-bit quantized per ``cfg.quantization`` (the walkthrough's BitsAndBytesConfig) and its tokenizer.
 
     For Llama 4 with ``cfg.llama4_fast`` the load goes through :mod:`medtune.llama4` (NF4 routed experts, sparse
-    expert dispatch); otherwise through transformers' own path exactly as the walkthrough does.
+    expert dispatch); otherwise through transformers' own path exactly as the walkthrough does. With
+    ``cfg.rehearsal`` the model is built with random weights from its config.json (:func:`rehearsal_folder`,
+    :mod:`medtune.llama4.synthetic`): no weights are read and no NF4 experts cache is written.
 
     Args:
         cfg: run settings.
@@ -241,7 +310,7 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
 
     Raises:
         ConfigError: impossible device or quantization settings; ``lora.target_modules`` names a module the model
-            does not have (:func:`check_lora_targets`).
+            does not have (:func:`check_lora_targets`); ``rehearsal: true`` for a model that is not Llama 4.
     """
     from transformers import AutoModelForCausalLM
 
@@ -249,7 +318,9 @@ def load_model(cfg: _config.RunConfig, adapter: str | Path | None = None):
     tokenizer = load_tokenizer(path, cfg.model_revision)
     bnb = _config.bnb_config(cfg)
     dtype = bnb.bnb_4bit_compute_dtype if bnb is not None and bnb.bnb_4bit_compute_dtype else torch.bfloat16
-    if is_llama4(path, cfg.model_revision) and cfg.llama4_fast:
+    if cfg.rehearsal:  # random weights; resolve_model checked that the model is Llama 4
+        model = _build_rehearsal(cfg, path, bnb, dtype)
+    elif is_llama4(path, cfg.model_revision) and cfg.llama4_fast:
         model = _load_llama4_fast(cfg, path, bnb, dtype)
     else:  # every other model, and Llama 4 on the walkthrough's path (llama4_fast: false)
         # Scout's checkpoint is multimodal: load it with the class the walkthrough uses, as the fast path does,

@@ -544,13 +544,18 @@ def _checkpoint_bytes(cfg: _config.RunConfig, lora_params: int) -> int:
 
 def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) -> Check:
     """Free disk against what the run will write: the model download (sizes from the service's file metadata,
-    cached files not counted), Llama 4's NF4 experts cache (``llama4_fast``) and the checkpoints in outputs/."""
+    cached files not counted), Llama 4's NF4 experts cache (``llama4_fast``) and the checkpoints in outputs/.
+    A rehearsal (``rehearsal: true``) downloads no weights and writes no NF4 cache: only the checkpoints count."""
     from medtune.io import sources
     from medtune.settings.runs import outputs_root
     from medtune.stages.modeling import cache_dir, nf4_experts_cache
 
     needs: list[tuple[str, Path, int]] = []
-    src = sources.for_model(cfg)
+    if cfg.rehearsal:
+        if estimate is None:
+            return Check("disk", "ok", "rehearsal: no model download and no NF4 experts cache.")
+        conf = None  # no NF4 experts cache either
+    src = None if cfg.rehearsal else sources.for_model(cfg)
     checkpoint = Path(cfg.model) if src is None and Path(cfg.model).is_dir() else None  # fingerprints the NF4 cache
     if src is not None:
         listed = src.listing(cfg.model, "model", cfg.model_revision)
@@ -729,7 +734,9 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True
             conf = model_config(cfg)
         except (sources.SourceError, ValueError) as err:  # ValueError: a config value transformers refuses
             checks.append(Check("memory", "error", f"cannot read the model's config.json: {err}"))
-    if access_check.status != "error" and not any(c.name == "memory" for c in checks):
+    if cfg.rehearsal and access_check.status != "error" and not any(c.name == "memory" for c in checks):
+        checks.append(_check_rehearsal(cfg, conf))
+    if access_check.status != "error" and not any(c.name in ("memory", "rehearsal") for c in checks):
         mem, estimate = check_memory(cfg, conf)
         checks.append(mem)
     if access_check.status != "error":
@@ -744,6 +751,19 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True
     if failed:
         raise PreflightError(failed)
     return {"ok": True, "checks": [dataclasses.asdict(c) for c in checks], "estimate": estimate}
+
+
+def _check_rehearsal(cfg: _config.RunConfig, conf) -> Check:
+    """``rehearsal: true`` on a model that is Llama 4 (its config.json read by :func:`model_config`)."""
+    from medtune.stages.modeling import check_rehearsal
+
+    try:
+        check_rehearsal(cfg, getattr(conf, "model_type", "") if conf is not None else "")
+    except _config.ConfigError as err:
+        fix = str(err).split(" Fix: ", 1)
+        return Check("rehearsal", "error", fix[0], fix[1] if len(fix) > 1 else "")
+    return Check("rehearsal", "ok", f"random weights of {cfg.model} ({conf.model_type}), built in 01/04/05/06: "
+                                    "the answers and scores of this run are meaningless.")
 
 
 _MARK = {"ok": "OK", "warning": "WARN", "error": "FAIL", "skipped": "SKIP"}

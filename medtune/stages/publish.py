@@ -189,6 +189,9 @@ def model_card(cfg: _config.RunConfig, run) -> str:
         "reasoning step by step inside `<think>...</think>` and then giving a concise answer. Trained with "
         f"medtune (run `{run.run_id}`, profile `{cfg.profile}`).\n",
         "> **Not medical advice.** For research and education only; never use it for decisions about a patient.\n",
+        ("> **Rehearsal: trained on random weights.** This run built the base model's architecture with random "
+         "weights (`rehearsal: true`) to measure time and memory; this adapter and every figure below are "
+         "meaningless, and it must not be uploaded.\n") if cfg.rehearsal else "",
         _base_section(cfg, base),
         _training_section(cfg, m, base),
         _evaluation_section(cfg, m),
@@ -580,13 +583,17 @@ def export_merged(cfg: _config.RunConfig, run, out_dir: str | Path | None = None
     needs (:func:`merge_plan`) are printed before it starts. SmolLM2-135M: ~0.25 GiB each; Scout: ~203 GiB each.
 
     Returns:
-        The plan, plus ``{"exported": bool, "seconds", "files"}`` when exported.
+        The plan, plus ``{"exported": bool, "seconds", "files"}`` when exported; ``{"exported": False,
+        "rehearsal": True}`` for a rehearsal (random weights: nothing to merge into).
 
     Raises:
         MemoryError: less available RAM than the estimate. OSError: less free disk than the estimate.
         RuntimeError: the loaded base has 4-bit weights (a pre-quantized checkpoint).
         FileNotFoundError: no adapter, or no safetensors in the base.
     """
+    if cfg.rehearsal:  # config validation refuses export_merged: true with it
+        print("rehearsal: random weights, no base to merge into: no merged export (nor its plan).")
+        return {"exported": False, "rehearsal": True}
     plan = merge_plan(cfg, run, out_dir, download=cfg.export_merged)
     print(f"merged export: {plan['params'] / 1e9:,.3f} B parameters -> {plan['disk_gib']:,.2f} GiB bf16 on disk at "
           f"{plan['out_dir']} (free: {plan['free_disk_gib']:,.1f} GiB), ~{plan['memory_gib']:,.2f} GiB of RAM "

@@ -91,6 +91,18 @@ def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
     out, err = capsys.readouterr()
     assert CANARY not in out + err and MS_CANARY not in out + err
     assert m["preflight"]["ok"] is True and m["data"]["bad_rows"]["skipped"] == 0  # 00/01 preflight, 03 row check
+    # every notebook recorded its wall time and peaks; CPU run: no GPU figure; 07 shows the table of all eight
+    res = m["resources"]
+    assert sorted(res) == [p.stem for p in NOTEBOOKS]
+    for name, r in res.items():
+        assert 0 < r["wall_s"] < 3600 and r["peak_gpu_gib"] is None, (name, r)
+        assert 0.05 < r["peak_rss_gib"] < 16, (name, r)
+    assert res["05_train_lora"]["peak_rss_gib"] > res["02_check_gpu"]["peak_rss_gib"]  # a model was loaded in 05
+    nb07 = (run.notebooks_dir / "07_push.ipynb").read_text()
+    for name in res:
+        r = res[name]
+        assert f"| {name} | {r['wall_s'] / 60:.2f} | - | {r['peak_rss_gib']:.2f} |" in nb07, name
+    assert "| notebook | wall time (min) | peak GPU memory (GiB) | peak CPU RSS (GiB) |" in nb07
 
 
 @pytest.mark.slow

@@ -411,3 +411,12 @@ def test_merge_plan_of_a_remote_base_downloads_no_weights(scout_hub, tmp_path, c
     assert plan["params"] == 2500  # 5,000 bytes of bf16 safetensors in the fake repo, 2 bytes a parameter
     assert "snapshot_download" not in scout_hub.methods()
     assert "merged export: 0.000 B parameters" in capsys.readouterr().out
+
+
+def test_show_says_a_rehearsal_downloads_no_weights(capsys):
+    A.show({"hub_needed": True, "source": "hub", "user": "alice", "model_access": True, "model_files": 55,
+            "model_gb": 217.8, "dataset_access": True, "endpoint": "https://huggingface.co", "transfer": "hf_xet 1.8.0",
+            "rehearsal": True})
+    out = capsys.readouterr().out
+    assert "rehearsal: config.json and the tokenizer only are downloaded, not its 55 files of 217.80 GB" in out
+    assert "GB to download" not in out

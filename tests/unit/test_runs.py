@@ -204,3 +204,30 @@ def test_session_resolves_relative_params(outputs, monkeypatch):
     assert cfg.profile == "smoke"
     with pytest.raises(C.ConfigError, match="profile not found"):
         R.session("params/no-such-profile.yaml", "", new_run=True)
+
+
+def test_record_resources_and_table(tmp_path, cfg):
+    """Each notebook's kernel records its wall time and peaks; the table lists them in run order with the total."""
+    import time
+
+    import psutil
+
+    run = RunDir.create(cfg, root=tmp_path)
+    assert run.resources_table() == "No notebook of this run has recorded its resources yet."
+    ballast = bytearray(64 * 2**20)  # 64 MiB touched: the peak RSS must count it
+    ballast[:: 4096] = b"x" * len(ballast[:: 4096])
+    res = run.record_resources("01_load_quantized_model")
+    r = res["01_load_quantized_model"]
+    age = psutil.Process().create_time()
+    assert 0 < r["wall_s"] <= time.time() - age + 1
+    assert r["peak_gpu_gib"] is None  # this test process never initialized CUDA
+    assert r["peak_rss_gib"] >= psutil.Process().memory_info().rss / 2**30 - 0.01 > 64 / 1024
+    run.record("resources", {"00_authenticate": {"wall_s": 30.0, "peak_gpu_gib": 1.5, "peak_rss_gib": 0.75}})
+    lines = run.resources_table().splitlines()
+    assert lines[0] == "| notebook | wall time (min) | peak GPU memory (GiB) | peak CPU RSS (GiB) |"
+    assert lines[2] == "| 00_authenticate | 0.50 | 1.50 | 0.75 |"
+    assert lines[3].startswith(f"| 01_load_quantized_model | {r['wall_s'] / 60:.2f} | - | ")
+    assert lines[4] == f"| total | {(30.0 + r['wall_s']) / 60:.2f} | | |"
+    del ballast
+    with pytest.raises(ValueError, match="notebook's name such as '04_baseline'"):
+        run.record_resources("04_baseline.ipynb")
