@@ -348,7 +348,8 @@ def test_notebooks_00_and_01_run_preflight_before_the_model_loads():
     first = next(i for i, s in enumerate(nb01) if "preflight.run(cfg, rows=False)" in s)
     load = next(i for i, s in enumerate(nb01) if "modeling.load_model(cfg)" in s)
     assert first < load
-    assert 'run.record("preflight", checks)' in nb01[-1]
+    assert 'run.record("preflight", checks)' in nb01[-2]
+    assert nb01[-1] == 'run.record_resources("01_load_quantized_model");'  # the last cell: time and peak memory
 
 
 def test_checkpoint_estimate_counts_the_rows_of_a_local_dataset():
