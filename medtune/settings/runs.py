@@ -168,6 +168,18 @@ class RunDir:
         return str(self.path)
 
 
+def _linux_peak_rss() -> int | None:
+    """``VmHWM`` of /proc/self/status in bytes (this process image's peak RSS), or None off Linux."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:   123456 kB"
+    except OSError:
+        return None
+    return None
+
+
 def peak_resources() -> dict:
     """What this process (a notebook's kernel) has taken so far.
 
@@ -177,9 +189,12 @@ def peak_resources() -> dict:
         the pipeline (papermill starts one kernel per notebook) the notebook's time including imports; in JupyterLab
         the kernel's age. ``peak_gpu_gib``: ``torch.cuda.max_memory_allocated`` summed over the visible GPUs (tensors
         allocated through PyTorch's caching allocator, in GiB), ``None`` when this process never initialized CUDA
-        (CPU runs, or notebooks that load no model). ``peak_rss_gib``: the process's peak resident set size in GiB:
-        ``getrusage``'s ``ru_maxrss`` (the kernel's own high-water mark, exact, unlike sampling
-        ``psutil.Process().memory_info().rss``), on Windows psutil's ``peak_wset``.
+        (CPU runs, or notebooks that load no model). ``peak_rss_gib``: the process's peak resident set size in GiB,
+        the kernel's own high-water mark (exact, unlike sampling ``psutil.Process().memory_info().rss``): on Linux
+        ``VmHWM`` of /proc/self/status, elsewhere ``getrusage``'s ``ru_maxrss`` (on Windows psutil's ``peak_wset``).
+        Not ``ru_maxrss`` on Linux: it keeps the high-water mark of the forked copy of the parent from before the
+        kernel's exec, so every notebook started by a large process (a test run, a 2.8 GiB pytest) reported at least
+        the parent's size.
     """
     import psutil
 
@@ -189,14 +204,16 @@ def peak_resources() -> dict:
     torch = sys.modules.get("torch")  # a notebook that never imported torch used no GPU
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         gpu = sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30
-    try:
-        import resource
+    peak = _linux_peak_rss()
+    if peak is None:
+        try:
+            import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB on Linux
-    except ImportError:  # Windows
-        info = proc.memory_info()
-        peak = getattr(info, "peak_wset", info.rss)
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            peak = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+        except ImportError:  # Windows
+            info = proc.memory_info()
+            peak = getattr(info, "peak_wset", info.rss)
     return {"wall_s": round(wall, 3), "peak_gpu_gib": None if gpu is None else round(gpu, 3),
             "peak_rss_gib": round(peak / 2**30, 3)}
 

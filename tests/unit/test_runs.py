@@ -231,3 +231,20 @@ def test_record_resources_and_table(tmp_path, cfg):
     del ballast
     with pytest.raises(ValueError, match="notebook's name such as '04_baseline'"):
         run.record_resources("04_baseline.ipynb")
+
+
+def test_peak_rss_is_the_kernels_own_not_its_parents():
+    """A notebook kernel started by a large process (here this test, made 400 MB larger) reports its own peak RSS:
+    Linux's ru_maxrss would report at least the parent's size (the forked copy before exec)."""
+    import subprocess
+    import sys
+
+    ballast = bytearray(400 * 2**20)
+    ballast[::4096] = b"x" * len(ballast[::4096])  # touch every page: resident
+    out = subprocess.run([sys.executable, "-c", "import json; from medtune.settings.runs import peak_resources; "
+                          "print(json.dumps(peak_resources()))"], capture_output=True, text=True, check=True)
+    import json
+
+    child = json.loads(out.stdout)
+    assert 0 < child["peak_rss_gib"] < 0.3, child  # a bare interpreter with medtune.settings: ~20-100 MB
+    del ballast
