@@ -118,3 +118,34 @@ def model_repo(folder: Path) -> Path:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_bytes(content)
     return folder
+
+
+def tiny_scout_config():
+    """Scout's layout (``Llama4Config``: text model plus vision tower) at toy sizes, with the real Llama 4 tokenizer's
+    vocabulary and special ids. intermediate_size 64: see tests/llama4/test_llama4.py (bitsandbytes' AVX512-BF16 CPU
+    repacking fails on narrower Linears)."""
+    from transformers import Llama4Config
+
+    from medtune.llama4 import scout_text_config
+
+    text = scout_text_config(vocab_size=201135, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
+                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                             num_local_experts=4, num_experts_per_tok=1, pad_token_id=200018,
+                             eos_token_id=200008, bos_token_id=200000)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+                  vision_output_dim=64, image_size=56, patch_size=14, projector_input_dim=64, projector_output_dim=64)
+    return Llama4Config(text_config=text.to_dict(), vision_config=vision)
+
+
+def tiny_scoring_llama(tok, max_positions: int):
+    """A one-layer ``LlamaForCausalLM`` (fp32, eval, seed 1) over ``tok``'s vocabulary, with large random weights
+    (initializer_range 0.5) so that option log-likelihoods differ clearly: the scoring tests' model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    conf = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=max_positions,
+                       initializer_range=0.5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(conf).float().eval()

@@ -16,6 +16,7 @@ import yaml
 from medtune import pipeline
 from medtune.settings import config
 from medtune.stages import modeling, preflight
+from tests.helpers import tiny_scout_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA4_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "llama4"
@@ -23,19 +24,8 @@ LM_REGEX = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|
 
 
 def tiny_llama4_config():
-    """Scout's layout (Llama4ForConditionalGeneration, vision tower) at toy sizes, the real tokenizer's vocabulary."""
-    from transformers import Llama4Config
-
-    from medtune.llama4 import scout_text_config
-
-    # intermediate_size 64: see tests/llama4/test_llama4.py (bitsandbytes' AVX512-BF16 CPU repacking)
-    text = scout_text_config(vocab_size=201135, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                             num_local_experts=4, num_experts_per_tok=1, pad_token_id=200018,
-                             eos_token_id=200008, bos_token_id=200000)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                  vision_output_dim=64, image_size=56, patch_size=14, projector_input_dim=64, projector_output_dim=64)
-    return Llama4Config(text_config=text.to_dict(), vision_config=vision)
+    """Scout's layout at toy sizes (:func:`tests.helpers.tiny_scout_config`)."""
+    return tiny_scout_config()
 
 
 def config_folder(folder: Path, model_config=None) -> Path:

@@ -15,6 +15,7 @@ from medtune.evaluation import heldout
 from medtune.settings import config
 from medtune.settings.runs import RunDir
 from medtune.stages import data, modeling, train
+from tests.helpers import tiny_scout_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared"
@@ -59,19 +60,10 @@ def test_real_rows_short_training_lowers_heldout_loss(tmp_path, monkeypatch):
 def tiny_scout_checkpoint(folder: Path) -> Path:
     """A Llama4ForConditionalGeneration saved as Scout is (language_model.* keys, fused 3-D experts), random
     weights at toy sizes, with the real Llama 4 tokenizer beside it."""
-    from transformers import Llama4Config, Llama4ForConditionalGeneration
-
-    from medtune.llama4 import scout_text_config
+    from transformers import Llama4ForConditionalGeneration
 
     torch.manual_seed(0)
-    # intermediate_size 64, not 32: see tests/llama4/test_llama4.py (bitsandbytes' AVX512-BF16 CPU repacking)
-    text = scout_text_config(vocab_size=201135, hidden_size=64, intermediate_size=64, intermediate_size_mlp=64,
-                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                             num_local_experts=4, num_experts_per_tok=1, pad_token_id=200018,
-                             eos_token_id=200008, bos_token_id=200000)
-    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
-                  vision_output_dim=64, image_size=56, patch_size=14, projector_input_dim=64, projector_output_dim=64)
-    config = Llama4Config(text_config=text.to_dict(), vision_config=vision)
+    config = tiny_scout_config()
     Llama4ForConditionalGeneration(config).save_pretrained(folder)
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(LLAMA4_TOKENIZER / f, folder / f)

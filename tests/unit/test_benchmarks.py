@@ -15,6 +15,7 @@ import torch
 from medtune.evaluation import multiple_choice as B
 from medtune.settings import config as C
 from medtune.settings.runs import RunDir
+from tests.helpers import tiny_scoring_llama
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED = Path(__file__).resolve().parents[3] / "shared"
@@ -563,14 +564,7 @@ def tok(llama4_tokenizer):
 
 @pytest.fixture(scope="module")
 def model(tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(1)
-    conf = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                       num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
-                       initializer_range=0.5, tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    return LlamaForCausalLM(conf).float().eval()
+    return tiny_scoring_llama(tok, max_positions=512)
 
 
 def hand_logprob(model, tok, prompt: str, continuation: str) -> float:
