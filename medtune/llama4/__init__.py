@@ -70,6 +70,7 @@ __all__ = [
     "Llama4SparseExperts",
     "Llama4SparseMoe",
     "check_lora_config",
+    "check_packing",
     "is_llama4",
     "load_llama4_qlora",
     "prepare_llama4_for_qlora",
@@ -704,6 +705,36 @@ def check_lora_config(model, lora_config) -> None:
             "4-bit uint8 buffers dequantized per expert inside forward, with no gate_up_proj/down_proj parameter for "
             "PEFT to add a delta to. Prepare the model with quantize_experts=False (bf16 experts, sparse dispatch), "
             "or target only nn.Linear modules (target_modules)."
+        )
+
+
+def check_packing(config, max_length: int | None) -> None:
+    """Refuse packed sequences (TRL ``packing`` / ``padding_free``) that Llama 4 would not keep apart, with the fix.
+
+    Packing is exact otherwise (tests/llama4/test_packing.py): transformers builds the causal and chunked masks per
+    row from the restarting ``position_ids`` (``masking_utils.find_packed_sequence_indices``) and RoPE reads them.
+    The exception is the NoPE layers' attention temperature tuning (Llama4TextAttention, transformers 5.23): it
+    scales queries by ``log1p(floor((p + 1) / floor_scale)) * attn_scale + 1`` with ``p`` counted over the whole
+    packed sequence, not the row. The scale is 1 while ``p + 1 < floor_scale``, so packs of at most
+    ``floor_scale - 1`` tokens (Scout: 8,191) are exact and longer ones are not.
+
+    Args:
+        config: a Llama 4 config (``Llama4Config`` or its ``text_config``); other models pass.
+        max_length: tokens per packed sequence (``sft.max_length``); None means no limit.
+
+    Raises:
+        ValueError: temperature tuning is on and ``max_length`` is None or above ``floor_scale - 1``.
+    """
+    text = getattr(config, "text_config", None) or config
+    if not is_llama4(text) or not getattr(text, "attn_temperature_tuning", False):
+        return
+    limit = int(text.floor_scale) - 1
+    if max_length is None or max_length > limit:
+        shown = "no limit" if max_length is None else max_length
+        raise ValueError(
+            f"packing: sft.max_length {shown} is too long for this Llama 4 model: its NoPE layers scale attention by "
+            f"the position in the whole packed sequence once it reaches floor_scale {text.floor_scale} "
+            f"(config.json), which would mix rows. Set sft.max_length to at most {limit}, or packing: false."
         )
 
 

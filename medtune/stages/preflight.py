@@ -734,6 +734,8 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True
             conf = model_config(cfg)
         except (sources.SourceError, ValueError) as err:  # ValueError: a config value transformers refuses
             checks.append(Check("memory", "error", f"cannot read the model's config.json: {err}"))
+    if conf is not None and _packing(cfg):
+        checks.append(check_packing(cfg, conf))
     if cfg.rehearsal and access_check.status != "error" and not any(c.name == "memory" for c in checks):
         checks.append(_check_rehearsal(cfg, conf))
     if access_check.status != "error" and not any(c.name in ("memory", "rehearsal") for c in checks):
@@ -751,6 +753,30 @@ def run(cfg: _config.RunConfig, *, access: dict | None = None, rows: bool = True
     if failed:
         raise PreflightError(failed)
     return {"ok": True, "checks": [dataclasses.asdict(c) for c in checks], "estimate": estimate}
+
+
+def _packing(cfg: _config.RunConfig) -> bool:
+    """TRL packs rows into one sequence: ``sft.padding_free``, or ``sft.packing`` with a best-fit strategy."""
+    return bool(cfg.sft.get("padding_free")) or bool(cfg.sft.get("packing"))
+
+
+def check_packing(cfg: _config.RunConfig, conf) -> Check:
+    """Packed rows stay apart in this model (:func:`medtune.llama4.check_packing` for Llama 4; other models as
+    transformers' packed-sequence masks keep them)."""
+    from medtune import families
+    from medtune.stages.data import sft_max_length
+
+    max_length = sft_max_length(cfg)
+    if families.is_llama4(conf):
+        from medtune import llama4
+
+        try:
+            llama4.check_packing(conf, max_length)
+        except ValueError as err:
+            detail, _, fix = str(err).partition(" Set ")
+            return Check("sft.packing", "error", detail, "Set " + fix if fix else "")
+    return Check("sft.packing", "ok", f"rows packed into sequences of up to {max_length} tokens, positions restarting "
+                                      "per row (TRL padding-free): more rows per optimizer step than one per row")
 
 
 def _check_rehearsal(cfg: _config.RunConfig, conf) -> Check:

@@ -88,6 +88,7 @@ def build_trainer(cfg: _config.RunConfig, run, model, tokenizer):
 
     Raises:
         FileNotFoundError: notebook 03 has not written the training data. ConfigError: bad sft/lora settings.
+        ValueError: LoRA or packing settings this Llama 4 model cannot train with (the message names the fix).
     """
     from datasets import Dataset
     from trl import SFTTrainer
@@ -100,6 +101,8 @@ def build_trainer(cfg: _config.RunConfig, run, model, tokenizer):
     lora = _config.lora_config(cfg)
     if families.is_llama4(model):
         llama4.check_lora_config(model, lora)
+        if args.padding_free or args.packing:
+            llama4.check_packing(model.config, args.max_length)
         compat.apply_llama4_trl_fixes(model)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
     compat.cpu_adapters_in_compute_dtype(trainer)  # 6x faster on CPUs without bf16 units; see compat

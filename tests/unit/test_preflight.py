@@ -171,6 +171,9 @@ def fake_disk(monkeypatch, free_gb: float):
 
 
 def fake_gpus(monkeypatch, free_gib: list[float], bf16: bool = True, name: str = "NVIDIA H200"):
+    import bitsandbytes  # noqa: F401 - before torch.cuda is faked: on import it picks its CUDA or CPU backend
+    import transformers  # noqa: F401
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(free_gib))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i=0: (int(free_gib[i] * 2**30), int(139.8 * 2**30)))
@@ -514,3 +517,22 @@ def test_pins_are_read_as_pep508_requirements(tmp_path):
     padded = ".".join(release.split(".")[:2]) if release.endswith(".0") else release
     pyproject.write_text(f'[project]\nname = "medtune"\ndependencies = ["torch=={padded}"]\n')
     assert P.check_versions(pyproject).status == "ok"
+
+
+def test_packing_longer_than_scouts_nope_floor_scale_fails_in_00(scout_hub, monkeypatch):
+    # Scout's NoPE layers scale attention by the position in the whole packed sequence from 8,192 tokens on
+    # (medtune.llama4.check_packing): a pack that long would mix rows, so 00 refuses it before the download.
+    monkeypatch.setenv("HF_TOKEN", CANARY)
+    fake_disk(monkeypatch, free_gb=400)
+    fake_gpus(monkeypatch, [139.0])
+    cfg = C.load(PARAMS / "scout.yaml")
+    with pytest.raises(P.PreflightError) as err:
+        P.run(cfg.replace(sft={**cfg.sft, "packing": True, "max_length": 16384}))
+    assert [c.name for c in err.value.failed] == ["sft.packing"]
+    msg = str(err.value)
+    assert "sft.max_length 16384" in msg and "floor_scale 8192" in msg
+    assert "Fix: Set sft.max_length to at most 8191" in msg
+    report = P.run(cfg.replace(sft={**cfg.sft, "packing": True, "max_length": 4096}))
+    check = next(c for c in report["checks"] if c["name"] == "sft.packing")
+    assert check["status"] == "ok" and "up to 4096 tokens" in check["detail"]
+    assert not any(c["name"] == "sft.packing" for c in P.run(cfg)["checks"])  # no packing, no check
