@@ -28,13 +28,123 @@ Writes ``results.json`` and ``results.md`` under ``--out`` and prints the markdo
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
 from medtune.bench.models import GIB, add_lora_and_head, build_model, free
+
+VOCAB = 202048  # Scout's vocabulary: random token ids are drawn from it
+
+
+def row_lengths(rows_file: str | Path, tokenizer_path: str | Path, language: str = "en") -> list[int]:
+    """Token count of each row of a medical-o1 JSONL file in the training template (prompt + completion + EOS),
+    tokenized with ``tokenizer_path`` as TRL's SFTTrainer does (:func:`medtune.stages.data.token_lengths`).
+
+    Raises:
+        medtune.stages.data.DataError: the file cannot be read or a row lacks Question/Complex_CoT/Response.
+    """
+    from transformers import AutoTokenizer
+
+    from medtune.stages import data
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    rows = data.read_jsonl(rows_file)
+    data.check_columns(rows, str(rows_file))
+    return data.token_lengths(tok, language)(rows)
+
+
+def write_lengths(path: str | Path, lengths: list[int], source: str) -> Path:
+    """``{"source", "lengths"}`` as JSON: the workload file ``--lengths`` reads (token counts only, no text)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"source": source, "lengths": lengths}))
+    return path
+
+
+def read_lengths(path: str | Path) -> list[int]:
+    """The ``lengths`` list of a file written by :func:`write_lengths`.
+
+    Raises:
+        ValueError: the file has no ``lengths`` list of positive integers (names the file and the fix).
+    """
+    data = json.loads(Path(path).read_text())
+    lengths = data.get("lengths") if isinstance(data, dict) else None
+    if not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
+        raise ValueError(f"{path}: expected {{\"lengths\": [positive token counts]}}; write it with "
+                         "python -m medtune.bench --write-lengths FILE --rows ROWS.jsonl --tokenizer TOKENIZER")
+    return lengths
+
+
+def pack_bfd(lengths: list[int], limit: int) -> list[list[int]]:
+    """Rows packed into sequences of at most ``limit`` tokens by best-fit decreasing, as TRL's
+    ``packing_strategy="bfd"`` (each row goes to the fullest pack it still fits in). Rows longer than ``limit``
+    get a pack of their own (TRL would truncate them)."""
+    packs: list[list[int]] = []
+    room: list[int] = []
+    for n in sorted(lengths, reverse=True):
+        fits = [i for i, r in enumerate(room) if r >= n]
+        if fits:
+            i = min(fits, key=lambda j: room[j])
+            packs[i].append(n)
+            room[i] -= n
+        else:
+            packs.append([n])
+            room.append(limit - n)
+    return packs
+
+
+def rows_batch(lengths: list[int], generator: torch.Generator, device="cuda") -> dict:
+    """Model inputs for rows of ``lengths`` tokens (random ids) in one sequence, as TRL's padding-free collator
+    builds them: ``position_ids`` restarting at 0 for each row, the first label of each row -100, no attention
+    mask; ``use_cache=False`` as ``SFTTrainer.compute_loss`` passes. One row is a plain (1, n) sequence."""
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), device=device, generator=generator)
+    if len(lengths) == 1:
+        return dict(input_ids=ids, labels=ids.clone(), use_cache=False)
+    pos = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
+    labels = ids.clone()
+    labels[pos == 0] = -100
+    return dict(input_ids=ids, labels=labels, position_ids=pos, use_cache=False)
+
+
+def lora_bf16_(model):
+    """LoRA parameters in bf16, as TRL's SFTTrainer casts a 4-bit model's adapters (sft_trainer.py, PEFT #2889)."""
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.bfloat16)
+    return model
+
+
+def time_batches(model, batches: list[dict], *, warmup: int = 1) -> dict:
+    """One optimizer step (bf16 autocast, TRL fused LM head, torch fused AdamW) per batch of ``batches``, after
+    ``warmup`` steps on the first. Returns tokens/s over all timed steps (sum of tokens / sum of seconds), the
+    median step ms, mean tokens per step, peak GiB (``max_memory_allocated``) and the last loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    model.train()
+    torch.cuda.reset_peak_memory_stats()
+    times, tokens = [], []
+    loss = torch.zeros(())
+    for i, batch in enumerate([batches[0]] * warmup + list(batches)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**batch, fused_lm_head=True).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(batch["input_ids"].shape[1])
+    del opt
+    return dict(steps=len(times), tokens_per_s=sum(tokens) / sum(times), step_ms=statistics.median(times) * 1e3,
+                mean_tokens=sum(tokens) / len(tokens), peak_gib=torch.cuda.max_memory_allocated() / GIB,
+                loss_last=float(loss))
 
 
 def time_training(model, tokens: int, *, steps: int, warmup: int) -> dict:
@@ -158,3 +268,27 @@ def to_markdown(res: dict) -> str:
                   "", "| part | ms |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in res["profile"].items() if k != "tokens"]
     return "\n".join(lines) + "\n"
+
+
+def real_rows(model, lengths: list[int], *, rows: int, pack_to: int, seed: int = 0) -> dict:
+    """The real workload on ``model`` (LoRA and head already added): ``rows`` rows drawn (seeded) from ``lengths``
+    plus the longest, one per optimizer step as the walkthrough trains (``per_device_train_batch_size`` 1); then
+    the same distribution packed to ``pack_to`` tokens per step (:func:`pack_bfd` of 8 x ``pack_to`` tokens' worth
+    of rows, the first 4 packs timed). Returns ``{"batch1": ..., "packed": ...}`` of :func:`time_batches` results,
+    the packed one with ``rows_per_pack``."""
+    import random
+
+    rnd = random.Random(seed)
+    gen = torch.Generator("cuda").manual_seed(seed)
+    drawn = rnd.sample(lengths, min(rows, len(lengths)) - 1) + [max(lengths)]
+    out = {"batch1": time_batches(model, [rows_batch([n], gen) for n in drawn])}
+    pool = rnd.sample(lengths, min(len(lengths), 8 * pack_to // max(1, sum(lengths) // len(lengths))))
+    packs = pack_bfd(pool, pack_to)[:4]
+    out["packed"] = dict(pack_to=pack_to, rows_per_pack=[len(p) for p in packs],
+                         **time_batches(model, [rows_batch(p, gen) for p in packs]))
+    return out
+
+
+def training_minutes(lengths: list[int], rows: int, tokens_per_s: float) -> float:
+    """GPU minutes of one epoch over ``rows`` rows of the mean length of ``lengths`` at ``tokens_per_s``."""
+    return rows * (sum(lengths) / len(lengths)) / tokens_per_s / 60

@@ -269,6 +269,8 @@ class _NF4ExpertsFunction(torch.autograd.Function):
     again (down first, then gate_up, so at most one projection of one group is alive) and recomputes the gate/up
     projection: no dequantized weight and no (N, 2I) activation outlives the call. ``compute=False`` (checkpoint
     recompute, see :class:`Llama4SparseMoe`) saves x and returns zeros without touching the weights.
+    With ``Llama4NF4Experts.fused_train`` (default on CUDA) every product instead reads the packed bytes inside a
+    grouped GEMM (:meth:`Llama4NF4Experts.gemm`): no dequantized copy at all, no host sync; same roundings.
     Gradient formulas: y = (act(g) * u) @ W2, [g|u] = x @ W1 ->
     da = dy @ W2^T; dg = act'(g) * u * da; du = act(g) * da; dx = [dg|du] @ W1^T.
     """
@@ -279,6 +281,11 @@ class _NF4ExpertsFunction(torch.autograd.Function):
         ctx.experts, ctx.counts = experts, counts
         if not compute:
             return x.new_zeros(x.shape[0], experts.hidden_size)
+        if experts._use_gemm(x):
+            h = experts._gated_gemm(x, counts)
+            y = None if h is None else experts.gemm("down", h, counts)
+            if y is not None:
+                return y
         parts = []
         for rows, group, mm in experts._groups(x, counts):
             g, u = mm(x[rows], experts.dequantize_experts("gate_up", *group)).chunk(2, dim=-1)
@@ -291,21 +298,42 @@ class _NF4ExpertsFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         (x,) = ctx.saved_tensors
         experts = ctx.experts
-        dy = grad_out.to(x.dtype)
+        dy = grad_out.to(x.dtype).contiguous()
+        if experts._use_gemm(x):
+            dx = _NF4ExpertsFunction._backward_gemm(x, dy, experts, ctx.counts)
+            if dx is not None:
+                return dx, None, None, None
         parts = []
         for rows, group, mm in experts._groups(x, ctx.counts):
             da = mm(dy[rows], experts.dequantize_experts("down", *group).transpose(-2, -1))
             w1 = experts.dequantize_experts("gate_up", *group)
             g, u = mm(x[rows], w1).chunk(2, dim=-1)
-            with torch.enable_grad():
-                g = g.detach().requires_grad_(True)
-                a = experts.act_fn(g)
-                (dg,) = torch.autograd.grad(a, g, da * u)
-            dgu = torch.cat([dg, da * a.detach()], dim=-1)
-            del g, u, a, da, dg
+            dgu = _gated_grad(experts.act_fn, g, u, da)
+            del g, u, da
             parts.append((rows, mm(dgu, w1.transpose(-2, -1))))
             del w1, dgu
         return _assemble(parts, lambda: torch.zeros_like(x)), None, None, None
+
+    @staticmethod
+    def _backward_gemm(x, dy, experts, counts):
+        """dx from the packed weights (:meth:`Llama4NF4Experts.gemm`): no dequantized copy; None to fall back."""
+        da = experts.gemm("down", dy, counts, transpose=True)
+        gu = None if da is None else experts.gemm("gate_up", x, counts)
+        if gu is None:
+            return None
+        g, u = gu.chunk(2, dim=-1)
+        dgu = _gated_grad(experts.act_fn, g, u, da)
+        del gu, g, u, da
+        return experts.gemm("gate_up", dgu, counts, transpose=True)
+
+
+def _gated_grad(act_fn, g: torch.Tensor, u: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """[dg | du] of ``a = act(g) * u`` given ``da``: dg = act'(g) * u * da, du = act(g) * da; (n, 2I)."""
+    with torch.enable_grad():
+        g = g.detach().requires_grad_(True)
+        a = act_fn(g)
+        (dg,) = torch.autograd.grad(a, g, da * u)
+    return torch.cat([dg, da * a.detach()], dim=-1)
 
 
 def _assemble(parts: list[tuple[slice, torch.Tensor]], zeros) -> torch.Tensor:
@@ -374,6 +402,10 @@ class Llama4NF4Experts(nn.Module):
     # and MEDTUNE_NF4_FUSED_MAX_ROWS set the defaults; the crossover is measured by scripts/device/decode_gpu.py.
     fused: str = os.environ.get("MEDTUNE_NF4_FUSED", "auto")
     fused_max_rows: int = int(os.environ.get("MEDTUNE_NF4_FUSED_MAX_ROWS", "32"))
+    # training (autograd through _NF4ExpertsFunction): "auto" multiplies straight from the packed bytes on CUDA
+    # (:meth:`gemm`, no bf16 copy of the experts), "always" on any device (tests), "off" dequantizes every expert
+    # and runs torch._grouped_mm as before. Env MEDTUNE_NF4_FUSED_TRAIN.
+    fused_train: str = os.environ.get("MEDTUNE_NF4_FUSED_TRAIN", "auto")
 
     def __init__(
         self,
@@ -600,6 +632,35 @@ class Llama4NF4Experts(nn.Module):
         return kernels.guarded("nf4_moe_matmul", kernels.nf4_moe_matmul, h, counts, self.down_packed,
                                self._absmax("down", 0, num).view(num, -1), code, k=self.intermediate_size,
                                n_out=self.hidden_size, gated=False)
+
+    def _use_gemm(self, x: torch.Tensor) -> bool:
+        """Training (and any :class:`_NF4ExpertsFunction` call) multiplies straight from the packed bytes on the
+        matrix units (:meth:`gemm`) when ``fused_train`` allows it: "auto" on CUDA in bf16/fp16, "always" on any
+        device (the CPU tests, through Triton's interpreter), "off" never."""
+        if self.fused_train == "off" or not kernels.available() or self.hidden_act != "silu":
+            return False
+        return self.fused_train == "always" or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
+
+    def gemm(self, name: str, a: torch.Tensor, counts, transpose: bool = False) -> torch.Tensor | None:
+        """``a_e @ W_e`` (or ``a_e @ W_e^T``) for the rows of each expert, W = projection ``name``, straight from
+        the packed NF4 bytes (:func:`medtune.llama4.kernels.nf4_moe_gemm`): a (N, K) sorted by expert in
+        ``compute_dtype``, counts (E,) tensor or E ints -> (N, M); None when the kernel does not apply or failed in
+        this process (:func:`medtune.llama4.kernels.guarded`), and the caller dequantizes instead."""
+        k, n = self.shapes[name]
+        num = self.num_experts
+        if not isinstance(counts, torch.Tensor):
+            counts = torch.tensor(list(counts), device=a.device)
+        return kernels.guarded("nf4_moe_gemm", kernels.nf4_moe_gemm, a.contiguous(), counts.to(a.device),
+                               getattr(self, f"{name}_packed"), self._absmax(name, 0, num).view(num, -1).contiguous(),
+                               _nf4_code(a.device), w_rows=k, w_cols=n, transpose=transpose)
+
+    def _gated_gemm(self, x: torch.Tensor, counts) -> torch.Tensor | None:
+        """act(x W_gate) * (x W_up) through :meth:`gemm`, (N, I); None to fall back."""
+        gu = self.gemm("gate_up", x, counts)
+        if gu is None:
+            return None
+        g, u = gu.chunk(2, dim=-1)
+        return self.act_fn(g) * u
 
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "

@@ -41,7 +41,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["available", "failed", "guarded", "nf4_dequantize", "nf4_moe_matmul",
+__all__ = ["available", "failed", "guarded", "nf4_dequantize", "nf4_moe_gemm", "nf4_moe_matmul",
            "pick_blocks", "reset_failures"]
 
 NF4_BYTES_PER_ABSMAX = 32  # 64 weights per absmax block, 2 weights per byte
@@ -166,6 +166,65 @@ if triton is not None:
         else:
             tl.atomic_add(out, res_hi, mask=omask, sem="relaxed")
             tl.atomic_add(out + 1, res_lo, mask=omask, sem="relaxed")
+
+    @triton.jit
+    def moe_gemm_kernel(a_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, n_rows, stride_a, stride_out,
+                        ROW_BYTES: tl.constexpr, EXPERT_BYTES: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr,
+                        TRANS: tl.constexpr, BM: tl.constexpr, BR: tl.constexpr,
+                        BC: tl.constexpr, STEPS: tl.constexpr, BYTES_PER_ABSMAX: tl.constexpr,
+                        PRECISION: tl.constexpr):
+        # TRANS False: out[rows, c0:c0+BC] = a[rows, :] @ W_e[:, c0:c0+BC], looping over W's rows (K) in BR steps.
+        # TRANS True:  out[rows, r0:r0+BR] = a[rows, :] @ W_e[r0:r0+BR, :]^T, looping over W's columns in BC steps.
+        # W_e is read as [BR, BC] tiles from the packed bytes (BC / 2 bytes per weight row, BC / 64 scales) and
+        # dequantized in registers exactly as nf4_dequantize rounds it, then fed to tl.dot (fp32 accumulation).
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        eidx = tl.arange(0, E_POW2)
+        cnt = tl.maximum(tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32), 0)
+        nblk = (cnt + BM - 1) // BM
+        cum = tl.cumsum(nblk, 0)
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        if e >= E:  # a spare block: the grid is sized for the worst routing
+            return
+        first_blk = tl.sum(tl.where(eidx == e, cum - nblk, 0), 0)
+        row0 = tl.sum(tl.where(eidx < e, cnt, 0), 0)
+        n_e = tl.sum(tl.where(eidx == e, cnt, 0), 0)
+        local = (pid_m - first_blk) * BM + tl.arange(0, BM)
+        rmask = (local < n_e) & (row0 + local < n_rows)
+        rows = (row0 + local).to(tl.int64)
+        base = e.to(tl.int64) * EXPERT_BYTES
+        half = tl.arange(0, BC // 2)
+        groups = tl.arange(0, BC // 64)
+        if TRANS:
+            acc = tl.zeros((BM, BR), dtype=tl.float32)
+            wr = (pid_n * BR + tl.arange(0, BR)).to(tl.int64)
+        else:
+            acc = tl.zeros((BM, BC), dtype=tl.float32)
+            wc0 = pid_n * (BC // 2)
+        for i in range(STEPS):  # compile-time trip count: W's columns / BC (TRANS) or rows / BR
+            if TRANS:
+                b0 = i * (BC // 2)  # first byte of this column block in each weight row
+                a_cols = i * BC + tl.arange(0, BC)
+            else:
+                wr = (i * BR + tl.arange(0, BR)).to(tl.int64)
+                b0 = wc0
+                a_cols = i * BR + tl.arange(0, BR)
+            byte = tl.load(packed_ptr + base + wr[:, None] * ROW_BYTES + b0 + half[None, :]).to(tl.int32)
+            scale = tl.load(absmax_ptr + (base + wr[:, None] * ROW_BYTES + b0) // BYTES_PER_ABSMAX + groups[None, :])
+            hi = tl.reshape(tl.load(code_ptr + (byte >> 4)), (BR, BC // 64, 32)) * scale[:, :, None]
+            lo = tl.reshape(tl.load(code_ptr + (byte & 15)), (BR, BC // 64, 32)) * scale[:, :, None]
+            w = tl.interleave(tl.reshape(hi, (BR, BC // 2)), tl.reshape(lo, (BR, BC // 2))).to(a_ptr.dtype.element_ty)
+            a = tl.load(a_ptr + rows[:, None] * stride_a + a_cols[None, :], mask=rmask[:, None], other=0.0)
+            if TRANS:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=PRECISION)
+            else:
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if TRANS:
+            ocols = pid_n * BR + tl.arange(0, BR)
+        else:
+            ocols = pid_n * BC + tl.arange(0, BC)
+        omask = rmask[:, None] & (ocols >= 0)[None, :]
+        tl.store(out_ptr + rows[:, None] * stride_out + ocols[None, :], acc.to(out_ptr.dtype.element_ty), mask=omask)
 
 def nf4_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, shape: tuple[int, ...],
                    dtype: torch.dtype) -> torch.Tensor | None:
@@ -321,3 +380,73 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     g, u = acc.to(x.dtype).chunk(2, dim=-1)
     return torch.nn.functional.silu(g) * u
 
+
+
+GEMM_BLOCKS = (64, 64, 128)  # (BM rows of one expert, BR weight rows, BC weight columns) per program and step
+
+
+def nf4_moe_gemm(a: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor,
+                 code: torch.Tensor, *, w_rows: int, w_cols: int, transpose: bool = False,
+                 blocks: tuple[int, int, int] | None = None, num_warps: int = 4,
+                 num_stages: int | None = None) -> torch.Tensor | None:
+    """Rows sorted by expert times each expert's NF4 matrix (or its transpose) on the matrix units, the weight
+    tiles dequantized in registers: the training path's grouped GEMM without the bf16 copy of every expert.
+
+    ``out = a_e @ W_e`` (``transpose=False``: forward) or ``out = a_e @ W_e^T`` (``transpose=True``: the input
+    gradient), for the rows ``a_e`` of each expert e; W_e is expert e's (w_rows, w_cols) matrix as
+    :func:`nf4_dequantize` rounds it, so the result equals dequantize + ``torch._grouped_mm`` up to fp32 summation
+    order. The expert of each block of rows is found from ``counts`` in the kernel (no host sync); experts with
+    no rows read nothing.
+
+    Args:
+        a: (N, w_rows) (or (N, w_cols) with ``transpose``) bf16/fp16 (fp32: exact products, for the CPU tests),
+            last dim contiguous, rows sorted by expert.
+        counts: (E,) integer tensor on a's device (rows per expert; >= 0, summing to at most N, not checked on the
+            host: that would sync).
+        packed: uint8 (E, w_rows * w_cols / 2) contiguous; absmax: float32 (E, w_rows * w_cols / 64) contiguous;
+            code: float32 (16,) NF4 table.
+        w_rows, w_cols: each expert's matrix shape (transformers' gate_up_proj (H, 2I), down_proj (I, H)).
+        transpose: multiply by W_e^T.
+        blocks: (BM, BR, BC) tile sizes, default ``GEMM_BLOCKS``; BR must divide w_rows, BC w_cols, BC % 64 == 0.
+
+    Returns:
+        (N, w_cols) (or (N, w_rows) with ``transpose``) in a's dtype, rows beyond ``sum(counts)`` 0; or None when
+        Triton is unavailable or the shape does not tile (the caller falls back to dequantize + grouped GEMM).
+
+    Raises:
+        ValueError: buffers of the wrong shape, dtype or layout; ``a`` not (N, inner) with a contiguous last dim;
+            ``counts`` not an (E,) integer tensor on a's device; ``blocks`` that do not tile the matrix.
+    """
+    if triton is None:
+        return None
+    num_experts = packed.shape[0]
+    inner, outer = (w_cols, w_rows) if transpose else (w_rows, w_cols)
+    if a.dim() != 2 or a.shape[1] != inner or a.stride(1) != 1 or not a.is_floating_point():
+        raise ValueError(f"a must be (N, {inner}) floating point with a contiguous last dim, got {tuple(a.shape)} "
+                         f"{a.dtype} {a.stride()}")
+    if packed.shape != (num_experts, w_rows * w_cols // 2) or absmax.shape != (num_experts, w_rows * w_cols // 64):
+        raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
+                         f"NF4 matrices of {w_rows}x{w_cols}")
+    _check_nf4_buffers(packed, absmax, code)
+    if not isinstance(counts, torch.Tensor) or counts.shape != (num_experts,) or counts.is_floating_point() \
+            or counts.device != a.device:
+        shown = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+        raise ValueError(f"counts must be an integer tensor of shape ({num_experts},) on {a.device}, got {shown}")
+    bm, br, bc = blocks or GEMM_BLOCKS
+    if w_rows % br or w_cols % bc:
+        if blocks is not None:
+            raise ValueError(f"blocks {blocks} do not tile a {w_rows}x{w_cols} matrix (BR | rows, BC | columns)")
+        return None
+    if any(b < 16 or b & (b - 1) for b in (bm, br, bc)) or bc % 64:
+        raise ValueError(f"blocks {(bm, br, bc)}: BM, BR, BC must be powers of 2 >= 16 and BC a multiple of 64")
+    out = torch.zeros(a.shape[0], outer, dtype=a.dtype, device=a.device)
+    if a.shape[0]:
+        grid = (triton.cdiv(a.shape[0], bm) + num_experts, outer // (br if transpose else bc))
+        extra = {} if num_stages is None else {"num_stages": num_stages}
+        moe_gemm_kernel[grid](a, packed, absmax, code, counts, out, a.shape[0], a.stride(0), out.stride(0),
+                              ROW_BYTES=w_cols // 2, EXPERT_BYTES=packed.shape[1], E=num_experts,
+                              E_POW2=triton.next_power_of_2(num_experts), TRANS=transpose,
+                              BM=bm, BR=br, BC=bc, STEPS=w_cols // bc if transpose else w_rows // br,
+                              BYTES_PER_ABSMAX=NF4_BYTES_PER_ABSMAX,
+                              PRECISION="ieee" if a.dtype == torch.float32 else "tf32", num_warps=num_warps, **extra)
+    return out

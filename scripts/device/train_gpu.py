@@ -3,16 +3,17 @@
 ``python scripts/device/train_gpu.py OUT [--lengths .carry/lengths.json] [--full 48]``
 
 The lengths file holds the token counts of the training rows (``{"lengths": [...]}``: the shared medical-o1 rows in
-the training template with the real Llama 4 tokenizer, made by ``python -m medtune.bench --write-lengths``). Steps:
+the training template with the real Llama 4 tokenizer, written by ``python -m medtune.bench --write-lengths``).
 
-1. Per decoder layer at a median-length row (2- and 6-layer Scout-shaped models): step ms for LoRA in fp32 under
-   autocast (what the benchmark ran), LoRA in bf16 (what TRL's SFTTrainer makes of a 4-bit model's adapters), and
-   bf16 without gradient checkpointing.
-2. A torch.profiler trace of one step of the 2-layer model: ops by self CPU time and by GPU time, GPU busy share.
-3. Host syncs inside one step (``torch.cuda.set_sync_debug_mode``), with the Python line that caused each.
-4. The full-depth model: real rows one per step (checkpointing on and off), rows packed to 4,096 tokens, and one
+1. The NF4 grouped GEMM (``kernels.nf4_moe_gemm``) at Scout's expert shapes and a median row's routing: error
+   against dequantize + ``torch._grouped_mm`` (bf16), and time of both, with the memory-bandwidth floor.
+2. Per decoder layer at a median-length row (2- and 6-layer Scout-shaped models), step ms of: the previous setup
+   (LoRA fp32 under autocast, experts dequantized + grouped GEMM), LoRA in bf16 (what TRL's SFTTrainer makes of a
+   4-bit model's adapters), + the NF4 GEMM, + no gradient checkpointing.
+3. A torch.profiler trace of one step of the 2-layer model (current setup): ops by self CPU and GPU time.
+4. The full-depth model: real rows one per step before/after, packed to 4,096 tokens, no checkpointing, and one
    4,096-token sequence (the README's headline), with peak GiB.
-Writes ``train_gpu.json`` and the profiler tables under OUT.
+Writes ``train_gpu.json`` and the profiler tables under OUT; each part survives the failure of another.
 """
 
 from __future__ import annotations
@@ -24,120 +25,102 @@ import statistics
 import sys
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from medtune.bench.models import GIB, add_lora_and_head, build_model, environment, free  # noqa: E402
+from medtune import llama4 as l4  # noqa: E402
+from medtune.bench.models import add_lora_and_head, build_model, environment, free  # noqa: E402
+from medtune.bench.training import lora_bf16_, pack_bfd, read_lengths, rows_batch, time_batches  # noqa: E402
+from medtune.llama4 import kernels  # noqa: E402
+
+BW = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, datasheet HBM bandwidth
 
 
-def batch_of(lengths: list[int], gen: torch.Generator) -> dict:
-    """Rows of ``lengths`` tokens as one padding-free sequence (TRL's collator: positions restart per row, the
-    first label of each row ignored, no attention mask); one row is a plain sequence."""
-    ids = torch.randint(0, 202048, (1, sum(lengths)), device="cuda", generator=gen)
-    if len(lengths) == 1:
-        return dict(input_ids=ids, labels=ids.clone(), use_cache=False)
-    pos = torch.cat([torch.arange(n, device="cuda") for n in lengths])[None]
-    labels = ids.clone()
-    labels[pos == 0] = -100
-    return dict(input_ids=ids, labels=labels, position_ids=pos, use_cache=False)  # SFTTrainer.compute_loss's
+def cuda_ms(fn, reps=20) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
 
 
-def set_variant(model, variant: str):
-    if "bf16" in variant:
-        for p in model.parameters():
-            if p.requires_grad:
-                p.data = p.data.to(torch.bfloat16)
-    if "nockpt" in variant:
+def kernel_check(res, med):
+    """NF4 GEMM vs dequantize + grouped GEMM on one Scout-shaped expert block."""
+    from medtune.llama4 import synthetic
+
+    config = l4.scout_text_config(num_hidden_layers=1)
+    gen = torch.Generator("cuda").manual_seed(0)
+    layer = synthetic.random_decoder_layer(config, 0, device="cuda", generator=gen, double_quant=False,
+                                           nf4_experts=True)
+    ex = layer.feed_forward.experts
+    bw = next((v for k, v in BW.items() if k in torch.cuda.get_device_name()), 4.8e12)
+    out = {}
+    for rows in (med, 4096):
+        counts = torch.distributions.Multinomial(rows, torch.ones(16)).sample().to("cuda", torch.int64)
+        offs = counts.cumsum(0, dtype=torch.int32)
+        for name, (k, n) in ex.shapes.items():
+            for transpose in (False, True):
+                a = torch.randn(rows, n if transpose else k, device="cuda", dtype=torch.bfloat16, generator=gen)
+
+                def ref():
+                    w = ex.dequantize_experts(name)
+                    return torch._grouped_mm(a, w.transpose(-2, -1) if transpose else w, offs=offs)
+
+                new = ex.gemm(name, a, counts, transpose=transpose)
+                r = ref()
+                err = ((new.float() - r.float()).norm() / r.float().norm()).item()
+                t_ref, t_new = cuda_ms(ref), cuda_ms(lambda: ex.gemm(name, a, counts, transpose=transpose))
+                nbytes = k * n * 16 * (0.5 + 4 / 64) + a.numel() * 2 * 2
+                key = f"{name}{'^T' if transpose else ''}@{rows}"
+                out[key] = dict(rel_err=err, dequant_grouped_ms=t_ref, nf4_gemm_ms=t_new,
+                                floor_ms=nbytes / bw * 1e3, tflops=2 * rows * k * n / t_new / 1e9)
+                print(key, out[key], flush=True)
+    res["kernel"] = out
+
+
+def variant(n_layers, name):
+    model = add_lora_and_head(build_model(n_layers, "medtune")[0])
+    if name != "before":
+        lora_bf16_(model)
+    if "nockpt" in name:
         model.base_model.model.gradient_checkpointing_disable()
     return model
 
 
-def run_steps(model, batches: list[dict], warmup: int = 1) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
-    model.train()
-    torch.cuda.reset_peak_memory_stats()
-    times, tokens = [], []
-    for i, b in enumerate([batches[0]] * warmup + batches):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**b, fused_lm_head=True).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(b["input_ids"].shape[1])
-    loss = loss.detach()
-    del opt
-    return dict(steps=len(times), step_ms_median=statistics.median(times) * 1e3,
-                tokens_per_s=sum(tokens) / sum(times), mean_tokens=sum(tokens) / len(tokens),
-                peak_gib=torch.cuda.max_memory_allocated() / GIB, loss_last=float(loss))
+VARIANTS = {"before": "off", "bf16lora": "off", "bf16lora_gemm": "auto", "bf16lora_gemm_nockpt": "auto"}
 
 
-def pack(lengths: list[int], limit: int) -> list[list[int]]:
-    """Best-fit decreasing, as TRL's ``packing_strategy="bfd"``."""
-    bins: list[list[int]] = []
-    for n in sorted(lengths, reverse=True):
-        best = min((b for b in bins if sum(b) + n <= limit), key=lambda b: limit - sum(b) - n, default=None)
-        if best is None:
-            bins.append([n])
-        else:
-            best.append(n)
-    return bins
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("out", type=Path)
-    ap.add_argument("--lengths", type=Path, default=Path(".carry/lengths.json"))
-    ap.add_argument("--full", type=int, default=48)
-    ap.add_argument("--rows", type=int, default=12)
-    ap.add_argument("--skip-small", action="store_true")
-    args = ap.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    lengths = json.loads(args.lengths.read_text())["lengths"]
-    med = int(statistics.median(lengths))
-    res: dict = dict(environment=environment(), median_row=med, rows=len(lengths))
-    gen = torch.Generator("cuda").manual_seed(0)
-    save = lambda: (args.out / "train_gpu.json").write_text(json.dumps(res, indent=2))  # noqa: E731
-
-    if not args.skip_small:
-        try:
-            small(args, res, med, gen, save)
-        except Exception:  # noqa: BLE001 - report and go on to the full model
-            traceback.print_exc()
-    if args.full:
-        try:
-            full_model(args, res, lengths, gen, save)
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-
-
-def small(args, res, med, gen, save) -> None:
+def small(res, med, gen):
     per = {}
-    for variant in ("fp32lora", "bf16lora", "bf16lora_nockpt"):
+    for name, fused in VARIANTS.items():
+        l4.Llama4NF4Experts.fused_train = fused
         r = {}
         for n in (2, 6):
-            model = set_variant(add_lora_and_head(build_model(n, "medtune")[0]), variant)
-            r[n] = run_steps(model, [batch_of([med], gen)] * 4)
+            model = variant(n, name)
+            r[n] = time_batches(model, [rows_batch([med], gen)] * 4)
             del model
             free()
-        per[variant] = dict(ms_per_layer=(r[6]["step_ms_median"] - r[2]["step_ms_median"]) / 4, runs=r)
-        print(variant, json.dumps(per[variant]), flush=True)
+        per[name] = dict(ms_per_layer=(r[6]["step_ms"] - r[2]["step_ms"]) / 4, runs=r)
+        print(name, json.dumps(per[name]), flush=True)
     res["per_layer_median_row"] = per
-    save()
 
-    model = set_variant(add_lora_and_head(build_model(2, "medtune")[0]), "bf16lora")
-    b = batch_of([med], gen)
-    run_steps(model, [b])
+
+def profile(res, med, gen, out):
     from torch.profiler import ProfilerActivity, profile
+
+    l4.Llama4NF4Experts.fused_train = "auto"
+    model = variant(2, "bf16lora_gemm")
+    b = rows_batch([med], gen)
+    time_batches(model, [b])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
@@ -150,64 +133,76 @@ def small(args, res, med, gen, save) -> None:
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     ka = prof.key_averages()
-    (args.out / "profile_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=45))
-    (args.out / "profile_gpu.txt").write_text(ka.table(sort_by="self_device_time_total", row_limit=45))
-    gpu_us = sum(e.self_device_time_total for e in ka)
-    res["profile_2_layers"] = dict(wall_ms=wall * 1e3, gpu_kernel_ms=gpu_us / 1e3,
+    (out / "profile_cpu.txt").write_text(ka.table(sort_by="self_cpu_time_total", row_limit=40))
+    (out / "profile_gpu.txt").write_text(ka.table(sort_by="self_device_time_total", row_limit=40))
+    res["profile_2_layers"] = dict(wall_ms=wall * 1e3, gpu_kernel_ms=sum(e.self_device_time_total for e in ka) / 1e3,
                                    cpu_ops=sum(e.count for e in ka))
     print("profile", res["profile_2_layers"], flush=True)
-
-    syncs: dict[str, int] = {}
-
-    def hook(message, category, filename, lineno, file=None, line=None):
-        frames = [f for f in traceback.extract_stack()[:-1] if "warnings" not in f.filename]
-        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[-4:])
-        key = f"{str(message)[:60]} @ {where}"
-        syncs[key] = syncs.get(key, 0) + 1
-
-    old = warnings.showwarning
-    warnings.showwarning = hook
-    warnings.simplefilter("always")
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**b, fused_lm_head=True).loss
-        loss.backward()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old
-    res["host_syncs_one_step"] = syncs
-    print("syncs", json.dumps(syncs, indent=1), flush=True)
     del model, opt, prof
     free()
-    save()
 
-def full_model(args, res, lengths, gen, save) -> None:
-    t0 = time.perf_counter()
-    model = set_variant(add_lora_and_head(build_model(args.full, "medtune")[0]), "bf16lora")
-    res["full_build_s"] = time.perf_counter() - t0
+
+def full(res, lengths, gen, n_layers, n_rows, save):
     rnd = random.Random(0)
-    rows = rnd.sample(lengths, args.rows - 1) + [max(lengths)]
-    full = {}
-    full["real_rows_batch1_ckpt"] = run_steps(model, [batch_of([n], gen) for n in rows])
-    print("full", full, flush=True)
-    bins = pack(rnd.sample(lengths, 60), 4096)[:4]
-    full["packed_4096_ckpt"] = dict(rows_per_pack=[len(b) for b in bins],
-                                    **run_steps(model, [batch_of(b, gen) for b in bins]))
-    print("full", full, flush=True)
-    full["one_4096_ckpt"] = run_steps(model, [batch_of([4096], gen)] * 2)
-    print("full", full, flush=True)
-    res["full"] = full
+    rows = rnd.sample(lengths, n_rows - 1) + [max(lengths)]
+    packs = pack_bfd(rnd.sample(lengths, 60), 4096)[:4]
+    out = res.setdefault("full", {})
+    t0 = time.perf_counter()
+    model = add_lora_and_head(build_model(n_layers, "medtune")[0])
+    res["full_build_s"] = time.perf_counter() - t0
+    l4.Llama4NF4Experts.fused_train = "off"
+    out["before_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
+    print("full", out, flush=True)
+    lora_bf16_(model)
+    l4.Llama4NF4Experts.fused_train = "auto"
+    out["after_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
+    print("full", out, flush=True)
+    out["after_packed4096"] = dict(rows_per_pack=[len(p) for p in packs],
+                                   **time_batches(model, [rows_batch(p, gen) for p in packs]))
+    out["after_one4096"] = time_batches(model, [rows_batch([4096], gen)] * 2)
+    print("full", out, flush=True)
     save()
     model.base_model.model.gradient_checkpointing_disable()
     try:
-        full["real_rows_batch1_nockpt"] = run_steps(model, [batch_of([n], gen) for n in rows])
-        print("full", full, flush=True)
-        full["packed_4096_nockpt"] = run_steps(model, [batch_of(b, gen) for b in bins])
+        out["after_batch1_nockpt"] = time_batches(model, [rows_batch([n], gen) for n in rows])
+        print("full", out, flush=True)
+        out["after_packed4096_nockpt"] = time_batches(model, [rows_batch(p, gen) for p in packs])
     except torch.OutOfMemoryError as err:
-        full["nockpt_error"] = str(err)[:300]
-    print("full", full, flush=True)
-    save()
+        out["nockpt_error"] = str(err)[:300]
+    print("full", out, flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--lengths", type=Path, default=Path(".carry/lengths.json"))
+    ap.add_argument("--full", type=int, default=48)
+    ap.add_argument("--rows", type=int, default=12)
+    ap.add_argument("--parts", nargs="+", default=["kernel", "small", "profile", "full"])
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    lengths = read_lengths(args.lengths)
+    med = int(statistics.median(lengths))
+    res: dict = dict(environment=environment(), median_row=med, rows=len(lengths))
+    gen = torch.Generator("cuda").manual_seed(0)
+
+    def save():
+        (args.out / "train_gpu.json").write_text(json.dumps(res, indent=2, default=str))
+
+    steps = {"kernel": lambda: kernel_check(res, med), "small": lambda: small(res, med, gen),
+             "profile": lambda: profile(res, med, gen, args.out),
+             "full": lambda: full(res, lengths, gen, args.full, args.rows, save)}
+    for part in args.parts:
+        t0 = time.perf_counter()
+        try:
+            steps[part]()
+        except Exception:  # noqa: BLE001 - report and go on with the next part
+            traceback.print_exc()
+            res.setdefault("errors", {})[part] = traceback.format_exc()[-2000:]
+        res.setdefault("part_s", {})[part] = time.perf_counter() - t0
+        free()
+        save()
+    print("kernel failures:", kernels.failed(), flush=True)
 
 
 if __name__ == "__main__":
