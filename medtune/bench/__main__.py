@@ -18,6 +18,8 @@ from medtune import llama4 as l4
 from medtune.bench import generation, training
 from medtune.bench.models import add_lora_and_head, build_model, environment, free
 
+SHARED = Path(__file__).resolve().parents[3] / "shared"  # the checkout's ../shared (rows, tokenizer), if present
+
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -40,7 +42,26 @@ def main(argv=None) -> dict:
     parser.add_argument("--gen-baseline-batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--gen-lora-batches", type=int, nargs="*", default=[1, 32])
     parser.add_argument("--ll-batches", type=int, nargs="*", default=[2, 8, 32, 64])
+    parser.add_argument("--lengths", type=Path, default=None,
+                        help="token counts of the training rows (--write-lengths): also time the real rows on the "
+                             "full model, one per step and packed")
+    parser.add_argument("--real-rows", type=int, default=12, help="rows drawn from --lengths for batch-1 steps")
+    parser.add_argument("--pack-to", type=int, default=4096)
+    parser.add_argument("--profile-rows", type=int, default=480,
+                        help="training rows of the profile whose GPU minutes are reported (scout.yaml: 480)")
+    parser.add_argument("--write-lengths", type=Path, default=None, metavar="FILE",
+                        help="write the token counts of --rows-file in the training template and exit (CPU)")
+    parser.add_argument("--rows-file", type=Path,
+                        default=SHARED / "data" / "medical-o1" / "medical_o1_sft_en_604.jsonl")
+    parser.add_argument("--tokenizer", type=Path, default=SHARED / "tokenizers" / "llama4")
     args = parser.parse_args(argv)
+    if args.write_lengths:
+        lengths = training.row_lengths(args.rows_file, args.tokenizer)
+        training.write_lengths(args.write_lengths, lengths, f"{args.rows_file.name}, training template, "
+                                                            f"tokenizer {args.tokenizer.name}")
+        print(f"{args.write_lengths}: {len(lengths)} rows, {min(lengths)}-{max(lengths)} tokens, "
+              f"mean {sum(lengths) / len(lengths):.0f}")
+        return {"lengths": lengths}
     if not torch.cuda.is_available():
         raise SystemExit("medtune.bench needs a CUDA GPU")
     if args.generate:
@@ -82,9 +103,19 @@ def main(argv=None) -> dict:
             build_s = time.perf_counter() - t0
             weights = l4.weights_gib(model)
             model = add_lora_and_head(model)
+            training.lora_bf16_(model)  # as SFTTrainer casts a 4-bit model's adapters
             run = training.time_training(model, max(args.tokens), steps=args.full_steps, warmup=1)
             res["full"].append(dict(double_quant=dq, tokens=max(args.tokens), layers=args.full, weights_gib=weights,
                                     build_s=build_s, **run))
+            if args.lengths and not dq:
+                lengths = training.read_lengths(args.lengths)
+                real = training.real_rows(model, lengths, rows=args.real_rows, pack_to=args.pack_to)
+                for key in ("batch1", "packed"):
+                    real[key]["profile_minutes"] = training.training_minutes(lengths, args.profile_rows,
+                                                                             real[key]["tokens_per_s"])
+                res["real_rows"] = dict(lengths=dict(rows=len(lengths), min=min(lengths), max=max(lengths),
+                                                     mean=sum(lengths) / len(lengths)), **real)
+                print("real rows", res["real_rows"], flush=True)
             print("full", res["full"][-1], flush=True)
             del model
             free()

@@ -54,7 +54,11 @@ def row_lengths(rows_file: str | Path, tokenizer_path: str | Path, language: str
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
     rows = data.read_jsonl(rows_file)
-    data.check_columns(rows, str(rows_file))
+    for i, row in enumerate(rows, 1):
+        missing = [f for f in ("Question", "Complex_CoT", "Response") if not isinstance(row, dict) or f not in row]
+        if missing:
+            raise data.DataError(f"{rows_file}: row {i} has no {', '.join(missing)}; the benchmark reads "
+                                 "medical-o1-reasoning-SFT rows (Question, Complex_CoT, Response)")
     return data.token_lengths(tok, language)(rows)
 
 
@@ -263,6 +267,18 @@ def to_markdown(res: dict) -> str:
                          f"{r.get('resident_gib', float('nan')):.1f} | {r['peak_gib']:.1f} | "
                          f"{r['step_ms'] / 1e3:.2f} | {r['tokens_per_s']:,.0f} | "
                          f"{r['loss_first']:.3f} → {r['loss_last']:.3f} |")
+    if res.get("real_rows"):
+        rr = res["real_rows"]
+        ln = rr["lengths"]
+        lines += ["", f"## The real rows ({ln['rows']} rows, {ln['min']}-{ln['max']} tokens, mean {ln['mean']:.0f}), "
+                  "full model, no double quant", "",
+                  "| steps | mean tokens/step | tokens/s | step ms (median) | peak GiB | minutes for 480 rows |",
+                  "|---|---|---|---|---|---|"]
+        labels = {"batch1": "one row per step (walkthrough)", "packed": f"packed to {rr['packed']['pack_to']:,}"}
+        for key, label in labels.items():
+            r = rr[key]
+            lines.append(f"| {label} | {r['mean_tokens']:,.0f} | {r['tokens_per_s']:,.0f} | {r['step_ms']:,.0f} | "
+                         f"{r['peak_gib']:.1f} | {r['profile_minutes']:.1f} |")
     if res.get("profile"):
         lines += ["", f"## Where one medtune layer's time goes ({res['profile']['tokens']:,} tokens, fwd+bwd, ms)",
                   "", "| part | ms |", "|---|---|"]

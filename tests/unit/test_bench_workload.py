@@ -1,0 +1,76 @@
+"""The benchmark's real-row workload (medtune.bench.training), on the CPU: best-fit-decreasing packing as TRL packs,
+padding-free batches as TRL's collator builds them, the lengths file, and the minutes figure."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from medtune.bench import training as T
+
+SHARED = Path(__file__).resolve().parents[3] / "shared"
+
+
+def test_pack_bfd_puts_each_row_in_the_fullest_pack_it_fits():
+    # sorted: 700, 600, 500, 400, 300, 100. 700 -> A (room 300); 600 -> B (400); 500 -> C (500);
+    # 400 -> B (room 400, fullest that fits: 0 left); 300 -> A (0 left); 100 -> C (400 left)
+    assert T.pack_bfd([300, 700, 100, 500, 400, 600], 1000) == [[700, 300], [600, 400], [500, 100]]
+    assert T.pack_bfd([1200, 50], 1000) == [[1200], [50]]  # too long: a pack of its own
+
+
+def test_pack_bfd_agrees_with_trl_on_the_same_rows():
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    lengths = [300, 700, 100, 500, 400, 600, 250, 90]
+    ds = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    trl_packs = sorted(sorted(p, reverse=True) for p in pack_dataset(ds, 1000, strategy="bfd")["seq_lengths"])
+    assert trl_packs == sorted(sorted(p, reverse=True) for p in T.pack_bfd(lengths, 1000))
+
+
+def test_rows_batch_restarts_positions_and_ignores_each_rows_first_label():
+    gen = torch.Generator().manual_seed(0)
+    b = T.rows_batch([3, 2], gen, device="cpu")
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]] and b["use_cache"] is False
+    assert (b["labels"][0, [0, 3]] == -100).all() and (b["labels"][0, [1, 2, 4]] == b["input_ids"][0, [1, 2, 4]]).all()
+    assert "attention_mask" not in b
+    one = T.rows_batch([4], gen, device="cpu")
+    assert set(one) == {"input_ids", "labels", "use_cache"} and torch.equal(one["labels"], one["input_ids"])
+
+
+def test_lengths_file_round_trip_and_errors(tmp_path):
+    path = T.write_lengths(tmp_path / "l.json", [5, 7], "test")
+    assert T.read_lengths(path) == [5, 7] and json.loads(path.read_text())["source"] == "test"
+    (tmp_path / "bad.json").write_text('{"lengths": [3, 0]}')
+    with pytest.raises(ValueError, match=r"bad\.json.*--write-lengths"):
+        T.read_lengths(tmp_path / "bad.json")
+
+
+def test_row_lengths_of_the_real_rows_with_the_real_tokenizer():
+    from transformers import AutoTokenizer
+
+    from medtune.stages import data
+
+    rows_file = SHARED / "data" / "medical-o1" / "medical_o1_sft_en_604.jsonl"
+    lengths = T.row_lengths(rows_file, SHARED / "tokenizers" / "llama4")
+    assert len(lengths) == 604 and min(lengths) == 403 and max(lengths) == 1251
+    tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / "llama4"))
+    row = data.read_jsonl(rows_file)[0]
+    ex = data.train_example(row, tok.eos_token)
+    assert lengths[0] == len(tok(text=ex["prompt"] + ex["completion"])["input_ids"])
+
+
+def test_training_minutes():
+    assert T.training_minutes([600, 800], rows=480, tokens_per_s=1000) == pytest.approx(480 * 700 / 1000 / 60)
+
+
+def test_row_lengths_names_the_row_without_the_fields(tmp_path):
+    from medtune.stages.data import DataError
+
+    f = tmp_path / "rows.jsonl"
+    f.write_text('{"Question": "q", "Complex_CoT": "c", "Response": "r"}\n{"Question": "q"}\n')
+    with pytest.raises(DataError, match=r"rows\.jsonl: row 2 has no Complex_CoT, Response"):
+        T.row_lengths(f, SHARED / "tokenizers" / "llama4")
