@@ -269,7 +269,7 @@ class _NF4ExpertsFunction(torch.autograd.Function):
     again (down first, then gate_up, so at most one projection of one group is alive) and recomputes the gate/up
     projection: no dequantized weight and no (N, 2I) activation outlives the call. ``compute=False`` (checkpoint
     recompute, see :class:`Llama4SparseMoe`) saves x and returns zeros without touching the weights.
-    With ``Llama4NF4Experts.fused_train`` (default on CUDA) every product instead reads the packed bytes inside a
+    With ``Llama4NF4Experts.fused_gemm`` (default on CUDA) every product instead reads the packed bytes inside a
     grouped GEMM (:meth:`Llama4NF4Experts.gemm`): no dequantized copy at all, no host sync; same roundings.
     Gradient formulas: y = (act(g) * u) @ W2, [g|u] = x @ W1 ->
     da = dy @ W2^T; dg = act'(g) * u * da; du = act(g) * da; dx = [dg|du] @ W1^T.
@@ -402,10 +402,10 @@ class Llama4NF4Experts(nn.Module):
     # and MEDTUNE_NF4_FUSED_MAX_ROWS set the defaults; the crossover is measured by scripts/device/decode_gpu.py.
     fused: str = os.environ.get("MEDTUNE_NF4_FUSED", "auto")
     fused_max_rows: int = int(os.environ.get("MEDTUNE_NF4_FUSED_MAX_ROWS", "32"))
-    # training (autograd through _NF4ExpertsFunction): "auto" multiplies straight from the packed bytes on CUDA
-    # (:meth:`gemm`, no bf16 copy of the experts), "always" on any device (tests), "off" dequantizes every expert
-    # and runs torch._grouped_mm as before. Env MEDTUNE_NF4_FUSED_TRAIN.
-    fused_train: str = os.environ.get("MEDTUNE_NF4_FUSED_TRAIN", "auto")
+    # training (autograd through _NF4ExpertsFunction) and inference above ``fused_max_rows`` rows: "auto" multiplies
+    # straight from the packed bytes on CUDA (:meth:`gemm`, no bf16 copy of the experts), "always" on any device
+    # (tests), "off" dequantizes every expert and runs torch._grouped_mm as before. Env MEDTUNE_NF4_FUSED_GEMM.
+    fused_gemm: str = os.environ.get("MEDTUNE_NF4_FUSED_GEMM", "auto")
 
     def __init__(
         self,
@@ -605,11 +605,15 @@ class Llama4NF4Experts(nn.Module):
                 and not (torch.is_grad_enabled() and x.requires_grad))
 
     def grouped_forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Inference without a host sync: every expert of a projection dequantized in one call, then
-        ``torch._grouped_mm`` over the rows sorted by expert (offsets from the device ``counts``), so a decode step
-        can be captured in a CUDA graph. x (N, H) in ``compute_dtype`` -> (N, H). Training keeps
-        :class:`_NF4ExpertsFunction`, which with few rows per expert dequantizes only the experts that have rows
-        (reading the counts on the host)."""
+        """Inference without a host sync: with ``fused_gemm`` both projections through :meth:`gemm` (no
+        dequantized copy), else every expert of a projection dequantized in one call and ``torch._grouped_mm`` over
+        the rows sorted by expert (offsets from the device ``counts``); either can be captured in a CUDA graph.
+        x (N, H) in ``compute_dtype`` -> (N, H). Training goes through :class:`_NF4ExpertsFunction` instead."""
+        if self._use_gemm(x):  # from the packed bytes, no dequantized copy
+            h = self._gated_gemm(x, counts)
+            out = None if h is None else self.gemm("down", h, counts)
+            if out is not None:
+                return out
         offs = _offsets(counts, x.device)
         g, u = torch._grouped_mm(x, self.dequantize_experts("gate_up"), offs=offs).chunk(2, dim=-1)
         h = self.act_fn(g) * u
@@ -635,11 +639,11 @@ class Llama4NF4Experts(nn.Module):
 
     def _use_gemm(self, x: torch.Tensor) -> bool:
         """Training (and any :class:`_NF4ExpertsFunction` call) multiplies straight from the packed bytes on the
-        matrix units (:meth:`gemm`) when ``fused_train`` allows it: "auto" on CUDA in bf16/fp16, "always" on any
+        matrix units (:meth:`gemm`) when ``fused_gemm`` allows it: "auto" on CUDA in bf16/fp16, "always" on any
         device (the CPU tests, through Triton's interpreter), "off" never."""
-        if self.fused_train == "off" or not kernels.available() or self.hidden_act != "silu":
+        if self.fused_gemm == "off" or not kernels.available() or self.hidden_act != "silu":
             return False
-        return self.fused_train == "always" or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
+        return self.fused_gemm == "always" or (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16))
 
     def gemm(self, name: str, a: torch.Tensor, counts, transpose: bool = False) -> torch.Tensor | None:
         """``a_e @ W_e`` (or ``a_e @ W_e^T``) for the rows of each expert, W = projection ``name``, straight from

@@ -102,7 +102,7 @@ VARIANTS = {"before": "off", "bf16lora": "off", "bf16lora_gemm": "auto", "bf16lo
 def small(res, med, gen):
     per = {}
     for name, fused in VARIANTS.items():
-        l4.Llama4NF4Experts.fused_train = fused
+        l4.Llama4NF4Experts.fused_gemm = fused
         r = {}
         for n in (2, 6):
             model = variant(n, name)
@@ -117,7 +117,7 @@ def small(res, med, gen):
 def profile(res, med, gen, out):
     from torch.profiler import ProfilerActivity, profile
 
-    l4.Llama4NF4Experts.fused_train = "auto"
+    l4.Llama4NF4Experts.fused_gemm = "auto"
     model = variant(2, "bf16lora_gemm")
     b = rows_batch([med], gen)
     time_batches(model, [b])
@@ -150,11 +150,11 @@ def full(res, lengths, gen, n_layers, n_rows, save):
     t0 = time.perf_counter()
     model = add_lora_and_head(build_model(n_layers, "medtune")[0])
     res["full_build_s"] = time.perf_counter() - t0
-    l4.Llama4NF4Experts.fused_train = "off"
+    l4.Llama4NF4Experts.fused_gemm = "off"
     out["before_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
     print("full", out, flush=True)
     lora_bf16_(model)
-    l4.Llama4NF4Experts.fused_train = "auto"
+    l4.Llama4NF4Experts.fused_gemm = "auto"
     out["after_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
     print("full", out, flush=True)
     out["after_packed4096"] = dict(rows_per_pack=[len(p) for p in packs],

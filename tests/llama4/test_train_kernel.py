@@ -74,7 +74,7 @@ def test_nf4_experts_training_through_the_gemm_equals_the_dequantize_path(monkey
     monkeypatch.setattr(kernels, "nf4_moe_gemm", lambda *a, **k: calls.append(k["transpose"]) or gemm(*a, **k))
 
     def run(mode):
-        monkeypatch.setattr(l4.Llama4NF4Experts, "fused_train", mode)
+        monkeypatch.setattr(l4.Llama4NF4Experts, "fused_gemm", mode)
         xi = x.clone().requires_grad_(True)
         out, _ = moe(xi)
         w = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
