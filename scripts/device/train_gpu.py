@@ -170,6 +170,16 @@ def full(res, lengths, gen, n_layers, n_rows, save):
     except torch.OutOfMemoryError as err:
         out["nockpt_error"] = str(err)[:300]
     print("full", out, flush=True)
+    save()
+    # log-likelihood scoring's forward (no grad, 32 items of 300 tokens as 04/06 batch them): GEMM vs dequantize
+    model.eval()
+    ids = torch.randint(0, 202048, (32, 300), device="cuda", generator=gen)
+    for mode in ("off", "auto"):
+        l4.Llama4NF4Experts.fused_gemm = mode
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            ms = cuda_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1), reps=3)
+        out[f"scoring_b32x300_{mode}"] = dict(ms=ms, items_per_s=32 / ms * 1e3)
+        print("scoring", mode, out[f"scoring_b32x300_{mode}"], flush=True)
 
 
 def main() -> None:
