@@ -354,3 +354,26 @@ def test_scout_shaped_adapter_size_is_the_documented_one():
     assert counts[0][0] == 8_912_896 and 48 * counts[0][0] == 427_819_008
     assert 48 * counts[0][0] * 2 / 2**30 == pytest.approx(0.797, abs=1e-3)  # GiB in bf16
 
+
+def test_scout_profile_example_enables_expert_lora_at_rank_16(tmp_path):
+    # params/scout.yaml's commented lines, uncommented, with lora_dropout 0: the profile loads, and PEFT puts r=16 on
+    # the NF4 routed experts and r=64 on the walkthrough's projections of the (multimodal) Scout-layout model.
+    from medtune.settings import config as C
+
+    text = (C.project_root() / "params" / "scout.yaml").read_text(encoding="utf-8")
+    for line in ("target_parameters:", "rank_pattern:"):
+        assert f"  # {line}" in text
+        text = text.replace(f"  # {line}", f"  {line}")
+    (tmp_path / "scout.yaml").write_text(text.replace("lora_dropout: 0.05", "lora_dropout: 0.0"), encoding="utf-8")
+    cfg = C.load(tmp_path / "scout.yaml")
+    assert cfg.llama4_fast and cfg.lora["lora_dropout"] == 0.0
+    lora = C.lora_config(cfg)
+    model = l4.prepare_llama4_for_qlora(tiny_model("Llama4ForConditionalGeneration", seed=2),
+                                        compute_dtype=torch.float32)
+    l4.check_lora_config(model, lora)
+    shapes = {n: tuple(p.shape) for n, p in get_peft_model(model, lora).named_parameters() if "lora_" in n}
+    layer = "base_model.model.language_model.model.layers.0"
+    assert shapes[f"{layer}.feed_forward.experts.lora_A.default.weight"] == (16 * 4, 64)  # r * E, H
+    assert shapes[f"{layer}.feed_forward.experts.base_layer.lora_B.default.weight"] == (64, 16 * 4)
+    assert shapes[f"{layer}.self_attn.q_proj.lora_A.default.weight"] == (64, 64)  # r = 64
+    assert not any("vision" in n for n in shapes)
