@@ -17,8 +17,8 @@ weight delta PEFT adds to a bf16 expert is ``delta_W_e = s * L_e @ R_e``, so ``x
 above, never formed densely here. ``s = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with ``use_rslora`` (PEFT's
 ``scaling``, ``rank_pattern``/``alpha_pattern`` included). PEFT's layout for a 3-D parameter (E, K, M) (gate_up: K=H,
 M=2I; down: K=I, M=H; PEFT swaps in/out features for 3-D parameters): ``lora_A = nn.Linear(M, r*E)``, weight
-(r*E, M), rows ``e*r .. e*r+r-1`` are R_e (r, M); ``lora_B = nn.Linear(r*E, K)``, weight (K, r*E), column ``k*E + e``
-is L_e[:, k] (rank-major, expert-minor). Two targets on one module nest: ``experts`` becomes
+(r*E, M), rows ``e*r .. e*r+r-1`` are R_e (r, M); ``lora_B = nn.Linear(r*E, K)``, weight (K, r*E), column ``j*E + e``
+is L_e[:, j] for rank index j (rank-major, expert-minor). Two targets on one module nest: ``experts`` becomes
 ``ParamWrapper(down_proj, base_layer=ParamWrapper(gate_up_proj, base_layer=<experts>))``, adapter keys
 ``...feed_forward.experts.lora_A.weight`` (down) and ``...feed_forward.experts.base_layer.lora_A.weight`` (gate_up).
 
@@ -45,6 +45,15 @@ Mechanism (why PEFT's own wrapper is kept but its forward is not):
 - With gradient checkpointing, :class:`Llama4SparseMoe` still skips the routed experts in the recompute: the
   Function saves the same tensors (input and factors) with ``compute=False`` and its backward recomputes
   everything, so gradients equal those without checkpointing.
+- Inference (no gradient wanted, e.g. notebook 06 on an adapter loaded with ``PeftModel.from_pretrained``): on CUDA
+  the frozen products take the NF4 experts' own sync-free paths (the fused kernel from the packed bytes, ungated,
+  for few rows; all experts dequantized + ``torch._grouped_mm`` otherwise) and the LoRA terms ``torch._grouped_mm``,
+  so a decode step needs no host sync when the rank is a multiple of 8 (bf16).
+
+Dtypes: lora_A/lora_B as PEFT keeps them (fp32: PEFT upcasts bf16 adapters); the factors are cast to the experts'
+``compute_dtype`` (bf16 on the GPU; ``get_delta_factors`` casts to the placeholder's dtype), the products run in it
+(fp32 accumulation inside the matmuls) and the output is cast back to the input's dtype. PEFT on bf16 experts rounds
+``W + delta_W`` to bf16 instead, so on the GPU the two agree to bf16 rounding, not bit for bit.
 
 Size (Llama 4 Scout: E=16, H=5120, I=8192, 48 layers) at r=16 on both projections: per layer gate_up
 A (256, 16384) + B (5120, 256) = 5,505,024 and down A (256, 5120) + B (8192, 256) = 3,407,872, i.e. 8,912,896;
