@@ -40,7 +40,7 @@ from transformers import Llama4TextConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
 
-from medtune.llama4 import kernels
+from medtune.llama4 import expert_lora, kernels
 
 logger = logging.getLogger(__name__)
 
@@ -210,14 +210,17 @@ class Llama4SparseMoe(Llama4TextMoe):
     with ``counts`` an (E,) int64 tensor on x's device (see :class:`Llama4SparseExperts` /
     :class:`Llama4NF4Experts`); a PEFT ``ParamWrapper`` around it passes the extra argument through. No host
     sync on the GPU path (``torch.bincount`` would sync, hence ``scatter_add_``). Equal to the dense forward up
-    to floating-point summation order (top_k > 1).
+    to floating-point summation order (top_k > 1). NF4 experts under PEFT ``target_parameters`` wrappers (LoRA on
+    the routed experts) are not called through the wrappers: :func:`medtune.llama4.expert_lora.routed_forward` adds
+    the active adapters' per-expert low-rank terms without forming a dense weight.
 
     Gradient checkpointing: with NF4 experts, when transformers checkpoints the enclosing decoder layer on its
     own (``gradient_checkpointing_enable``, non-reentrant) and ``skip_recompute`` is True, the recompute that
     precedes the layer's backward does not run the routed experts: their output only feeds
     ``index_add`` and the residual add, which save nothing of it, and their backward
     (:class:`_NF4ExpertsFunction`) needs only their input, which is still saved. Saves one NF4 dequantization
-    and the expert forward matmuls per layer and step; gradients are unchanged (tests/llama4/test_llama4.py).
+    and the expert forward matmuls per layer and step; gradients are unchanged (tests/llama4/test_llama4.py; with
+    LoRA on the NF4 experts: tests/llama4/test_expert_lora.py).
     The decoder-layer flag is set by a forward pre-hook that :func:`prepare_llama4_for_qlora` registers;
     without it (MoE used on its own) the recompute runs in full.
     """
@@ -236,9 +239,10 @@ class Llama4SparseMoe(Llama4TextMoe):
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device).scatter_add_(
             0, flat, torch.ones_like(flat))  # (E,) tokens per expert, stays on the device
         routed_in = x[token] * top_scores.reshape(-1, 1)[order]  # expert input scaled by its score
-        if isinstance(self.experts, Llama4NF4Experts):
+        nf4 = expert_lora.nf4_under(self.experts)  # NF4 experts, bare or under PEFT target_parameters wrappers
+        if nf4 is not None:
             skip = self.skip_recompute and self._layer_checkpointed and _in_checkpoint_recompute()
-            routed_out = self.experts(routed_in, counts, output_needed=not skip)
+            routed_out = expert_lora.routed_forward(self.experts, nf4, routed_in, counts, output_needed=not skip)
         else:
             routed_out = self.experts(routed_in, counts)
         out = self.shared_expert(x)
@@ -377,8 +381,10 @@ class Llama4NF4Experts(nn.Module):
     generation) only the experts that have tokens are dequantized, one at a time. On CUDA in bf16/fp16 the
     dequantization is a Triton kernel bit-identical to bitsandbytes' (``triton_dequant``; env
     ``MEDTUNE_NF4_TRITON=0`` turns it off).
-    The weights are frozen (no LoRA on them: see :func:`check_lora_config`). Works on CPU and CUDA
-    (bitsandbytes 0.50.2).
+    The weights are frozen. LoRA goes on top through PEFT ``target_parameters`` (``gate_up_proj``, ``down_proj``):
+    for PEFT the module lists shape-only placeholders under those names (:meth:`named_parameters` with
+    ``recurse=False``, attribute access), and :class:`Llama4SparseMoe` computes the per-expert low-rank terms
+    (:mod:`medtune.llama4.expert_lora`). Works on CPU and CUDA (bitsandbytes 0.50.2).
 
     Buffers per projection ``p`` in {gate_up, down} (n = elements per expert matrix, b = n / 64):
     ``p_packed`` uint8 (E, n/2); ``p_absmax`` float32 (E, b), or with double quant uint8 (E, b) plus
@@ -666,6 +672,24 @@ class Llama4NF4Experts(nn.Module):
         g, u = gu.chunk(2, dim=-1)
         return self.act_fn(g) * u
 
+    @property
+    def gate_up_proj(self) -> nn.Parameter:
+        """Shape-only (E, H, 2I) placeholder for PEFT ``target_parameters`` (:func:`expert_lora.placeholder`)."""
+        return expert_lora.placeholder(self, "gate_up")
+
+    @property
+    def down_proj(self) -> nn.Parameter:
+        """Shape-only (E, I, H) placeholder for PEFT ``target_parameters`` (:func:`expert_lora.placeholder`)."""
+        return expert_lora.placeholder(self, "down")
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True):
+        """``nn.Module``'s (none), plus the ``gate_up_proj`` and ``down_proj`` placeholders, when asked of this
+        module itself (how PEFT looks for ``target_parameters`` and where it places the adapters). A walk over an
+        enclosing model reads each module's ``_parameters`` and never lists them (optimizer, state_dict, ``.to()``,
+        parameter counts); :func:`weights_gib` skips them."""
+        yield from super().named_parameters(prefix, recurse, remove_duplicate)
+        yield from expert_lora.placeholders(self, prefix)
+
     def extra_repr(self) -> str:
         return (f"num_experts={self.num_experts}, hidden_size={self.hidden_size}, "
                 f"intermediate_size={self.intermediate_size}, nf4, double_quant={self.double_quant}, "
@@ -745,14 +769,15 @@ def check_lora_config(model, lora_config) -> None:
     """Refuse LoRA settings that cannot work on this model's routed experts, with the reason.
 
     LoRA on the routed experts uses PEFT ``target_parameters`` (``ROUTED_EXPERT_PARAMETERS``), which wraps the
-    3-D ``nn.Parameter``s in a ``ParamWrapper`` that adds the low-rank delta to the weight through a
-    parametrization.
+    3-D ``nn.Parameter``s in a ``ParamWrapper``: on bf16 experts it adds the low-rank delta to the weight through a
+    parametrization; on NF4 experts :class:`Llama4SparseMoe` adds the per-expert low-rank terms itself
+    (:mod:`medtune.llama4.expert_lora`).
 
     Raises:
         ValueError: routed experts targeted with ``lora_dropout`` > 0 (PEFT's ParamWrapper cannot apply dropout:
-            the input cannot be factored out of the delta weight), or routed experts targeted while they are
-            NF4 (:class:`Llama4NF4Experts` holds packed uint8 buffers and no ``gate_up_proj``/``down_proj``
-            parameter to add a delta to; use ``quantize_experts=False``, i.e. bf16 experts + sparse dispatch).
+            the input cannot be factored out of the delta weight), or NF4 experts targeted under transformers' dense
+            ``Llama4TextMoe`` (``sparse_moe=False``: PEFT would form the dense (E, H, 2I) weight, which NF4 does not
+            hold; prepare with ``sparse_moe=True``).
     """
     targets = list(getattr(lora_config, "target_parameters", None) or [])
     routed = [t for t in targets
@@ -764,12 +789,14 @@ def check_lora_config(model, lora_config) -> None:
             f"LoRA on the routed experts (target_parameters={routed}) needs lora_dropout=0 "
             f"(got lora_dropout={lora_config.lora_dropout}): PEFT applies it as a weight delta, with no input to drop."
         )
-    if any(isinstance(m, Llama4NF4Experts) for m in _unwrap(model).modules()):
+    dense = [n for n, m in _moe_modules(model)
+             if expert_lora.nf4_under(m.experts) is not None and not isinstance(m, Llama4SparseMoe)]
+    if dense:
         raise ValueError(
-            f"LoRA on the routed experts (target_parameters={routed}) cannot work with NF4 experts: they are packed "
-            "4-bit uint8 buffers dequantized per expert inside forward, with no gate_up_proj/down_proj parameter for "
-            "PEFT to add a delta to. Prepare the model with quantize_experts=False (bf16 experts, sparse dispatch), "
-            "or target only nn.Linear modules (target_modules)."
+            f"LoRA on the routed experts (target_parameters={routed}) with NF4 experts needs the sparse MoE "
+            f"(Llama4SparseMoe), which adds the low-rank terms per expert; {dense[0]} is transformers' dense "
+            "Llama4TextMoe, where PEFT would build the dense expert weight that NF4 does not hold. Prepare the model "
+            "with sparse_moe=True (the default)."
         )
 
 
@@ -804,10 +831,11 @@ def check_packing(config, max_length: int | None) -> None:
 
 
 def weights_gib(module: nn.Module) -> float:
-    """Bytes of all parameters and buffers of ``module`` (bnb 4-bit weights counted packed), in GiB."""
+    """Bytes of all parameters and buffers of ``module`` (bnb 4-bit weights counted packed; the NF4 experts'
+    shape-only LoRA placeholders not at all), in GiB."""
     seen, total = set(), 0
     for t in list(module.parameters()) + list(module.buffers()):
-        if id(t) not in seen:
+        if id(t) not in seen and not expert_lora.is_placeholder(t):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total / GIB

@@ -378,8 +378,8 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
 
     LoRA on 3-D parameters (Llama 4's routed experts) goes through PEFT ``target_parameters``: PEFT's ``ParamWrapper``
     adds the low-rank delta to the weight, so there is no input to apply dropout to (peft 0.21.2 raises
-    "does not work with lora_dropout != 0" when the model is wrapped, in 05). The NF4 experts of ``llama4_fast``
-    hold packed buffers with no parameter to wrap (:func:`medtune.llama4.check_lora_config`, FIELD-NOTES.md).
+    "does not work with lora_dropout != 0" when the model is wrapped, in 05). With ``llama4_fast`` the NF4 experts
+    take the same PEFT configuration (:mod:`medtune.llama4.expert_lora`).
 
     Raises:
         ConfigError: naming the keys and the fix.
@@ -396,13 +396,6 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
             f"{source}: 'lora.lora_dropout' is {dropout} but 'lora.target_parameters' puts LoRA on {what} "
             f"({targets}); PEFT applies that LoRA as a weight delta, with no input to drop. Fix: set "
             "lora_dropout: 0 in the lora section, or remove target_parameters."
-        )
-    llama4_experts = [t for t in targets if "feed_forward.experts" in t]  # Llama 4's names (ROUTED_EXPERT_PARAMETERS)
-    if llama4_experts and cfg.llama4_fast:
-        raise ConfigError(
-            f"{source}: 'lora.target_parameters' puts LoRA on Llama 4's routed experts ({llama4_experts}), but with "
-            "'llama4_fast: true' they are NF4-packed buffers with no weight parameter for PEFT to wrap. Fix: set "
-            "llama4_fast: false (bf16 experts: ~3x the GPU memory), or remove the experts from target_parameters."
         )
 
 

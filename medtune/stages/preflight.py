@@ -84,6 +84,17 @@ def _targets(lora: dict) -> set[str]:
     return {n for n in LINEAR_NAMES if n in set(t)}
 
 
+def _rank(lora: dict, name: str) -> int:
+    """LoRA rank of the target ``name`` (a dotted name without the layer prefix): the first ``rank_pattern`` key that
+    matches its end as PEFT matches them (``peft.utils.other.get_pattern_key``: ``(.*\\.)?(key)$``), else ``r``."""
+    import re
+
+    for key, rank in (lora.get("rank_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({key})$", f"model.layers.0.{name}"):
+            return int(rank)
+    return int(lora.get("r", 8))
+
+
 def estimate_memory(model_config, *, quantization: dict | None = None, llama4_fast: bool = True,
                     lora: dict | None = None, tokens: int = 2048, checkpointing: bool = True,
                     optim: str = "adamw_torch", compute_bytes: int = 2) -> dict:
@@ -98,7 +109,8 @@ def estimate_memory(model_config, *, quantization: dict | None = None, llama4_fa
       ``llama4_fast``, else bf16 (2 B per weight), as transformers leaves them (FIELD-NOTES.md);
     - embeddings, ``lm_head`` (unless tied) and norms in ``compute_bytes`` (transformers loads non-quantized weights
       in the compute dtype: 2 for bf16, 4 for float32);
-    - LoRA: ``r * (in + out)`` per targeted Linear (and ``r * E * (in + out)`` per targeted expert parameter), fp32
+    - LoRA: ``r * (in + out)`` per targeted Linear (and ``r * E * (in + out)`` per targeted expert parameter, ``r``
+      from ``rank_pattern`` where one of its keys matches the parameter's name as PEFT matches it), fp32
       weights + fp32 gradients + AdamW's two fp32 states (16 B per parameter; 8-bit optimizers 10 B);
     - activations for one step of ``tokens`` tokens (``max_length * per_device_train_batch_size``): with activation
       checkpointing each layer's bf16 input (``L * T * H * 2``), plus one layer's forward+backward working set
@@ -148,9 +160,9 @@ def estimate_memory(model_config, *, quantization: dict | None = None, llama4_fa
     targets = lora.get("target_parameters") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     if moe_layers and any("gate_up_proj" in t for t in targets):
-        lora_params += len(moe_layers) * r * experts * (h + 2 * inter)
+        lora_params += len(moe_layers) * _rank(lora, "feed_forward.experts.gate_up_proj") * experts * (h + 2 * inter)
     if moe_layers and any("experts.down_proj" in t for t in targets):
-        lora_params += len(moe_layers) * r * experts * (inter + h)
+        lora_params += len(moe_layers) * _rank(lora, "feed_forward.experts.down_proj") * experts * (inter + h)
     embed = vocab * h
     tied = getattr(tc, "tie_word_embeddings", getattr(model_config, "tie_word_embeddings", False))
     head_params = 0 if tied else vocab * h

@@ -375,8 +375,8 @@ EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"
 @pytest.mark.parametrize("changes,words", [
     ({"lora": {"target_parameters": EXPERTS}, "llama4_fast": False},
      ["'lora.lora_dropout' is 0.05", "'lora.target_parameters' puts LoRA on the routed experts", "lora_dropout: 0"]),
-    ({"lora": {"target_parameters": EXPERTS, "lora_dropout": 0.0}},
-     ["'lora.target_parameters'", "'llama4_fast: true'", "set llama4_fast: false"]),
+    ({"lora": {"target_parameters": EXPERTS}, "llama4_fast": True},
+     ["'lora.lora_dropout' is 0.05", "'lora.target_parameters' puts LoRA on the routed experts", "lora_dropout: 0"]),
     ({"bad_rows": "drop"}, ["key 'bad_rows' must be one of 'skip', 'fail', got 'drop'"]),
     ({"bad_row": "skip"}, ["unknown key 'bad_row'", "Did you mean 'bad_rows'?"]),
     ({"sft": {"max_length": "2048"}}, ["'sft.max_length' must be int or null, got '2048'", "(remove the quotes)"]),
@@ -391,6 +391,9 @@ def test_impossible_or_mistyped_settings_fail_at_load(tmp_path, changes, words):
     assert str(path) in str(err.value)
 
 
-def test_lora_on_experts_loads_when_the_combination_works(tmp_path):
-    cfg = C.load(profile_with(tmp_path, lora={"target_parameters": EXPERTS, "lora_dropout": 0.0}, llama4_fast=False))
-    assert cfg.lora["target_parameters"] == EXPERTS and cfg.bad_rows == "fail"
+@pytest.mark.parametrize("fast", [False, True])  # bf16 experts, or NF4 experts (medtune.llama4.expert_lora)
+def test_lora_on_experts_loads_when_the_combination_works(tmp_path, fast):
+    cfg = C.load(profile_with(tmp_path, lora={"target_parameters": EXPERTS, "lora_dropout": 0.0}, llama4_fast=fast))
+    assert cfg.lora["target_parameters"] == EXPERTS and cfg.bad_rows == "fail" and cfg.llama4_fast is fast
+    lora = C.lora_config(cfg)
+    assert sorted(lora.target_parameters) == sorted(EXPERTS) and lora.lora_dropout == 0.0

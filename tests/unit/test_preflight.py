@@ -91,6 +91,18 @@ def test_estimate_counts_parameters_by_kind():
     assert abs(sum(q.values()) - q["lora"] - 134.5e6) / 134.5e6 < 0.01
 
 
+def test_estimate_counts_routed_expert_lora_at_its_rank_pattern():
+    # params/scout.yaml's commented example: r=16 on the routed experts' gate_up/down, the rest at r=64.
+    experts = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]
+    base = P.estimate_memory(scout_text_config(), quantization=NF4, lora=LORA)["params"]["lora"]
+    pattern = {**LORA, "lora_dropout": 0.0, "target_parameters": experts,
+               "rank_pattern": {r"feed_forward\.experts\.(gate_up|down)_proj": 16}}
+    est = P.estimate_memory(scout_text_config(), quantization=NF4, lora=pattern)
+    assert est["params"]["lora"] - base == 427_819_008  # 48 x 8,912,896 (medtune/llama4/expert_lora.py)
+    flat = P.estimate_memory(scout_text_config(), quantization=NF4, lora={**pattern, "rank_pattern": {}})
+    assert flat["params"]["lora"] - base == 4 * 427_819_008  # the experts at r=64 without the pattern
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The offline default
 # ---------------------------------------------------------------------------------------------------------------
