@@ -54,8 +54,11 @@ def build_model(layers: int, setup: str, *, double_quant: bool = False, device="
     return model, layer_gib
 
 
-def add_lora_and_head(model):
-    """LoRA r=64/alpha=16 on LORA_TARGETS, gradient checkpointing, TRL's fused LM head (as SFTTrainer)."""
+def add_lora_and_head(model, *, expert_r: int | None = None):
+    """LoRA r=64/alpha=16 on LORA_TARGETS, gradient checkpointing, TRL's fused LM head (as SFTTrainer).
+
+    ``expert_r``: also LoRA of that rank on the routed experts' gate_up/down (PEFT ``target_parameters``, as
+    params/scout.yaml's commented example: ``rank_pattern`` gives the experts their own rank)."""
     from peft import LoraConfig, get_peft_model
     from trl.trainer.utils import add_fused_lm_head
 
@@ -65,7 +68,12 @@ def add_lora_and_head(model):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+    experts = {}
+    if expert_r:
+        experts = dict(target_parameters=list(l4.ROUTED_EXPERT_PARAMETERS),
+                       rank_pattern={r"feed_forward\.experts\.(gate_up|down)_proj": expert_r})
+    lora = LoraConfig(r=64, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+                      **experts)
     return get_peft_model(model, lora)
 
 

@@ -182,13 +182,24 @@ def full(res, lengths, gen, n_layers, n_rows, save):
         print("scoring", mode, out[f"scoring_b32x300_{mode}"], flush=True)
 
 
+def expert_lora(res, lengths, gen, n_layers, n_rows):
+    """The full model with LoRA r=16 on every routed expert's gate_up/down as well (sparse, on the NF4 weights)."""
+    rows = random.Random(0).sample(lengths, n_rows - 1) + [max(lengths)]
+    l4.Llama4NF4Experts.fused_gemm = "auto"
+    model = lora_bf16_(add_lora_and_head(build_model(n_layers, "medtune")[0], expert_r=16))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    out = dict(trainable_params=trainable, batch1=time_batches(model, [rows_batch([n], gen) for n in rows]))
+    res["expert_lora_r16"] = out
+    print("expert lora", out, flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=Path)
     ap.add_argument("--lengths", type=Path, default=Path(".carry/lengths.json"))
     ap.add_argument("--full", type=int, default=48)
     ap.add_argument("--rows", type=int, default=12)
-    ap.add_argument("--parts", nargs="+", default=["kernel", "small", "profile", "full"])
+    ap.add_argument("--parts", nargs="+", default=["kernel", "small", "profile", "full", "expert_lora"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lengths = read_lengths(args.lengths)
@@ -201,7 +212,8 @@ def main() -> None:
 
     steps = {"kernel": lambda: kernel_check(res, med), "small": lambda: small(res, med, gen),
              "profile": lambda: profile(res, med, gen, args.out),
-             "full": lambda: full(res, lengths, gen, args.full, args.rows, save)}
+             "full": lambda: full(res, lengths, gen, args.full, args.rows, save),
+             "expert_lora": lambda: expert_lora(res, lengths, gen, args.full, 6)}
     for part in args.parts:
         t0 = time.perf_counter()
         try:
