@@ -199,7 +199,7 @@ def main() -> None:
     ap.add_argument("--lengths", type=Path, default=Path(".carry/lengths.json"))
     ap.add_argument("--full", type=int, default=48)
     ap.add_argument("--rows", type=int, default=12)
-    ap.add_argument("--parts", nargs="+", default=["kernel", "small", "profile", "full", "expert_lora"])
+    ap.add_argument("--parts", nargs="+", default=["kernel", "full", "expert_lora", "profile", "small"])
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     lengths = read_lengths(args.lengths)
