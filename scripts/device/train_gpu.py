@@ -154,6 +154,7 @@ def full(res, lengths, gen, n_layers, n_rows, save):
     out["before_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
     print("full", out, flush=True)
     lora_bf16_(model)
+    out["bf16lora_dequant_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
     l4.Llama4NF4Experts.fused_gemm = "auto"
     out["after_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
     print("full", out, flush=True)
