@@ -15,11 +15,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 
-__all__ = ["LLAMA4_MODEL_TYPES", "is_llama4", "is_llama4_repo_id"]
+__all__ = ["LLAMA4_MODEL_TYPES", "ROUTED_EXPERT_PARAMETERS", "is_llama4", "is_llama4_repo_id"]
 
 # ``model_type`` of Llama 4 configs in transformers 5.23: the multimodal checkpoint (Scout's config.json,
 # ``Llama4Config``) and its text model (``Llama4TextConfig``, also the ``text_config`` of the former).
 LLAMA4_MODEL_TYPES = ("llama4", "llama4_text")
+
+# Llama 4's routed experts as PEFT ``target_parameters`` name them: the fused 3-D parameters of
+# transformers' ``Llama4TextExperts`` (gate_up_proj (E, H, 2I), down_proj (E, I, H)), modeling_llama4.py 5.23.
+ROUTED_EXPERT_PARAMETERS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
 
 # transformers' model_type names: lower case, digits, "_" and "-" ("llama4_text", "xlm-roberta"); "" when unknown.
 _MODEL_TYPE = re.compile(r"[a-z0-9_-]*")

@@ -40,6 +40,7 @@ from transformers import Llama4TextConfig
 from transformers.activations import ACT2FN
 from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4TextMoe
 
+from medtune.families import ROUTED_EXPERT_PARAMETERS  # re-exported: the routed-expert LoRA targets
 from medtune.llama4 import expert_lora, kernels
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ GIB = 2**30
 NF4_BLOCKSIZE = 64  # bitsandbytes' default 4-bit block; the same as BitsAndBytesConfig's
 NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for double-quantized absmax (functional.quantize_4bit)
 EXPERTS_FILE = "experts-nf4.safetensors"
-ROUTED_EXPERT_PARAMETERS = ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj")
 
 # Llama 4 Scout (meta-llama/Llama-4-Scout-17B-16E-Instruct) text model, as in FIELD-NOTES.md.
 SCOUT_TEXT_DIMS = dict(

@@ -385,10 +385,13 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
         ConfigError: naming the keys and the fix.
     """
     _check_rehearsal(cfg, source)
+    _check_packing(cfg, source)
+    _check_lora_patterns(cfg, source)
     targets = cfg.lora.get("target_parameters") or []
-    targets = [targets] if isinstance(targets, str) else [str(t) for t in targets]
+    targets = [targets] if isinstance(targets, str) else list(targets)
     if not targets:
         return
+    _check_target_parameters(targets, source)
     dropout = cfg.lora.get("lora_dropout", 0.0)
     if dropout:
         what = "the routed experts" if any("experts" in t for t in targets) else "3-D parameters"
@@ -397,6 +400,66 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
             f"({targets}); PEFT applies that LoRA as a weight delta, with no input to drop. Fix: set "
             "lora_dropout: 0 in the lora section, or remove target_parameters."
         )
+
+
+# TRL 1.16 SFTConfig.packing_strategy: bfd/bfd_split pack whole rows padding-free (positions restart per row);
+# wrapped concatenates rows and cuts them at max_length, so rows attend to each other.
+PACKING_STRATEGIES = ("bfd", "bfd_split")
+
+
+def _check_packing(cfg: RunConfig, source: str) -> None:
+    """``sft.packing`` / ``sft.padding_free``: a strategy that keeps rows apart and a pack length (TRL needs one;
+    Llama 4's own limit is checked against its config.json in 00: :func:`medtune.llama4.check_packing`)."""
+    sft = cfg.sft
+    if not (sft.get("packing") or sft.get("padding_free")):
+        return
+    strategy = sft.get("packing_strategy", "bfd")
+    if sft.get("packing") and strategy not in PACKING_STRATEGIES:
+        why = ("concatenates rows and cuts them at max_length, so each row attends to its neighbours"
+               if strategy == "wrapped" else "is not a TRL 1.16 strategy")
+        raise ConfigError(f"{source}: 'sft.packing_strategy' is {strategy!r}, which {why}. Fix: packing_strategy: "
+                          f"bfd (best-fit decreasing, whole rows, positions restarting per row) or bfd_split.")
+    if sft.get("packing") and "max_length" in sft and sft["max_length"] is None:
+        raise ConfigError(f"{source}: 'sft.packing' needs a pack length, but 'sft.max_length' is null. Fix: "
+                          "max_length: 4096 (Llama 4: at most 8191) in the sft section.")
+
+
+def _check_lora_patterns(cfg: RunConfig, source: str) -> None:
+    """``lora.rank_pattern`` / ``lora.alpha_pattern``: PEFT reads each key as a regular expression over module and
+    parameter names and each value as a rank (an integer >= 1) or an alpha (a number)."""
+    import re
+
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern, value in (cfg.lora.get(key) or {}).items():
+            where = f"'lora.{key}' entry {pattern!r}"
+            try:
+                re.compile(str(pattern))
+            except re.error as err:
+                raise ConfigError(f"{source}: {where} is not a valid regular expression ({err}). Fix: e.g. "
+                                  "'feed_forward\\.experts\\.(gate_up|down)_proj' in single quotes.") from None
+            ok = (isinstance(value, int) and not isinstance(value, bool) and value >= 1) if key == "rank_pattern" \
+                else (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                want = "a rank, an integer >= 1" if key == "rank_pattern" else "an alpha, a number"
+                raise ConfigError(f"{source}: {where} maps to {value!r}; it must be {want} (e.g. 16, no quotes).")
+
+
+def _check_target_parameters(targets: list, source: str) -> None:
+    """Each ``lora.target_parameters`` entry names a parameter PEFT can wrap on Llama 4's routed experts; PEFT
+    itself only warns (or says nothing, when another entry matches) when one matches nothing, and training then
+    silently runs without that LoRA."""
+    import difflib
+
+    from medtune.families import ROUTED_EXPERT_PARAMETERS as known
+    for t in targets:
+        if not isinstance(t, str) or not any(t == k or t.endswith("." + k) for k in known):
+            close = difflib.get_close_matches(str(t), known, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"{source}: 'lora.target_parameters' entry {t!r} names no parameter LoRA can go on.{hint} Fix: "
+                f"use {known[0]} and/or {known[1]} (Llama 4's routed experts), optionally with a longer prefix "
+                "such as language_model.model.layers.0."
+            )
 
 
 def _check_rehearsal(cfg: RunConfig, source: str) -> None:

@@ -381,6 +381,24 @@ EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"
     ({"bad_row": "skip"}, ["unknown key 'bad_row'", "Did you mean 'bad_rows'?"]),
     ({"sft": {"max_length": "2048"}}, ["'sft.max_length' must be int or null, got '2048'", "(remove the quotes)"]),
     ({"lora": {"lora_dropout": "0.05"}}, ["'lora.lora_dropout' must be float, got '0.05'"]),
+    # a typo in target_parameters: PEFT only warns (or, with one good entry beside it, says nothing) and trains
+    # without that LoRA
+    ({"lora": {"lora_dropout": 0.0, "target_parameters": ["feed_forward.expert.gate_up_proj"]}},
+     ["entry 'feed_forward.expert.gate_up_proj' names no parameter",
+      "Did you mean 'feed_forward.experts.gate_up_proj'"]),
+    ({"lora": {"lora_dropout": 0.0, "target_parameters": [EXPERTS[0], "feed_forward.experts.down_prj"]}},
+     ["entry 'feed_forward.experts.down_prj'", "Did you mean 'feed_forward.experts.down_proj'"]),
+    ({"lora": {"lora_dropout": 0.0, "target_parameters": [1, 2]}}, ["entry 1 names no parameter"]),
+    ({"lora": {"rank_pattern": {"feed_forward\\.experts\\.(gate_up": 16}}},
+     ["'lora.rank_pattern' entry", "is not a valid regular expression", "missing )"]),
+    ({"lora": {"rank_pattern": {"experts": "sixteen"}}}, ["maps to 'sixteen'", "an integer >= 1"]),
+    ({"lora": {"rank_pattern": {"experts": 0}}}, ["maps to 0", "an integer >= 1"]),
+    ({"lora": {"rank_pattern": {"experts": 16.5}}}, ["maps to 16.5"]),
+    ({"lora": {"alpha_pattern": {"(": 16}}}, ["'lora.alpha_pattern' entry '('", "not a valid regular expression"]),
+    ({"sft": {"packing": True, "packing_strategy": "wrapped"}},
+     ["'sft.packing_strategy' is 'wrapped'", "attends to its neighbours", "packing_strategy: bfd"]),
+    ({"sft": {"packing": True, "packing_strategy": "bdf"}}, ["'bdf', which is not a TRL 1.16 strategy"]),
+    ({"sft": {"packing": True, "max_length": None}}, ["'sft.max_length' is null", "max_length: 4096"]),
 ])
 def test_impossible_or_mistyped_settings_fail_at_load(tmp_path, changes, words):
     path = profile_with(tmp_path, **changes)
