@@ -62,6 +62,12 @@ def main(argv=None) -> dict:
         print(f"{args.write_lengths}: {len(lengths)} rows, {min(lengths)}-{max(lengths)} tokens, "
               f"mean {sum(lengths) / len(lengths):.0f}")
         return {"lengths": lengths}
+    lengths = None
+    if args.lengths:  # checked before any GPU work: a bad file must not cost the measurements
+        lengths = training.read_lengths(args.lengths)
+        if args.real_rows < 1 or args.pack_to < max(1, min(lengths)) or args.full < 1:
+            parser.error(f"--lengths needs --real-rows >= 1 (got {args.real_rows}), --pack-to of at least the "
+                         f"shortest row ({min(lengths)} tokens; got {args.pack_to}) and --full >= 1 (got {args.full})")
     if not torch.cuda.is_available():
         raise SystemExit("medtune.bench needs a CUDA GPU")
     if args.generate:
@@ -107,8 +113,7 @@ def main(argv=None) -> dict:
             run = training.time_training(model, max(args.tokens), steps=args.full_steps, warmup=1)
             res["full"].append(dict(double_quant=dq, tokens=max(args.tokens), layers=args.full, weights_gib=weights,
                                     build_s=build_s, **run))
-            if args.lengths and not dq:
-                lengths = training.read_lengths(args.lengths)
+            if lengths and not dq:
                 real = training.real_rows(model, lengths, rows=args.real_rows, pack_to=args.pack_to)
                 for key in ("batch1", "packed"):
                     real[key]["profile_minutes"] = training.training_minutes(lengths, args.profile_rows,

@@ -46,24 +46,32 @@ def row_lengths(rows_file: str | Path, tokenizer_path: str | Path, language: str
     tokenized with ``tokenizer_path`` as TRL's SFTTrainer does (:func:`medtune.stages.data.token_lengths`).
 
     Raises:
-        medtune.stages.data.DataError: the file cannot be read or a row lacks Question/Complex_CoT/Response.
+        medtune.stages.data.DataError: the file cannot be read, has no rows, or a row is not a usable
+            Question/Complex_CoT/Response record (names the file, the line and the field, as 03 would).
+        FileNotFoundError: ``tokenizer_path`` is not a folder with tokenizer files.
     """
     from transformers import AutoTokenizer
 
     from medtune.stages import data
 
+    if not Path(tokenizer_path, "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"--tokenizer {tokenizer_path}: no tokenizer_config.json there; pass the folder of "
+                                "the model's tokenizer (e.g. ../shared/tokenizers/llama4)")
+    rows = data.validate_rows(data.read_records(rows_file), str(rows_file), bad_rows="fail")
+    if not rows:
+        raise data.DataError(f"{rows_file}: no rows to measure")
     tok = AutoTokenizer.from_pretrained(str(tokenizer_path))
-    rows = data.read_jsonl(rows_file)
-    for i, row in enumerate(rows, 1):
-        missing = [f for f in ("Question", "Complex_CoT", "Response") if not isinstance(row, dict) or f not in row]
-        if missing:
-            raise data.DataError(f"{rows_file}: row {i} has no {', '.join(missing)}; the benchmark reads "
-                                 "medical-o1-reasoning-SFT rows (Question, Complex_CoT, Response)")
     return data.token_lengths(tok, language)(rows)
 
 
 def write_lengths(path: str | Path, lengths: list[int], source: str) -> Path:
-    """``{"source", "lengths"}`` as JSON: the workload file ``--lengths`` reads (token counts only, no text)."""
+    """``{"source", "lengths"}`` as JSON: the workload file ``--lengths`` reads (token counts only, no text).
+
+    Raises:
+        ValueError: ``lengths`` is empty (nothing is written).
+    """
+    if not lengths:
+        raise ValueError("no lengths to write")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"source": source, "lengths": lengths}))
@@ -74,13 +82,18 @@ def read_lengths(path: str | Path) -> list[int]:
     """The ``lengths`` list of a file written by :func:`write_lengths`.
 
     Raises:
-        ValueError: the file has no ``lengths`` list of positive integers (names the file and the fix).
+        ValueError: the file is missing, unreadable, not JSON, or has no ``lengths`` list of positive integers
+            (the message names the file and how to write one).
     """
-    data = json.loads(Path(path).read_text())
+    fix = ("write it with python -m medtune.bench --write-lengths FILE --rows-file ROWS.jsonl "
+           "--tokenizer TOKENIZER_FOLDER")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read a lengths file ({type(err).__name__}: {err}); {fix}") from None
     lengths = data.get("lengths") if isinstance(data, dict) else None
-    if not lengths or not all(isinstance(n, int) and n > 0 for n in lengths):
-        raise ValueError(f"{path}: expected {{\"lengths\": [positive token counts]}}; write it with "
-                         "python -m medtune.bench --write-lengths FILE --rows ROWS.jsonl --tokenizer TOKENIZER")
+    if not lengths or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths):
+        raise ValueError(f"{path}: expected {{\"lengths\": [positive token counts]}}; {fix}")
     return lengths
 
 

@@ -44,9 +44,15 @@ def test_rows_batch_restarts_positions_and_ignores_each_rows_first_label():
 def test_lengths_file_round_trip_and_errors(tmp_path):
     path = T.write_lengths(tmp_path / "l.json", [5, 7], "test")
     assert T.read_lengths(path) == [5, 7] and json.loads(path.read_text())["source"] == "test"
-    (tmp_path / "bad.json").write_text('{"lengths": [3, 0]}')
-    with pytest.raises(ValueError, match=r"bad\.json.*--write-lengths"):
-        T.read_lengths(tmp_path / "bad.json")
+    for text in ('{"lengths": [3, 0]}', '{"lengths": [1, true]}', "", "not json", '{"lengths": []}'):
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=r"bad\.json.*--write-lengths FILE --rows-file"):
+            T.read_lengths(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=r"missing\.json: cannot read"):
+        T.read_lengths(tmp_path / "missing.json")
+    with pytest.raises(ValueError, match="no lengths"):
+        T.write_lengths(tmp_path / "empty.json", [], "test")
+    assert not (tmp_path / "empty.json").exists()
 
 
 def test_row_lengths_of_the_real_rows_with_the_real_tokenizer():
@@ -72,5 +78,13 @@ def test_row_lengths_names_the_row_without_the_fields(tmp_path):
 
     f = tmp_path / "rows.jsonl"
     f.write_text('{"Question": "q", "Complex_CoT": "c", "Response": "r"}\n{"Question": "q"}\n')
-    with pytest.raises(DataError, match=r"rows\.jsonl: row 2 has no Complex_CoT, Response"):
+    with pytest.raises(DataError, match=r"(?s)rows\.jsonl.*line 2.*Complex_CoT"):
         T.row_lengths(f, SHARED / "tokenizers" / "llama4")
+    f.write_text('{"Question": null, "Complex_CoT": "c", "Response": "r"}\n')
+    with pytest.raises(DataError, match=r"(?s)line 1.*Question"):
+        T.row_lengths(f, SHARED / "tokenizers" / "llama4")
+    f.write_text("")
+    with pytest.raises(DataError, match="no rows"):
+        T.row_lengths(f, SHARED / "tokenizers" / "llama4")
+    with pytest.raises(FileNotFoundError, match="--tokenizer"):
+        T.row_lengths(f, tmp_path)
