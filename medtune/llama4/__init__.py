@@ -655,7 +655,12 @@ class Llama4NF4Experts(nn.Module):
         """``a_e @ W_e`` (or ``a_e @ W_e^T``) for the rows of each expert, W = projection ``name``, straight from
         the packed NF4 bytes (:func:`medtune.llama4.kernels.nf4_moe_gemm`): a (N, K) sorted by expert in
         ``compute_dtype``, counts (E,) tensor or E ints -> (N, M); None when the kernel does not apply or failed in
-        this process (:func:`medtune.llama4.kernels.guarded`), and the caller dequantizes instead."""
+        this process (:func:`medtune.llama4.kernels.guarded`), and the caller dequantizes instead.
+
+        Raises:
+            ValueError: ``name`` is not a projection of this module, or the kernel's own input checks fail."""
+        if name not in self.shapes:
+            raise ValueError(f"unknown projection {name!r}; one of {sorted(self.shapes)}")
         k, n = self.shapes[name]
         num = self.num_experts
         if not isinstance(counts, torch.Tensor):

@@ -421,16 +421,20 @@ def nf4_moe_gemm(a: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, ab
         return None
     num_experts = packed.shape[0]
     inner, outer = (w_cols, w_rows) if transpose else (w_rows, w_cols)
-    if a.dim() != 2 or a.shape[1] != inner or a.stride(1) != 1 or not a.is_floating_point():
-        raise ValueError(f"a must be (N, {inner}) floating point with a contiguous last dim, got {tuple(a.shape)} "
+    if a.dim() != 2 or a.shape[1] != inner or a.stride(1) != 1 or a.dtype not in (torch.bfloat16, torch.float16,
+                                                                                    torch.float32):
+        raise ValueError(f"a must be (N, {inner}) bf16/fp16/fp32 with a contiguous last dim, got {tuple(a.shape)} "
                          f"{a.dtype} {a.stride()}")
     if packed.shape != (num_experts, w_rows * w_cols // 2) or absmax.shape != (num_experts, w_rows * w_cols // 64):
         raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
                          f"NF4 matrices of {w_rows}x{w_cols}")
     _check_nf4_buffers(packed, absmax, code)
+    if a.device != packed.device:
+        raise ValueError(f"a is on {a.device} but the NF4 weights are on {packed.device}")
     if not isinstance(counts, torch.Tensor) or counts.shape != (num_experts,) or counts.is_floating_point() \
-            or counts.device != a.device:
-        shown = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
+            or counts.dtype == torch.bool or counts.device != a.device:
+        shown = (f"{tuple(counts.shape)} {counts.dtype} on {counts.device}" if isinstance(counts, torch.Tensor)
+                 else type(counts).__name__)
         raise ValueError(f"counts must be an integer tensor of shape ({num_experts},) on {a.device}, got {shown}")
     bm, br, bc = blocks or GEMM_BLOCKS
     if w_rows % br or w_cols % bc:

@@ -45,8 +45,14 @@ def test_moe_gemm_checks_its_inputs():
         kernels.nf4_moe_gemm(a, counts, packed, absmax, code(), w_rows=64, w_cols=128, transpose=True)
     with pytest.raises(ValueError, match="do not hold 2 NF4 matrices of 64x256"):
         kernels.nf4_moe_gemm(a, counts, packed, absmax, code(), w_rows=64, w_cols=256)
-    with pytest.raises(ValueError, match="counts must be an integer tensor"):
+    with pytest.raises(ValueError, match="counts must be an integer tensor.*float32"):
         kernels.nf4_moe_gemm(a, torch.tensor([1.0, 1.0]), packed, absmax, code(), w_rows=64, w_cols=128)
+    with pytest.raises(ValueError, match="counts must be an integer tensor.*bool"):
+        kernels.nf4_moe_gemm(a, torch.tensor([True, True]), packed, absmax, code(), w_rows=64, w_cols=128)
+    with pytest.raises(ValueError, match="bf16/fp16/fp32"):
+        kernels.nf4_moe_gemm(a.double(), counts, packed, absmax, code(), w_rows=64, w_cols=128)
+    with pytest.raises(ValueError, match="a is on meta but the NF4 weights are on cpu"):
+        kernels.nf4_moe_gemm(a.to("meta"), counts, packed, absmax, code(), w_rows=64, w_cols=128)
     with pytest.raises(ValueError, match="do not tile"):
         kernels.nf4_moe_gemm(a, counts, packed, absmax, code(), w_rows=64, w_cols=128, blocks=(16, 48, 64))
     assert kernels.nf4_moe_gemm(a, counts, packed, absmax, code(), w_rows=64, w_cols=128,
