@@ -42,6 +42,12 @@ from transformers.models.llama4.modeling_llama4 import Llama4TextExperts, Llama4
 
 from medtune.families import ROUTED_EXPERT_PARAMETERS  # re-exported: the routed-expert LoRA targets
 from medtune.llama4 import expert_lora, kernels
+from medtune.llama4.dispatch import assemble as _assemble
+from medtune.llama4.dispatch import check_counts as _check_counts
+from medtune.llama4.dispatch import grouped_mm_ok as _grouped_mm_ok
+from medtune.llama4.dispatch import host_counts as _host_counts
+from medtune.llama4.dispatch import nf4_code as _nf4_code
+from medtune.llama4.dispatch import offsets as _offsets
 
 logger = logging.getLogger(__name__)
 
@@ -111,28 +117,6 @@ def is_llama4(model_or_config) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
-
-
-def _host_counts(counts: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
-    """``counts`` as a tuple of Python ints (a device tensor costs one host sync here)."""
-    return tuple(int(c) for c in (counts.tolist() if isinstance(counts, torch.Tensor) else counts))
-
-
-def _offsets(counts: Sequence[int] | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """End row of each expert's group, (E,) int32 on ``device``, as ``torch._grouped_mm``'s ``offs`` wants.
-    From a device tensor: no host sync."""
-    if isinstance(counts, torch.Tensor):
-        return counts.to(device).cumsum(0, dtype=torch.int32)
-    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
-
-
 class Llama4SparseExperts(Llama4TextExperts):
     """transformers' ``Llama4TextExperts`` (same parameters, same state_dict) that also runs sparsely.
 
@@ -166,17 +150,6 @@ class Llama4SparseExperts(Llama4TextExperts):
                 outs.append((self.act_fn(g) * u) @ down[e])
                 start += n
         return torch.cat(outs) if outs else hidden_states.new_zeros(0, self.hidden_size)
-
-
-def _check_counts(x: torch.Tensor, counts: Sequence[int] | torch.Tensor, num_experts: int) -> None:
-    """Validate routing counts. A tensor is checked for its length only (its sum would cost a host sync)."""
-    if isinstance(counts, torch.Tensor):
-        ok = counts.shape == (num_experts,)
-    else:
-        ok = len(counts) == num_experts and sum(counts) == x.shape[0]
-    if not ok:
-        shown = tuple(counts.shape) if isinstance(counts, torch.Tensor) else list(counts)
-        raise ValueError(f"counts must hold {num_experts} token counts summing to {x.shape[0]} rows, got {shown}")
 
 
 def _in_checkpoint_recompute() -> bool:
@@ -252,17 +225,6 @@ class Llama4SparseMoe(Llama4TextMoe):
 # --------------------------------------------------------------------------------------------------------------
 # NF4 routed experts
 # --------------------------------------------------------------------------------------------------------------
-
-_NF4_CODE: dict[torch.device, torch.Tensor] = {}
-
-
-def _nf4_code(device: torch.device) -> torch.Tensor:
-    import bitsandbytes.functional as bnbf
-
-    if device not in _NF4_CODE:
-        _NF4_CODE[device] = bnbf.get_4bit_type("nf4", device=device)
-    return _NF4_CODE[device]
-
 
 class _NF4ExpertsFunction(torch.autograd.Function):
     """Routed experts on NF4 weights, forward and backward w.r.t. the input; the weights are frozen.
@@ -340,17 +302,6 @@ def _gated_grad(act_fn, g: torch.Tensor, u: torch.Tensor, da: torch.Tensor) -> t
     return torch.cat([dg, da * a.detach()], dim=-1)
 
 
-def _assemble(parts: list[tuple[slice, torch.Tensor]], zeros) -> torch.Tensor:
-    """One (N, H) tensor from per-group row blocks: a single block of all rows as it is (no copy), else the
-    blocks written into ``zeros()`` (rows of groups without tokens stay 0)."""
-    if len(parts) == 1 and parts[0][0] == slice(None):
-        return parts[0][1]
-    out = zeros()
-    for rows, block in parts:
-        out[rows] = block
-    return out
-
-
 def _loop_mm(counts: Sequence[int]):
     """(rows sorted by expert (n, K), weights (G, K, M)) -> (n, M): expert i of the group takes counts[i] rows."""
 
@@ -398,6 +349,7 @@ class Llama4NF4Experts(nn.Module):
     :class:`Llama4SparseMoe` inside a gradient-checkpoint recompute) returns zeros but keeps what backward needs.
     """
 
+    is_nf4_experts = True  # how medtune.llama4.expert_lora recognises this module without importing it
     dequant_group: int | None = None  # experts per dequantize call; None = all (fewest calls, most memory)
     triton_dequant: bool = os.environ.get("MEDTUNE_NF4_TRITON", "1") != "0"  # CUDA: Triton kernel, else bitsandbytes
     # inference (no gradient): "auto": on CUDA up to ``fused_max_rows`` rows multiply straight from the packed bytes

@@ -74,7 +74,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn as nn
 
-import medtune.llama4 as l4
+from medtune.llama4 import dispatch, kernels
 
 __all__ = ["active_factors", "is_placeholder", "nf4_under", "placeholder", "placeholders", "routed_forward"]
 
@@ -131,7 +131,7 @@ def nf4_under(module):
     (any depth); None for anything else (bf16 experts, wrapped or not)."""
     while _is_param_wrapper(module):
         module = module.base_layer
-    return module if isinstance(module, l4.Llama4NF4Experts) else None
+    return module if getattr(module, "is_nf4_experts", False) else None  # Llama4NF4Experts (no import: a cycle)
 
 
 def active_factors(module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
@@ -185,19 +185,19 @@ class _Routing:
 
     def __init__(self, x: torch.Tensor, counts: Sequence[int] | torch.Tensor, num_experts: int):
         self.counts, self.num_experts, self.device = counts, num_experts, x.device
-        self.grouped = l4._grouped_mm_ok(x)
+        self.grouped = dispatch.grouped_mm_ok(x)
         self._offs = self._spans = None
 
     def offs(self) -> torch.Tensor:
         if self._offs is None:
-            self._offs = l4._offsets(self.counts, self.device)
+            self._offs = dispatch.offsets(self.counts, self.device)
         return self._offs
 
     def spans(self) -> list[tuple[int, int, int]]:
         """(expert, first row, end row) of every expert that has rows."""
         if self._spans is None:
             spans, start = [], 0
-            for e, n in enumerate(l4._host_counts(self.counts)):
+            for e, n in enumerate(dispatch.host_counts(self.counts)):
                 if n:
                     spans.append((e, start, start + n))
                     start += n
@@ -242,7 +242,7 @@ def _base(experts, name: str, a: torch.Tensor, counts, *, transpose: bool = Fals
         w = experts.dequantize_experts(name, *group)
         parts.append((rows, mm(a[rows], w.transpose(-2, -1) if transpose else w)))
         del w
-    return l4._assemble(parts, lambda: a.new_zeros(a.shape[0], k if transpose else m))
+    return dispatch.assemble(parts, lambda: a.new_zeros(a.shape[0], k if transpose else m))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,9 +340,9 @@ def _inference_base(experts, counts: torch.Tensor, fused: bool):
 
     def fused_base(experts, name, a, counts_):
         k, m = experts.shapes[name]
-        out = l4.kernels.guarded("nf4_moe_matmul", l4.kernels.nf4_moe_matmul, a, counts,
+        out = kernels.guarded("nf4_moe_matmul", kernels.nf4_moe_matmul, a, counts,
                                  getattr(experts, f"{name}_packed"), experts._absmax(name, 0, num).view(num, -1),
-                                 l4._nf4_code(a.device), k=k, n_out=m, gated=False)
+                                 dispatch.nf4_code(a.device), k=k, n_out=m, gated=False)
         if out is None:
             raise _NoFusedKernel
         return out
@@ -351,7 +351,7 @@ def _inference_base(experts, counts: torch.Tensor, fused: bool):
         out = experts.gemm(name, a, counts) if experts._use_gemm(a) else None
         if out is not None:
             return out
-        return torch._grouped_mm(a, experts.dequantize_experts(name), offs=l4._offsets(counts, a.device))
+        return torch._grouped_mm(a, experts.dequantize_experts(name), offs=dispatch.offsets(counts, a.device))
 
     return fused_base if fused else grouped_base
 
@@ -384,7 +384,7 @@ def routed_forward(module, experts, hidden_states: torch.Tensor, counts: Sequenc
     factors = active_factors(module) if module is not experts else None
     if factors is None:
         return experts(hidden_states, counts, output_needed=output_needed)
-    l4._check_counts(hidden_states, counts, experts.num_experts)
+    dispatch.check_counts(hidden_states, counts, experts.num_experts)
     x = hidden_states.to(experts.compute_dtype).contiguous()
     if not isinstance(counts, torch.Tensor):
         counts = tuple(int(c) for c in counts)

@@ -20,11 +20,11 @@ MAY_IMPORT = {
     "compat": set(),
     "families": set(),
     "io": {"io"},
-    "settings": {"settings", "io"},
+    "settings": {"settings", "io", "families"},
     "llama4": {"llama4", "families", "compat"},
     "stages": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
     "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
-    "bench": {"bench", "llama4", "evaluation", "families", "compat"},
+    "bench": {"bench", "llama4", "evaluation", "stages", "families", "compat"},
     "pipeline": {"settings"},
 }
 
