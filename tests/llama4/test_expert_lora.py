@@ -19,7 +19,7 @@ from safetensors import safe_open
 from torch.overrides import TorchFunctionMode
 
 from medtune import llama4 as l4
-from medtune.llama4 import expert_lora
+from medtune.llama4 import dispatch, expert_lora
 from tests.llama4.test_llama4 import TOKENIZER, rel, tiny_model, tiny_text
 
 ROUTED = list(l4.ROUTED_EXPERT_PARAMETERS)
@@ -126,7 +126,8 @@ def test_grouped_products_equal_the_per_expert_loop(monkeypatch):
     loop_loss, loop_grads = loss_and_grads(nf4, tokens)
     calls = []
     grouped_mm = torch._grouped_mm
-    monkeypatch.setattr(l4, "_grouped_mm_ok", lambda x: True)
+    monkeypatch.setattr(l4, "_grouped_mm_ok", lambda x: True)  # the NF4 base
+    monkeypatch.setattr(dispatch, "grouped_mm_ok", lambda x: True)  # the LoRA products
     monkeypatch.setattr(torch, "_grouped_mm",
                         lambda a, b, **k: calls.append((a.dim(), b.dim())) or grouped_mm(a, b, **k))
     loss, grads = loss_and_grads(nf4, tokens)
