@@ -392,6 +392,10 @@ def _check_combinations(cfg: RunConfig, source: str) -> None:
     if not targets:
         return
     _check_target_parameters(targets, source)
+    if cfg.lora.get("use_dora"):
+        raise ConfigError(f"{source}: 'lora.use_dora: true' with 'lora.target_parameters': PEFT's ParamWrapper (LoRA "
+                          "on the routed experts) has no DoRA (peft 0.21.2 raises when the model is wrapped, in 05). "
+                          "Fix: use_dora: false, or remove target_parameters.")
     dropout = cfg.lora.get("lora_dropout", 0.0)
     if dropout:
         what = "the routed experts" if any("experts" in t for t in targets) else "3-D parameters"

@@ -395,6 +395,8 @@ EXPERTS = ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"
     ({"lora": {"rank_pattern": {"experts": 0}}}, ["maps to 0", "an integer >= 1"]),
     ({"lora": {"rank_pattern": {"experts": 16.5}}}, ["maps to 16.5"]),
     ({"lora": {"alpha_pattern": {"(": 16}}}, ["'lora.alpha_pattern' entry '('", "not a valid regular expression"]),
+    ({"lora": {"lora_dropout": 0.0, "use_dora": True, "target_parameters": EXPERTS}},
+     ["'lora.use_dora: true' with 'lora.target_parameters'", "use_dora: false"]),
     ({"sft": {"packing": True, "packing_strategy": "wrapped"}},
      ["'sft.packing_strategy' is 'wrapped'", "attends to its neighbours", "packing_strategy: bfd"]),
     ({"sft": {"packing": True, "packing_strategy": "bdf"}}, ["'bdf', which is not a TRL 1.16 strategy"]),
