@@ -11,12 +11,22 @@ RESUME ?=
 # With RESUME a run continues with its own settings unless PARAMS is given too (then changed settings that no finished
 # notebook has used yet are taken, e.g. a fixed sft section after 05 failed on it).
 PARAMS_ARG = $(if $(and $(RESUME),$(filter file default,$(origin PARAMS))),,--params $(PARAMS))
+# make lab: where JupyterLab listens. The default is this machine only; LAB_HOST=0.0.0.0 (all interfaces, e.g. behind a
+# pod's HTTP proxy) only when asked. Either way Jupyter's token guards it: Jupyter makes a new one at each start and shows
+# it in its own log (the URL with ?token=); set JUPYTER_TOKEN in the environment to choose it. Never put it in a file here.
+LAB_HOST ?= 127.0.0.1
+LAB_PORT ?= 8888
+# make kernel: where the "medtune" kernelspec goes. Empty: the user's Jupyter folder (~/.local/share/jupyter/kernels;
+# as root on a pod that is root's, which the platform's JupyterLab reads); else PREFIX/share/jupyter/kernels (a Jupyter
+# in another environment reads its own prefix, e.g. KERNEL_PREFIX=/opt/conda).
+KERNEL_PREFIX ?=
 
-.PHONY: help env run-all test test-fast lab bench strip clean
+.PHONY: help env run-all test test-fast lab kernel bench strip clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: PARAMS=params/<profile>.yaml (default $(PARAMS)), RESUME=outputs/<run-id>"
+	@echo "             LAB_HOST=$(LAB_HOST) LAB_PORT=$(LAB_PORT) (make lab), KERNEL_PREFIX=<prefix> (make kernel)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,9 +68,24 @@ test-fast: $(TEST_STAMP) ## lint (ruff) and the tests without model runs (~3 min
 	$(LINT)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -m "not slow"
 
-lab: $(STAMP) ## open JupyterLab on notebooks/ with the project's environment
+LAB_STAMP := $(VENV)/.lab-installed
+$(LAB_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[lab]"
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab notebooks/
+	# the notebooks name the kernel "medtune": registered inside .venv, seen by this JupyterLab only (make kernel: any)
+	$(BIN)/python -m medtune.lab --sys-prefix >/dev/null
+	touch $@
+
+lab: $(LAB_STAMP) ## open JupyterLab on notebooks/ (LAB_HOST=0.0.0.0 to listen on all interfaces, LAB_PORT=8888)
+	@if [ "$(LAB_HOST)" != 127.0.0.1 ] && [ "$(LAB_HOST)" != localhost ] && [ -n "$${JUPYTER_TOKEN+set}" ] \
+	  && [ -z "$$JUPYTER_TOKEN" ]; then echo "error: JUPYTER_TOKEN is empty: no token on $(LAB_HOST) would let anyone in" >&2; exit 2; fi
+	# --allow-root only as root (pods run as root; JupyterLab refuses root without it); port_retries=0: a busy port is an
+	# error, not a silent move to another port that the pod's proxy does not forward
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/jupyter lab notebooks/ --ServerApp.ip=$(LAB_HOST) --ServerApp.port=$(LAB_PORT) \
+	  --ServerApp.port_retries=0 $(if $(filter 127.0.0.1 localhost,$(LAB_HOST)),,--no-browser) \
+	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+
+kernel: $(STAMP) ## register .venv as the Jupyter kernel "medtune" for any JupyterLab on this machine (KERNEL_PREFIX=...)
+	$(BIN)/python -m medtune.lab $(if $(KERNEL_PREFIX),--prefix $(KERNEL_PREFIX))
 
 bench: $(STAMP) ## Scout-shaped QLoRA benchmark on a GPU (results in outputs/bench/)
 	$(BIN)/python -m medtune.bench

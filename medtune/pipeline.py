@@ -227,6 +227,8 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         print(f"  {nb.stem:<28} running ...", flush=True)
         executed = run.notebooks_dir / nb.name
         try:
+            # python3: this environment's own kernel (ipykernel's, argv "python" -> sys.executable), not the notebooks'
+            # "medtune" kernel (medtune.lab), which JupyterLab needs but a headless run does not
             papermill.execute_notebook(
                 str(nb), str(executed),
                 parameters={"PARAMS": str(params), "RUN_DIR": str(run.path)},

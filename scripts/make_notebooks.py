@@ -51,7 +51,8 @@ def nb(title: str, line: str, imports: str, params: str, cells: list) -> nbforma
     for i, cell in enumerate(out):  # stable ids: regenerating an unchanged notebook changes nothing in git
         cell.id = hashlib.sha1(f"{title}|{i}".encode()).hexdigest()[:8]
     book = new_notebook(cells=out)
-    book.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"}
+    # the project's kernel (`make kernel`, `make lab`: medtune.lab); headless runs give papermill `python3` instead
+    book.metadata["kernelspec"] = {"name": "medtune", "display_name": "medtune", "language": "python"}
     book.metadata["language_info"] = {"name": "python"}
     return book
 

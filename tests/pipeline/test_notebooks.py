@@ -35,7 +35,8 @@ def test_notebook_source_is_clean(path):
     for c in code:
         assert not re.search(r"^\s*(def|class)\s", c.source, re.M), f"definition in a notebook cell:\n{c.source}"
         assert "sys.path" not in c.source
-    assert nb.metadata["kernelspec"]["name"] == "python3"  # papermill needs the kernelspec
+    # papermill needs a kernelspec; JupyterLab starts the project's kernel by this name (make kernel / make lab)
+    assert nb.metadata["kernelspec"] == {"name": "medtune", "display_name": "medtune", "language": "python"}
     # parameters: UPPER_CASE literals, annotated, one comment each
     for line in tagged[0].source.splitlines():
         assert re.match(r"^[A-Z_]+: [\w |\[\]]+ = .+  # .+", line), \

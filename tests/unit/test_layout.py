@@ -26,6 +26,7 @@ MAY_IMPORT = {
     "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
     "bench": {"bench", "llama4", "evaluation", "stages", "families", "compat"},
     "pipeline": {"settings"},
+    "lab": set(),
 }
 
 
