@@ -556,7 +556,8 @@ def _checkpoint_bytes(cfg: _config.RunConfig, lora_params: int) -> int:
 
 def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) -> Check:
     """Free disk against what the run will write: the model download (sizes from the service's file metadata,
-    cached files not counted), Llama 4's NF4 experts cache (``llama4_fast``) and the checkpoints in outputs/.
+    cached files not counted), Llama 4's NF4 experts cache (``llama4_fast``), the checkpoints in outputs/ and, with
+    ``export_merged``, the merged bf16 model there.
     A rehearsal (``rehearsal: true``) downloads no weights and writes no NF4 cache: only the checkpoints count."""
     from medtune.io import sources
     from medtune.settings.runs import outputs_root
@@ -588,6 +589,9 @@ def check_disk(cfg: _config.RunConfig, conf=None, estimate: dict | None = None) 
                 needs.append(("NF4 experts cache", cache_dir(), int(est["params"]["routed_experts"] * _bytes_4bit(dq))))
     if estimate is not None:
         needs.append(("checkpoints + adapter", outputs_root(), _checkpoint_bytes(cfg, estimate["params"]["lora"])))
+        if cfg.export_merged:  # 07 saves the base with the LoRA merged in, in bf16 (2 bytes per parameter)
+            base = sum(n for k, n in estimate["params"].items() if k != "lora")
+            needs.append(("merged model (export_merged)", outputs_root(), base * 2))
     if not needs:
         return Check("disk", "ok", "model is local: nothing to download.")
     by_device: dict[int, list] = {}

@@ -118,6 +118,9 @@ def test_default_profiles_pass_offline(name, capsys):
     assert status["versions"] in ("ok", "warning")  # a warning never fails the run
     out = capsys.readouterr().out
     assert "OK    access: model and dataset are local" in out
+    disk = next(c["detail"] for c in report["checks"] if c["name"] == "disk")
+    # SmolLM2-135M merged in bf16: ~135M parameters x 2 B
+    assert ("merged model (export_merged) 0.3 GB" in disk) is C.load(PARAMS / f"{name}.yaml").export_merged
     assert time.perf_counter() - start < 30  # seconds, on a busy 2-core machine; ~1 s once imports are warm
 
 
