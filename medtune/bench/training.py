@@ -136,6 +136,18 @@ def lora_bf16_(model):
     return model
 
 
+def optimizer_step(model, batch: dict, opt: torch.optim.Optimizer) -> torch.Tensor:
+    """One training step as the benchmarks time it: forward under bf16 autocast with TRL's fused LM head and loss
+    (what SFTTrainer runs), backward, ``opt.step()``, gradients freed. Returns the loss (a 0-d tensor; not read
+    here, so no host sync)."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model(**batch, fused_lm_head=True).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
 def time_batches(model, batches: list[dict], *, warmup: int = 1) -> dict:
     """One optimizer step (bf16 autocast, TRL fused LM head, torch fused AdamW) per batch of ``batches``, after
     ``warmup`` steps on the first. Returns tokens/s over all timed steps (sum of tokens / sum of seconds), the
@@ -149,11 +161,7 @@ def time_batches(model, batches: list[dict], *, warmup: int = 1) -> dict:
     for i, batch in enumerate([batches[0]] * warmup + list(batches)):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**batch, fused_lm_head=True).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = optimizer_step(model, batch, opt)
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -177,11 +185,7 @@ def time_training(model, tokens: int, *, steps: int, warmup: int) -> dict:
     for step in range(warmup + steps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss = optimizer_step(model, dict(input_ids=ids, labels=ids), opt)
         torch.cuda.synchronize()
         if step >= warmup:
             times.append(time.perf_counter() - t0)

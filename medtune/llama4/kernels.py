@@ -108,6 +108,24 @@ if triton is not None:
         tl.store(out_ptr + out_offs, vals, mask=out_offs < 2 * n_bytes)
 
     @triton.jit
+    def expert_rows(counts_ptr, pid_m, n_rows, E: tl.constexpr, E_POW2: tl.constexpr, BM: tl.constexpr):
+        """Block ``pid_m`` of BM rows -> (its expert e, the rows' int64 indices [BM], their mask [BM]), from the
+        per-expert counts alone (no host sync, graph-capturable): counts -> blocks of BM rows -> inclusive
+        cumulative sum. e >= E marks a spare block (the grid is sized for the worst routing). The mask also keeps
+        rows below ``n_rows``: counts are not checked on the host (a sync), so wrong ones must not read outside."""
+        eidx = tl.arange(0, E_POW2)
+        cnt = tl.maximum(tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32), 0)
+        nblk = (cnt + BM - 1) // BM
+        cum = tl.cumsum(nblk, 0)
+        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        first_blk = tl.sum(tl.where(eidx == e, cum - nblk, 0), 0)
+        row0 = tl.sum(tl.where(eidx < e, cnt, 0), 0)
+        n_e = tl.sum(tl.where(eidx == e, cnt, 0), 0)
+        local = (pid_m - first_blk) * BM + tl.arange(0, BM)
+        rmask = (local < n_e) & (row0 + local < n_rows)
+        return e, (row0 + local).to(tl.int64), rmask
+
+    @triton.jit
     def moe_gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, counts_ptr, out_ptr, n_rows, stride_x, stride_out,
                         ROW_BYTES: tl.constexpr, EXPERT_BYTES: tl.constexpr, E: tl.constexpr, E_POW2: tl.constexpr,
                         BM: tl.constexpr, G: tl.constexpr, W: tl.constexpr, BK: tl.constexpr,
@@ -116,20 +134,9 @@ if triton is not None:
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
-        # which expert this block of BM rows belongs to, from the counts alone (no host sync, graph-capturable)
-        eidx = tl.arange(0, E_POW2)
-        cnt = tl.maximum(tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32), 0)
-        nblk = (cnt + BM - 1) // BM
-        cum = tl.cumsum(nblk, 0)
-        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        e, rows, rmask = expert_rows(counts_ptr, pid_m, n_rows, E, E_POW2, BM)
         if e >= E:  # a spare block: the grid is sized for the worst routing
             return
-        first_blk = tl.sum(tl.where(eidx == e, cum - nblk, 0), 0)
-        row0 = tl.sum(tl.where(eidx < e, cnt, 0), 0)
-        n_e = tl.sum(tl.where(eidx == e, cnt, 0), 0)
-        local = (pid_m - first_blk) * BM + tl.arange(0, BM)
-        rmask = (local < n_e) & (row0 + local < n_rows)  # counts are not checked on the host (a sync): stay inside
-        rows = (row0 + local).to(tl.int64)
 
         # the tile is BK weight rows x G groups of W packed bytes (W divides the 32 bytes of one absmax block, so a
         # group has one scale). Every weight is multiplied on the CUDA cores and accumulated elementwise in fp32
@@ -179,19 +186,9 @@ if triton is not None:
         # dequantized in registers exactly as nf4_dequantize rounds it, then fed to tl.dot (fp32 accumulation).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        eidx = tl.arange(0, E_POW2)
-        cnt = tl.maximum(tl.load(counts_ptr + eidx, mask=eidx < E, other=0).to(tl.int32), 0)
-        nblk = (cnt + BM - 1) // BM
-        cum = tl.cumsum(nblk, 0)
-        e = tl.sum((cum <= pid_m).to(tl.int32), 0)
+        e, rows, rmask = expert_rows(counts_ptr, pid_m, n_rows, E, E_POW2, BM)
         if e >= E:  # a spare block: the grid is sized for the worst routing
             return
-        first_blk = tl.sum(tl.where(eidx == e, cum - nblk, 0), 0)
-        row0 = tl.sum(tl.where(eidx < e, cnt, 0), 0)
-        n_e = tl.sum(tl.where(eidx == e, cnt, 0), 0)
-        local = (pid_m - first_blk) * BM + tl.arange(0, BM)
-        rmask = (local < n_e) & (row0 + local < n_rows)
-        rows = (row0 + local).to(tl.int64)
         base = e.to(tl.int64) * EXPERT_BYTES
         half = tl.arange(0, BC // 2)
         groups = tl.arange(0, BC // 64)
@@ -278,6 +275,25 @@ def _check_nf4_buffers(packed: torch.Tensor, absmax: torch.Tensor, code: torch.T
         raise ValueError("; ".join(problems))
 
 
+def _check_moe_inputs(a: torch.Tensor, counts, packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
+                      w_rows: int, w_cols: int, name: str) -> None:
+    """What both expert kernels index blindly: E NF4 matrices of (w_rows, w_cols) in ``packed``/``absmax``, the
+    rows ``a`` (argument ``name``) on their device, and one integer row count per expert on that device."""
+    num_experts = packed.shape[0]
+    if packed.shape != (num_experts, w_rows * w_cols // 2) or absmax.shape != (num_experts, w_rows * w_cols // 64):
+        raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
+                         f"NF4 matrices of {w_rows}x{w_cols}")
+    _check_nf4_buffers(packed, absmax, code)
+    if a.device != packed.device:
+        raise ValueError(f"{name} is on {a.device} but the NF4 weights are on {packed.device}")
+    if not isinstance(counts, torch.Tensor) or counts.shape != (num_experts,) or counts.is_floating_point() \
+            or counts.dtype == torch.bool or counts.device != a.device:
+        shown = (f"{tuple(counts.shape)} {counts.dtype} on {counts.device}" if isinstance(counts, torch.Tensor)
+                 else type(counts).__name__)
+        raise ValueError(f"counts must be an integer tensor of shape ({num_experts},) on {a.device} (one row count "
+                         f"per expert of packed), got {shown}")
+
+
 def pick_blocks(k: int, n_cols: int, rows: int) -> tuple[int, int, int, int] | None:
     """Tile sizes (BM, BNB, BK, SPLIT_K) for :func:`nf4_moe_matmul`, or None when the shape does not tile (then
     use the dequantize path).
@@ -346,15 +362,7 @@ def nf4_moe_matmul(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, 
     w_cols = 2 * n_out if gated else n_out
     if x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"x must be (N, {k}) with a contiguous last dim, got {tuple(x.shape)} {x.stride()}")
-    if packed.shape != (num_experts, k * w_cols // 2) or absmax.shape != (num_experts, k * w_cols // 64):
-        raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
-                         f"NF4 matrices of {k}x{w_cols}")
-    _check_nf4_buffers(packed, absmax, code)
-    if not isinstance(counts, torch.Tensor) or counts.shape != (num_experts,) or counts.is_floating_point() \
-            or counts.device != x.device:
-        shown = tuple(counts.shape) if isinstance(counts, torch.Tensor) else type(counts).__name__
-        raise ValueError(f"counts must be an integer tensor of shape ({num_experts},) on {x.device} (one row count "
-                         f"per expert of packed), got {shown}")
+    _check_moe_inputs(x, counts, packed, absmax, code, k, w_cols, "x")
     blocks = blocks or pick_blocks(k, w_cols, x.shape[0])
     if blocks is None:
         return None
@@ -425,17 +433,7 @@ def nf4_moe_gemm(a: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, ab
                                                                                     torch.float32):
         raise ValueError(f"a must be (N, {inner}) bf16/fp16/fp32 with a contiguous last dim, got {tuple(a.shape)} "
                          f"{a.dtype} {a.stride()}")
-    if packed.shape != (num_experts, w_rows * w_cols // 2) or absmax.shape != (num_experts, w_rows * w_cols // 64):
-        raise ValueError(f"packed/absmax {tuple(packed.shape)}/{tuple(absmax.shape)} do not hold {num_experts} "
-                         f"NF4 matrices of {w_rows}x{w_cols}")
-    _check_nf4_buffers(packed, absmax, code)
-    if a.device != packed.device:
-        raise ValueError(f"a is on {a.device} but the NF4 weights are on {packed.device}")
-    if not isinstance(counts, torch.Tensor) or counts.shape != (num_experts,) or counts.is_floating_point() \
-            or counts.dtype == torch.bool or counts.device != a.device:
-        shown = (f"{tuple(counts.shape)} {counts.dtype} on {counts.device}" if isinstance(counts, torch.Tensor)
-                 else type(counts).__name__)
-        raise ValueError(f"counts must be an integer tensor of shape ({num_experts},) on {a.device}, got {shown}")
+    _check_moe_inputs(a, counts, packed, absmax, code, w_rows, w_cols, "a")
     bm, br, bc = blocks or GEMM_BLOCKS
     if w_rows % br or w_cols % bc:
         if blocks is not None:

@@ -6,11 +6,7 @@
 set -uo pipefail
 out=${1:?usage: decode_h200.sh OUT_DIR}
 shift
-rm -rf /tmp/site; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.txt"
-python3 -c "import torch, transformers, peft, bitsandbytes, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
-date -u +%FT%TZ | tee -a "$out/env.txt"
+source scripts/device/setup.sh
 if [ "${SKIP_CHECKS:-0}" != 1 ]; then
   timeout "${CHECK_S:-240}" python3 scripts/device/decode_gpu.py "$out" ${SWEEP:+--sweep} ${PROFILE:+--profile} 2>&1 | tee "$out/decode_gpu.log" | tail -40
   echo "decode_gpu exit: ${PIPESTATUS[0]}"

@@ -33,7 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from medtune import llama4 as l4  # noqa: E402
 from medtune.bench.models import add_lora_and_head, build_model, environment, free  # noqa: E402
-from medtune.bench.training import lora_bf16_, pack_bfd, read_lengths, rows_batch, time_batches  # noqa: E402
+from medtune.bench.training import (  # noqa: E402
+    lora_bf16_,
+    optimizer_step,
+    pack_bfd,
+    read_lengths,
+    rows_batch,
+    time_batches,
+)
 from medtune.llama4 import kernels  # noqa: E402
 
 BW = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, datasheet HBM bandwidth
@@ -125,11 +132,7 @@ def profile(res, med, gen, out):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(**b, fused_lm_head=True).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_step(model, b, opt)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     ka = prof.key_averages()

@@ -5,11 +5,7 @@
 # Usage (device machine, repo root): bash scripts/device/verify_h200.sh "$OUT"
 set -uo pipefail
 out=${1:?usage: verify_h200.sh OUT_DIR}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/env.txt"
-python3 -c "import torch, transformers, peft, trl, bitsandbytes, datasets, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__, 'peft', peft.__version__, 'trl', trl.__version__, 'bitsandbytes', bitsandbytes.__version__, 'datasets', datasets.__version__, 'triton', triton.__version__)" | tee -a "$out/env.txt"
-date -u +%FT%TZ | tee -a "$out/env.txt"
+source scripts/device/setup.sh
 timeout "${BENCH_S:-360}" python3 -m medtune.bench --tokens 4096 --layers 1 3 --steps 3 --full 48 --full-steps 3 \
   --no-profile --out "$out/bench" 2>&1 | grep -v -E "it/s\]|s/it\]" | tee "$out/bench.log"
 echo "bench exit: ${PIPESTATUS[0]}"
