@@ -55,8 +55,14 @@ TRITON_FOR_TESTS := triton==3.6.0
 RUFF_VERSION := 0.17.6
 LINT := $(BIN)/ruff check medtune tests scripts
 TEST_STAMP := $(VENV)/.test-installed
+# The browser tests (the run report, JupyterLab) open pages in a real headless Chromium: Debian's chromium and
+# chromium-driver, installed here when missing (as root, or through sudo). JupyterLab itself is the lab extra.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(TEST_STAMP): $(STAMP) Makefile
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q $(TRITON_FOR_TESTS)
+	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[lab]"
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
 	$(BIN)/ruff --version 2>/dev/null | grep -qx "ruff $(RUFF_VERSION)" || $(BIN)/python -m pip install -q ruff==$(RUFF_VERSION)
 	touch $@
 

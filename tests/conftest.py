@@ -65,3 +65,34 @@ def _no_autocast_leak():
     yield
     if torch.is_autocast_enabled("cpu"):
         torch.set_autocast_enabled("cpu", False)
+
+
+# Flags for Chromium in a container with no network (see the env notes on headless Chromium): --no-sandbox because the
+# tests may run as root; the background-networking flags stop Chromium's own calls home, which a closed network refuses.
+CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,1000")
+
+
+@pytest.fixture(scope="session")
+def browser(tmp_path_factory):
+    """A real headless Chromium driven by Selenium (Debian's ``chromium`` and ``chromium-driver``, which ``make test``
+    installs). Missing is a failure, never a skip. Session-scoped: tests open their own pages in it."""
+    import shutil
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary, driver_path = shutil.which("chromium") or shutil.which("chromium-browser"), shutil.which("chromedriver")
+    if not (binary and driver_path):
+        pytest.fail("headless Chromium not found (chromium and chromedriver on PATH): `make test` installs them "
+                    "(apt-get install chromium chromium-driver)", pytrace=False)
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in CHROMIUM_FLAGS:
+        opts.add_argument(flag)
+    opts.add_argument(f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}")
+    driver = webdriver.Chrome(options=opts, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
