@@ -9,6 +9,7 @@ mirror and ModelScope call, and the one parser of source strings), ``stages`` (o
 ``compat`` (every workaround for a library bug, in one place) and ``families`` (the one "is this Llama 4" decision).
 """
 
+import logging as _logging
 import os as _os
 import warnings as _warnings
 
@@ -23,6 +24,20 @@ _warnings.filterwarnings("ignore", message="IProgress not found")
 # old names, so every 05-07 report would carry these FutureWarnings about code that is not ours.
 _warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing(_enable)?` is deprecated",
                          category=FutureWarning)
+
+
+class _DropHubKernelHint(_logging.Filter):
+    """Drops bitsandbytes 0.50's "Failed to load CPU gemm_4bit_forward from kernels-community" warning.
+
+    On CPUs with AVX512-BF16 bitsandbytes tries, at import, to fetch a kernel from the Hub with the ``kernels``
+    package and, when that package is missing, warns in every notebook. Its own C++ kernel is used instead, which is
+    what medtune wants: no code downloaded at import (offline boxes, mainland China)."""
+
+    def filter(self, record: _logging.LogRecord) -> bool:
+        return "from kernels-community" not in str(record.msg)
+
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelHint())
 if _os.environ.get("MEDTUNE_HEADLESS") == "1":
     _os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     _os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
