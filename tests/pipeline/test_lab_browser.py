@@ -125,21 +125,25 @@ def test_make_lab_runs_notebook_03_in_the_browser(tmp_path, smoke_run, browser):
            if not k.startswith(("JUPYTER", "JPY_", "DISPLAY", "WAYLAND_DISPLAY", "BROWSER"))}
     env |= {
         "JUPYTER_TOKEN": token,  # the token a user picks (README); Jupyter makes one otherwise
-        "JUPYTER_DATA_DIR": str(jupyter / "data"),  # where `make kernel` (user install) registers the kernel
+        # first on Jupyter's search path (ahead of the user's folder and of .venv's own "medtune", which Jupyter in a
+        # virtual environment prefers to the user's): the kernel this test registers
+        "JUPYTER_PATH": str(jupyter / "prefix" / "share" / "jupyter"),
+        "JUPYTER_DATA_DIR": str(jupyter / "data"),
         "JUPYTER_RUNTIME_DIR": str(jupyter / "runtime"),
         "JUPYTER_CONFIG_DIR": str(jupyter / "config"),  # JupyterLab's settings and workspaces too: none of the user's
         "IPYTHONDIR": str(jupyter / "ipython"),
         "MEDTUNE_OUTPUTS": os.environ["MEDTUNE_OUTPUTS"],
     }
-    # registered as `make kernel` does it (user install), into this test's Jupyter data folder
-    done = subprocess.run([sys.executable, "-m", "medtune.lab"], env=env, cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    # registered as `make kernel KERNEL_PREFIX=...` does it, into this test's Jupyter folder
+    done = subprocess.run([sys.executable, "-m", "medtune.lab", "--prefix", str(jupyter / "prefix")], env=env,
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     listed = subprocess.run([str(ROOT / ".venv" / "bin" / "jupyter"), "kernelspec", "list", "--json"], env=env,
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
     # the kernel the server will find by that name is the one just registered (not one in .venv from make lab)
     found = json.loads(listed.stdout)["kernelspecs"].get(lab.KERNEL_NAME, {}).get("resource_dir")
-    assert found == str(jupyter / "data" / "kernels" / lab.KERNEL_NAME), (listed.stdout, done.stdout)
+    assert found == str(jupyter / "prefix" / "share" / "jupyter" / "kernels" / lab.KERNEL_NAME), \
+        (listed.stdout, done.stdout)
 
     server = Lab(project, env, _free_port(), token, tmp_path / "lab.log")
     try:
