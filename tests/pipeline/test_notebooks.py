@@ -105,7 +105,7 @@ def test_run_all_smoke_profile(headless_smoke_run):
 @pytest.mark.slow
 def test_failing_notebook_stops_the_run_and_keeps_the_error(tmp_path, monkeypatch):
     """A bad dataset path fails in 00 (preflight reads local datasets before any model loads): the run stops, exits
-    non-zero, and 00's executed copy shows the error."""
+    non-zero, and 00's executed copy shows the error; the manifest and the report (written anyway) say where."""
     monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
     profile = tmp_path / "bad.yaml"
     text = (ROOT / "params" / "smoke.yaml").read_text()
@@ -116,6 +116,12 @@ def test_failing_notebook_stops_the_run_and_keeps_the_error(tmp_path, monkeypatc
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
     assert executed == ["00_authenticate.ipynb"]
     assert "dataset file not found" in (run_dir / "notebooks" / "00_authenticate.ipynb").read_text()
+    man = json.loads((run_dir / "manifest.json").read_text())
+    assert (man["status"], man["notebook"], man["error"]) == ("failed", "00_authenticate", "PapermillExecutionError")
+    assert man["dataset"]["train_rows"]["sha256"] is None  # 03 never ran
+    page = (run_dir / "index.html").read_text()
+    assert '<span class="status failed">failed in 00_authenticate</span>' in page
+    assert "dataset file not found" in (run_dir / "notebooks" / "00_authenticate.html").read_text()
 
 
 @pytest.mark.parametrize("name", ["04_baseline", "06_evaluate_finetuned"])
