@@ -143,13 +143,16 @@ def report_context(run: RunDir, index_link: bool = False) -> dict:
         notes.append(f"held-out answers: {b['answers']} in 04, {f['answers']} in 06")
     warnings = [f"{stage} {name}: {r['warning']}" for stage, s in (("baseline", b), ("fine-tuned", f))
                 for name, r in (s.get("benchmarks") or {}).items() if isinstance(r, dict) and r.get("warning")]
+    status = _manifest.status(run)
     rows = tables.notebook_rows(run, data.get("notebooks"))
     for row in rows:
         row["href"] = _rel(row["html"], run.path) if row["html"] else None
+        if row["name"] == status.notebook and row["state"] != "completed":
+            row["state"] = status.state  # failed, interrupted, running or stopped: the manifest knows which
     index = run.path.parent / "index.html"
     return {
         "run_id": run.run_id,
-        "status": _manifest.status(run),
+        "status": status,
         "time": run_time(run),
         "duration": duration(data),
         "profile": cfg.get("profile") or run.run_id.split("-")[-2],

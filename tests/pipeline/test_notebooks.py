@@ -81,8 +81,10 @@ def test_run_all_smoke_profile(headless_smoke_run):
     # 06 shows baseline and fine-tuned answers side by side
     nb06 = (run.notebooks_dir / "06_evaluate_finetuned.ipynb").read_text()
     assert "baseline (un-tuned)" in nb06 and "fine-tuned (LoRA)" in nb06
-    # the tokens were in the environment of every kernel, and are in no file of the run nor in the pipeline's output
-    for path in run.path.rglob("*"):
+    # the tokens were in the environment of every kernel, and are in no file of the run (its report and manifest
+    # included), nor in the index of runs beside it, nor in the pipeline's output
+    assert (run.path.parent / "index.html").is_file() and run.report_path.is_file() and run.manifest_path.is_file()
+    for path in run.path.parent.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert CANARY.encode() not in data and MS_CANARY.encode() not in data, f"token leaked into {path}"

@@ -217,7 +217,8 @@ def test_report_and_index_of_a_failed_run_without_answers_or_plots(tmp_path, mon
     assert "took 1 min 05 s" in page and "+ uncommitted changes" in page
     assert "Neither 04 nor 06 has recorded metrics yet." in page and "No loss curve: 05 has not completed." in page
     assert "<tr><td>00_authenticate</td><td>completed</td>" in page  # no executed copy: no link
-    assert "<tr><td>01_load_quantized_model</td><td>not run</td>" in page
+    assert "<tr><td>01_load_quantized_model</td><td>failed</td>" in page  # where the manifest says it failed
+    assert "<tr><td>02_check_gpu</td><td>not run</td>" in page
     index = (root / "index.html").read_text()
     assert f'<a href="{run.run_id}/index.html">{run.run_id}</a>' in index
     assert '<span class="status failed">failed in 01_load_quantized_model</span>' in index
