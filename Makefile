@@ -14,6 +14,9 @@ PARAMS_ARG = $(if $(and $(RESUME),$(filter file default,$(origin PARAMS))),,--pa
 # make lab: where JupyterLab listens. The default is this machine only; LAB_HOST=0.0.0.0 (all interfaces, e.g. behind a
 # pod's HTTP proxy) only when asked. Either way Jupyter's token guards it: Jupyter makes a new one at each start and shows
 # it in its own log (the URL with ?token=); set JUPYTER_TOKEN in the environment to choose it. Never put it in a file here.
+# make report: the run to report (default: the latest run); make compare: the two runs, A first ("outputs/a outputs/b").
+RUN ?=
+RUNS ?=
 LAB_HOST ?= 127.0.0.1
 LAB_PORT ?= 8888
 # make kernel: where the "medtune" kernelspec goes. Empty: the user's Jupyter folder (~/.local/share/jupyter/kernels;
@@ -21,11 +24,12 @@ LAB_PORT ?= 8888
 # in another environment reads its own prefix, e.g. KERNEL_PREFIX=/opt/conda).
 KERNEL_PREFIX ?=
 
-.PHONY: help env run-all test test-fast lab kernel bench strip clean
+.PHONY: help env run-all report compare test test-fast lab kernel bench strip clean
 
 help: ## show this help
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-10s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 	@echo "  variables: PARAMS=params/<profile>.yaml (default $(PARAMS)), RESUME=outputs/<run-id>"
+	@echo "             RUN=outputs/<run-id> (make report), RUNS=\"outputs/<a> outputs/<b>\" (make compare)"
 	@echo "             LAB_HOST=$(LAB_HOST) LAB_PORT=$(LAB_PORT) (make lab), KERNEL_PREFIX=<prefix> (make kernel)"
 
 $(STAMP): pyproject.toml
@@ -43,8 +47,15 @@ $(STAMP): pyproject.toml
 
 env: $(STAMP) ## create .venv with the pinned versions (done automatically by the other targets)
 
-run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/ (PARAMS=..., RESUME=...)
+# run-all ends with the run's report (outputs/<run-id>/index.html) and outputs/index.html, also when a notebook fails
+run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/, then its report (PARAMS=..., RESUME=...)
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m medtune.pipeline $(PARAMS_ARG) $(if $(RESUME),--resume $(RESUME))
+
+report: $(STAMP) ## a run's report: notebooks as HTML, outputs/<run-id>/index.html, outputs/index.html (RUN=...; default: latest)
+	$(BIN)/python -m medtune.reports report $(RUN)
+
+compare: $(STAMP) ## two runs side by side: settings that differ, metrics with differences (RUNS="outputs/a outputs/b")
+	$(BIN)/python -m medtune.reports compare $(RUNS)
 
 # The Triton kernels' numerics are tested on the CPU in Triton's interpreter. CUDA builds of torch bring the Triton they
 # were built with; the CPU build brings none, so the tests add the one tested here (not a pyproject pin: it would

@@ -4,9 +4,11 @@
 time; no run is ever overwritten) and executes ``notebooks/NN_*.ipynb`` into ``outputs/<run-id>/notebooks/``. A
 failing notebook stops the run; its executed copy keeps the failing cell and its error, and the command exits
 non-zero. When the kernel dies (killed by the operating system, most often for memory), the executed copy says so
-in the cell that was running, with how to resume. An existing run is continued only when asked:
-``--resume <run-id or outputs/<run-id>>`` (``make run-all RESUME=...``) skips the notebooks that completed and
-training resumes from its last checkpoint.
+in the cell that was running, with how to resume. An existing run is continued only when asked: ``--resume <run-id
+or outputs/<run-id>>`` (``make run-all RESUME=...``) skips the notebooks that completed and training resumes from its
+last checkpoint. The run's ``manifest.json`` records what it ran with and how it ended; at the end, finished or not,
+``python -m medtune.pipeline`` writes the run's HTML report (``outputs/<run-id>/index.html``) and the index of runs
+(``outputs/index.html``), unless ``--no-report``.
 """
 
 from __future__ import annotations
@@ -180,8 +182,13 @@ def update_resumed_config(run: RunDir, params: str | Path) -> list[str]:
 
 
 def run_all(params: str | Path | None, resume: str | Path | None = None, notebooks_dir: Path | None = None,
-            outputs: Path | None = None) -> RunDir:
+            outputs: Path | None = None, *, report: bool = False) -> RunDir:
     """Execute all notebooks headless into one run: a new one, or ``resume`` when given (and only then).
+
+    The run's ``manifest.json`` (:mod:`medtune.reports.manifest`) records the code, versions, hardware, data and
+    times of each session, and how it ended: finished, failed in a notebook, or interrupted. Each executed copy is
+    tidied as papermill writes it, finished or not: every progress bar once, with its final line
+    (:func:`medtune.reports.notebooks.coalesce_streams`).
 
     Args:
         params: profile YAML for a new run (None: params/default.yaml). With ``resume``: None continues with the
@@ -189,6 +196,9 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         resume: an existing run to continue: its folder or its id (see :func:`resolve_run`).
         notebooks_dir: where the source notebooks are (default: the project's notebooks/).
         outputs: where new runs go (default: ``$MEDTUNE_OUTPUTS`` or outputs/).
+        report: at the end, finished or not, write the run's HTML report and the index of runs
+            (:func:`medtune.reports.render.write_report`); a report that cannot be written is a printed warning,
+            never the run's error.
 
     Returns:
         The :class:`RunDir`.
@@ -199,8 +209,7 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         ConfigError: bad profile, or a resumed run's profile changes settings it already used.
         FileNotFoundError: no such run to resume.
     """
-    import papermill
-    from nbclient.exceptions import DeadKernelError
+    from medtune.reports import manifest
 
     if resume:
         run = resolve_run(resume)
@@ -209,17 +218,62 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
             if changed:
                 print(f"run {run.run_id} continues with {params}: changed {', '.join(changed)} (previous settings "
                       f"kept beside config.yaml)", flush=True)
+        used = Path(params).resolve() if params is not None else run.config_path
         params = run.config_path
     else:
-        params = Path(params or project_root() / "params" / "default.yaml").resolve()
+        params = used = Path(params or project_root() / "params" / "default.yaml").resolve()
         run = RunDir.create(_config.load(params), outputs)
+    books = notebooks(notebooks_dir)
+    manifest.start(run, used, [nb.stem for nb in books], resumed=bool(resume))
+    status, where, error = "failed", None, None
+    try:
+        _execute(run, params, books, resumed=bool(resume))
+        status, where = "finished", None
+    except KeyboardInterrupt:
+        status, error = "interrupted", "KeyboardInterrupt"
+        raise
+    except BaseException as err:
+        error = type(err).__name__
+        raise
+    finally:
+        if status != "finished":
+            completed = set(run.metrics().get("pipeline", {}).get("completed", []))
+            where = next((nb.stem for nb in books if nb.name not in completed), None)
+        manifest.finish(run, status, where, error)
+        if report:
+            report_run(run)
+    return run
+
+
+def report_run(run: RunDir) -> Path | None:
+    """Write the run's report and the index of runs beside it (:func:`medtune.reports.render.write_report`),
+    printing where; a failure is printed as a warning (the run's own outcome matters more) and gives None."""
+    from medtune.reports import render
+
+    try:
+        path = render.write_report(run)
+    except Exception as err:  # the run's own error, if any, is the one to raise
+        print(f"warning: the report could not be written: {type(err).__name__}: {err}. Try again with "
+              f"make report RUN={run.path}", file=sys.stderr, flush=True)
+        return None
+    print(f"report: {path} (all runs: {run.path.parent / 'index.html'})", flush=True)
+    return path
+
+
+def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool) -> None:
+    """Run each of ``books`` not yet completed into the run (see :func:`run_all`)."""
+    import papermill
+    from nbclient.exceptions import DeadKernelError
+
+    from medtune.reports import notebooks as executed_copies
+
     run.notebooks_dir.mkdir(exist_ok=True)
     done = set(run.metrics().get("pipeline", {}).get("completed", []))
     # The kernel must be this environment's Python: put it first on PATH for the kernel papermill starts.
     os.environ["PATH"] = str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")
     os.environ["MEDTUNE_HEADLESS"] = "1"  # quieter progress bars in the executed notebooks (see medtune/__init__)
-    print(f"{'continuing' if resume else 'new'} run: {run.path}", flush=True)
-    for nb in notebooks(notebooks_dir):
+    print(f"{'continuing' if resumed else 'new'} run: {run.path}", flush=True)
+    for nb in books:
         if nb.name in done:
             print(f"  {nb.stem:<28} done earlier, skipped", flush=True)
             continue
@@ -242,11 +296,16 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
                 f"likely out of memory. The executed notebook shows where: {executed}. Resume: make run-all "
                 f"RESUME={run.run_id}", executed,
             ) from None
+        finally:  # finished or failed, the saved copy shows each progress bar once, as JupyterLab does
+            if executed.is_file():
+                try:
+                    executed_copies.coalesce_streams(executed)
+                except Exception as err:  # an untidy copy is no reason to hide the notebook's own outcome
+                    print(f"warning: could not tidy {executed.name}: {type(err).__name__}: {err}", file=sys.stderr)
         done.add(nb.name)
         run.record("pipeline", {"completed": sorted(done)})
         print(f"  {nb.stem:<28} ok ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"done: executed notebooks in {run.notebooks_dir}, metrics in {run.metrics_path}")
-    return run
 
 
 def dead_kernel_message(run: RunDir) -> str:
@@ -310,11 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default=None, help="continue this run: outputs/<run-id> or the run id")
     parser.add_argument("--notebooks-dir", default=None, type=Path,
                         help="run the NN_*.ipynb of this folder instead of the project's notebooks/")
+    parser.add_argument("--no-report", action="store_true",
+                        help="do not write the HTML report at the end (make report writes it later)")
     args = parser.parse_args(argv)
     from papermill.exceptions import PapermillExecutionError
 
     try:
-        run_all(args.params, resume=args.resume, notebooks_dir=args.notebooks_dir)
+        run_all(args.params, resume=args.resume, notebooks_dir=args.notebooks_dir, report=not args.no_report)
     except _config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -9,6 +9,8 @@ Layout::
     outputs/<run-id>/
         config.yaml          settings of the run (RunConfig)
         metrics.json         one section per notebook ("auth", "load", "gpu", "data", "baseline", "train", ...)
+        manifest.json        code, versions, hardware, data fingerprint, seeds, times, status (medtune.reports)
+        index.html           the run's report (make report); notebooks/NN_*.html: the executed notebooks as HTML
         notebooks/           executed notebooks (the reports), written by the pipeline
         data/heldout.jsonl   held-out examples (never trained on)
         data/train.jsonl     training examples, formatted
@@ -56,6 +58,8 @@ class RunDir:
 
     config_path = property(lambda self: self.path / "config.yaml")
     metrics_path = property(lambda self: self.path / "metrics.json")
+    manifest_path = property(lambda self: self.path / "manifest.json")
+    report_path = property(lambda self: self.path / "index.html")
     notebooks_dir = property(lambda self: self.path / "notebooks")
     heldout_path = property(lambda self: self.path / "data" / "heldout.jsonl")
     train_data_path = property(lambda self: self.path / "data" / "train.jsonl")

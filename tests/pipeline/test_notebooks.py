@@ -13,8 +13,6 @@ from medtune import pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-CANARY = "hf_medtuneCANARY" + "Zq7" * 10  # looks like a Hub token; must never reach a file
-MS_CANARY = "ms-medtuneCANARY" + "4Kp" * 10  # the same for a ModelScope token
 
 
 def test_eight_notebooks_in_walkthrough_order():
@@ -45,12 +43,11 @@ def test_notebook_source_is_clean(path):
 
 
 @pytest.mark.slow
-def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
-    """All eight notebooks headless into one run; the metrics they record are checked, and no token leaks."""
-    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
-    monkeypatch.setenv("HF_TOKEN", CANARY)
-    monkeypatch.setenv("MODELSCOPE_API_TOKEN", MS_CANARY)
-    run = pipeline.run_all(ROOT / "params" / "smoke.yaml")
+def test_run_all_smoke_profile(headless_smoke_run):
+    """All eight notebooks headless into one run (tests/pipeline/conftest.py); the metrics they record are checked,
+    and no token leaks."""
+    run = headless_smoke_run.run
+    CANARY, MS_CANARY = headless_smoke_run.canaries
 
     executed = sorted(p.name for p in run.notebooks_dir.glob("*.ipynb"))
     assert executed == [p.name for p in NOTEBOOKS]
@@ -84,13 +81,14 @@ def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
     # 06 shows baseline and fine-tuned answers side by side
     nb06 = (run.notebooks_dir / "06_evaluate_finetuned.ipynb").read_text()
     assert "baseline (un-tuned)" in nb06 and "fine-tuned (LoRA)" in nb06
-    # the tokens were in the environment of every kernel, and are in no file of the run nor in the pipeline's output
-    for path in run.path.rglob("*"):
+    # the tokens were in the environment of every kernel, and are in no file of the run (its report and manifest
+    # included), nor in the index of runs beside it, nor in the pipeline's output
+    assert (run.path.parent / "index.html").is_file() and run.report_path.is_file() and run.manifest_path.is_file()
+    for path in run.path.parent.rglob("*"):
         if path.is_file():
             data = path.read_bytes()
             assert CANARY.encode() not in data and MS_CANARY.encode() not in data, f"token leaked into {path}"
-    out, err = capsys.readouterr()
-    assert CANARY not in out + err and MS_CANARY not in out + err
+    assert CANARY not in headless_smoke_run.printed and MS_CANARY not in headless_smoke_run.printed
     assert m["preflight"]["ok"] is True and m["data"]["bad_rows"]["skipped"] == 0  # 00/01 preflight, 03 row check
     # every notebook recorded its wall time and peaks; CPU run: no GPU figure; 07 shows the table of all eight
     res = m["resources"]
@@ -109,17 +107,23 @@ def test_run_all_smoke_profile(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_failing_notebook_stops_the_run_and_keeps_the_error(tmp_path, monkeypatch):
     """A bad dataset path fails in 00 (preflight reads local datasets before any model loads): the run stops, exits
-    non-zero, and 00's executed copy shows the error."""
+    non-zero, and 00's executed copy shows the error; the manifest and the report (written anyway) say where."""
     monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
     profile = tmp_path / "bad.yaml"
     text = (ROOT / "params" / "smoke.yaml").read_text()
     profile.write_text(re.sub(r"(?m)^dataset: .*$", f"dataset: {tmp_path / 'missing.jsonl'}", text))
     code = pipeline.main(["--params", str(profile)])
     assert code == 1
-    run_dir = next((tmp_path / "outputs").iterdir())
+    (run_dir,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]  # beside it: the index of runs
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
     assert executed == ["00_authenticate.ipynb"]
     assert "dataset file not found" in (run_dir / "notebooks" / "00_authenticate.ipynb").read_text()
+    man = json.loads((run_dir / "manifest.json").read_text())
+    assert (man["status"], man["notebook"], man["error"]) == ("failed", "00_authenticate", "PapermillExecutionError")
+    assert man["dataset"]["train_rows"]["sha256"] is None  # 03 never ran
+    page = (run_dir / "index.html").read_text()
+    assert '<span class="status failed">failed in 00_authenticate</span>' in page
+    assert "dataset file not found" in (run_dir / "notebooks" / "00_authenticate.html").read_text()
 
 
 @pytest.mark.parametrize("name", ["04_baseline", "06_evaluate_finetuned"])
@@ -135,3 +139,36 @@ def test_eval_parameters_are_validated_before_the_model_loads(name, outputs):
     assert first.index("runs.session(") < first.index("modeling.load_model(")
     with pytest.raises(C.ConfigError, match="'max_new_tokens' must be at least 1, got -5"):
         runs.session(str(ROOT / "params" / "smoke.yaml"), "", new_run=True, max_new_tokens=-5)
+
+
+@pytest.mark.slow
+def test_smoke_run_manifest_and_progress_bars(headless_smoke_run):
+    """The manifest of the smoke run: finished, the rows 03 wrote fingerprinted, the profile hashed; and every
+    executed notebook shows each progress bar once, ending with its final line."""
+    import hashlib
+
+    run = headless_smoke_run.run
+    man = json.loads(run.manifest_path.read_text())
+    assert (man["status"], man["notebook"], man["error"]) == ("finished", None, None)
+    assert man["notebooks"] == [p.stem for p in NOTEBOOKS] and man["started_at"] <= man["ended_at"]
+    rows = run.train_data_path.read_bytes()
+    assert man["dataset"]["train_rows"] == {"file": "data/train.jsonl", "rows": 12,
+                                            "sha256": hashlib.sha256(rows).hexdigest()}
+    smoke = (ROOT / "params" / "smoke.yaml").read_bytes()
+    assert man["profile"] == {"path": "params/smoke.yaml", "sha256": hashlib.sha256(smoke).hexdigest()}
+    assert man["seeds"] == {"seed": 42, "sft.seed": 42, "sft.data_seed": None}
+    assert man["hardware"]["device"] in ("cpu", "cuda") and man["packages"]["papermill"] == "2.7.0"
+    # 04 answers (one batch of 4), scores the held-out loss and the benchmark: one bar each, with its final line
+    nb04 = nbformat.read(run.notebooks_dir / "04_baseline.ipynb", as_version=4)
+    text = "".join(o.text for c in nb04.cells for o in c.get("outputs", []) if o.output_type == "stream")
+    for desc in ("generating", "held-out loss", "option log-likelihood"):
+        lines = [line for line in text.splitlines() if line.startswith(f"{desc}:")]
+        assert len(lines) == 1, (desc, lines)
+        assert re.match(rf"{desc}: 100%\|#+\| 1/1 \[\d\d:\d\d<00:00, +[\d.]+(s/it|it/s)", lines[0]), lines[0]
+    for path in run.notebooks_dir.glob("*.ipynb"):
+        nb = nbformat.read(path, as_version=4)
+        for cell in nb.cells:
+            streams = [o for o in cell.get("outputs", []) if o.output_type == "stream"]
+            assert not any("\r" in o.text for o in streams), path.name
+            names = [o.name for o in streams]
+            assert all(a != b for a, b in zip(names, names[1:], strict=False)), (path.name, names)  # merged

@@ -5,6 +5,7 @@ tmp folder stand in for the real ones (``pipeline.run_all(notebooks_dir=...)``),
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -59,7 +60,7 @@ def test_dead_kernel_is_shown_in_the_notebook_exits_nonzero_and_the_run_resumes(
     code = pipeline.main(["--params", str(SMOKE), "--notebooks-dir", str(books)])
     assert code == 1
     out, err = capfd.readouterr()
-    (run_dir,) = (tmp_path / "outputs").iterdir()
+    (run_dir,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]  # beside it: the index of runs
     assert "the kernel died in 01_load.ipynb, cell In [4]" in err and "out of memory" in err
     assert f"RESUME={run_dir.name}" in err
     executed = sorted(p.name for p in (run_dir / "notebooks").glob("*.ipynb"))
@@ -76,6 +77,8 @@ def test_dead_kernel_is_shown_in_the_notebook_exits_nonzero_and_the_run_resumes(
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["pipeline"]["completed"] == ["00_access.ipynb"]
     assert metrics["preflight"]["ok"] is True and metrics["auth"]["hub_needed"] is False
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert (manifest["status"], manifest["notebook"], manifest["error"]) == ("failed", "01_load", "KernelDied")
 
     notebook(books, "01_load", "print('loaded this time')")  # e.g. after freeing memory
     run = pipeline.run_all(SMOKE, resume=run_dir.name, notebooks_dir=books)
@@ -85,6 +88,8 @@ def test_dead_kernel_is_shown_in_the_notebook_exits_nonzero_and_the_run_resumes(
     assert json.loads((run_dir / "metrics.json").read_text())["pipeline"]["completed"] == [
         "00_access.ipynb", "01_load.ipynb", "02_after.ipynb"]
     assert "loaded this time" in (run_dir / "notebooks" / "01_load.ipynb").read_text()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and [s["status"] for s in manifest["sessions"]] == ["failed", "finished"]
 
     for text in (out, err, out2):
         assert HF_CANARY not in text and MS_CANARY not in text
@@ -139,6 +144,41 @@ def test_kernels_run_over_ipc_sockets_not_loopback_tcp(tmp_path, monkeypatch, ca
     executed = (run.notebooks_dir / "00_transport.ipynb").read_text()
     assert "TRANSPORT ipc" in executed
     assert "without encryption" not in out + err
+
+
+BAR = ("import sys, time\nfrom tqdm.std import tqdm\n"
+       "for _ in tqdm(range(3), desc='scoring', file=sys.stdout, mininterval=0, ascii=True):\n    time.sleep(0.05)")
+
+
+def test_a_failing_run_keeps_tidy_notebooks_says_where_it_failed_and_is_reported(tmp_path, monkeypatch, capfd):
+    """Real kernels: each executed copy shows a progress bar once with its final line (3/3), also in the notebook
+    that failed; the manifest says the run failed in that notebook; python -m medtune.pipeline still writes the
+    run's report and the index of runs, with that status."""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    books = tmp_path / "notebooks"
+    notebook(books, "00_bar", BAR)
+    notebook(books, "01_fails", BAR, "raise ValueError('the data is wrong')")
+    notebook(books, "02_never", "print('never runs')")
+    assert pipeline.main(["--params", str(SMOKE), "--notebooks-dir", str(books)]) == 1
+    out, err = capfd.readouterr()
+    (run_dir,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
+    for name in ("00_bar", "01_fails"):
+        nb = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
+        streams = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream"]
+        text = "".join(o.text for o in streams if o.name == "stdout")
+        assert "\r" not in text and text.count("scoring: 100%") == 1, (name, text)
+        assert re.search(r"^scoring: 100%\|##########\| 3/3 \[\d\d:\d\d<00:00, +[\d.]+(it/s|s/it)\]$", text, re.M), text
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert (manifest["status"], manifest["notebook"], manifest["error"]) == (
+        "failed", "01_fails", "PapermillExecutionError")
+    assert manifest["notebooks"] == ["00_bar", "01_fails", "02_never"] and manifest["ended_at"]
+    page = (run_dir / "index.html").read_text()
+    assert '<span class="status failed">failed in 01_fails</span>' in page
+    assert '<a href="notebooks/01_fails.html">01_fails</a>' in page and (run_dir / "notebooks/01_fails.html").is_file()
+    assert "<tr><td>02_never</td><td>not run</td>" in page
+    index = (tmp_path / "outputs" / "index.html").read_text()
+    assert f'<a href="{run_dir.name}/index.html">' in index and "failed in 01_fails" in index
+    assert f"report: {run_dir / 'index.html'}" in out
 
 
 def _profile(tmp_path: Path, name: str, **changes) -> Path:

@@ -25,7 +25,8 @@ MAY_IMPORT = {
     "stages": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
     "evaluation": {"settings", "io", "stages", "evaluation", "llama4", "families", "compat"},
     "bench": {"bench", "llama4", "evaluation", "stages", "families", "compat"},
-    "pipeline": {"settings"},
+    "reports": {"reports", "settings", "stages", "io"},
+    "pipeline": {"settings", "reports"},
     "lab": set(),
 }
 
