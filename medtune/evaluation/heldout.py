@@ -280,7 +280,7 @@ def side_by_side(baseline: list[dict], finetuned: list[dict]) -> str:
     for b in baseline:
         f = by_row.get(b["row"], {"answer": "(missing)"})
         parts.append(
-            f"### Dataset row {b['row']}\n\n**Question.** {b['question']}\n\n"
+            f"### Dataset row {b['row']}\n\n**Question.** {_html_safe(b['question'])}\n\n"
             f"| baseline (un-tuned) | fine-tuned (LoRA) |\n|---|---|\n"
             f"| {_cell(b['answer'])} | {_cell(f['answer'])} |\n"
         )
@@ -288,7 +288,8 @@ def side_by_side(baseline: list[dict], finetuned: list[dict]) -> str:
 
 
 def _html_safe(text: str) -> str:
-    """Escape ``&``, ``<`` and ``>`` so that Markdown shows ``<think>`` tags instead of swallowing them as HTML."""
+    """Escape ``&``, ``<`` and ``>`` so that Markdown shows ``<think>`` tags instead of swallowing them as HTML, and
+    so that markup in a dataset row or an answer (``<img onerror=...>``) stays text in the notebook's HTML page."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
@@ -344,7 +345,7 @@ def show_answers(answers: list[dict], rows=None) -> str:
     """Markdown of the answers to the given dataset rows (default: all)."""
     keep = [a for a in answers if rows is None or a["row"] in set(rows)]
     return "\n\n".join(
-        f"### Dataset row {a['row']}\n\n**Question.** {a['question']}\n\n**Answer** ({a['new_tokens']} tokens, "
+        f"### Dataset row {a['row']}\n\n**Question.** {_html_safe(a['question'])}\n\n**Answer** ({a['new_tokens']} tokens, "
         f"{'stopped with EOS' if a['stopped'] else 'hit max_new_tokens'}):\n\n{_html_safe(a['answer'])}" for a in keep
     )
 

@@ -416,3 +416,14 @@ def test_max_new_tokens_parameter_is_checked_before_generating(bad):
     with pytest.raises(C.ConfigError,
                        match=r"MAX_NEW_TOKENS must be a whole number >= 0 \(0: the profile's max_new_tokens, 24\)"):
         E.answer_heldout(cfg, run=None, model=None, tokenizer=None, out_path=None, max_new_tokens=bad)
+
+
+def test_markup_in_questions_and_answers_stays_text():
+    """A dataset row or an answer holding HTML must not become markup in 04/06 (nor in their exported HTML pages,
+    which nbconvert copies Markdown's raw HTML into): it is escaped."""
+    hostile = '<img src=x onerror="alert(2)"><script>alert(1)</script>'
+    rows = [{"row": 0, "question": "Q " + hostile, "answer": "A " + hostile, "new_tokens": 5, "stopped": True}]
+    escaped = "&lt;img src=x onerror=\"alert(2)\"&gt;&lt;script&gt;alert(1)&lt;/script&gt;"
+    for md in (E.show_answers(rows), E.side_by_side(rows, rows)):
+        assert "<img" not in md and "<script" not in md
+        assert f"**Question.** Q {escaped}" in md and f"A {escaped}" in md
