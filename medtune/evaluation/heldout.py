@@ -345,8 +345,9 @@ def show_answers(answers: list[dict], rows=None) -> str:
     """Markdown of the answers to the given dataset rows (default: all)."""
     keep = [a for a in answers if rows is None or a["row"] in set(rows)]
     return "\n\n".join(
-        f"### Dataset row {a['row']}\n\n**Question.** {_html_safe(a['question'])}\n\n**Answer** ({a['new_tokens']} tokens, "
-        f"{'stopped with EOS' if a['stopped'] else 'hit max_new_tokens'}):\n\n{_html_safe(a['answer'])}" for a in keep
+        f"### Dataset row {a['row']}\n\n**Question.** {_html_safe(a['question'])}\n\n"
+        f"**Answer** ({a['new_tokens']} tokens, {'stopped with EOS' if a['stopped'] else 'hit max_new_tokens'}):"
+        f"\n\n{_html_safe(a['answer'])}" for a in keep
     )
 
 

@@ -345,7 +345,8 @@ def finish(run: RunDir, status: str, notebook: str | None = None, error: str | N
 @dataclass(frozen=True)
 class RunStatus:
     """Where a run stands. ``state``: ``"finished"``, ``"failed"``, ``"interrupted"``, ``"running"``, ``"stopped"``
-    (recorded as running, but its process is gone: killed) or ``"unknown"`` (no manifest). ``notebook``: where it
+    (recorded as running, but its process is gone: killed), ``"unknown"`` (no manifest) or, in the index of runs
+    only, ``"unreadable"`` (a file of the run could not be read). ``notebook``: where it
     failed, stopped or is running (name without ``.ipynb``), or None. ``text``: what a person reads, e.g.
     ``"failed in 04_baseline"``."""
 

@@ -215,23 +215,35 @@ def index_rows(root: Path) -> tuple[list[dict], list[str]]:
     rows, names = [], []
     for path in runs:
         run = RunDir(path)
-        metrics = run.metrics()
-        cfg = tables.settings(run)
-        b, f = metrics.get("baseline") or {}, metrics.get("finetuned") or {}
-        bench = {}
-        for name in tables.benchmark_names(b, f):
-            bench[name] = (((b.get("benchmarks") or {}).get(name) or {}).get("accuracy"),
-                           ((f.get("benchmarks") or {}).get(name) or {}).get("accuracy"))
-            if name not in names:
-                names.append(name)
-        before, after = tables.loss_before_after(metrics)
-        rows.append({
-            "run_id": run.run_id, "href": _rel(run.report_path, root) if run.report_path.is_file() else None,
-            "time": run_time(run), "profile": cfg.get("profile", "-"), "model": cfg.get("model", "-"),
-            "rows": (metrics.get("data") or {}).get("train"), "steps": (metrics.get("train") or {}).get("steps"),
-            "loss_before": before, "loss_after": after, "benchmarks": bench, "status": _manifest.status(run),
-        })
+        try:
+            rows.append(_index_row(run, root, names))
+        except Exception as err:  # one damaged run must not hide the others: its row says what is wrong
+            why = f"unreadable: {type(err).__name__}: {err}"
+            print(f"warning: {run.path}: {why} (its row in the index says so; fix or remove that file)")
+            rows.append({"run_id": run.run_id, "href": None, "time": "-", "profile": "-", "model": "-",
+                         "rows": None, "steps": None, "loss_before": None, "loss_after": None, "benchmarks": {},
+                         "status": _manifest.RunStatus("unreadable", None, why)})
     return rows, names
+
+
+def _index_row(run: RunDir, root: Path, names: list[str]) -> dict:
+    """One run's row of :func:`index_rows`; appends the run's new benchmark names to ``names``."""
+    metrics = run.metrics()
+    cfg = tables.settings(run)
+    b, f = metrics.get("baseline") or {}, metrics.get("finetuned") or {}
+    bench = {}
+    for name in tables.benchmark_names(b, f):
+        bench[name] = (((b.get("benchmarks") or {}).get(name) or {}).get("accuracy"),
+                       ((f.get("benchmarks") or {}).get(name) or {}).get("accuracy"))
+        if name not in names:
+            names.append(name)
+    before, after = tables.loss_before_after(metrics)
+    return {
+        "run_id": run.run_id, "href": _rel(run.report_path, root) if run.report_path.is_file() else None,
+        "time": run_time(run), "profile": cfg.get("profile", "-"), "model": cfg.get("model", "-"),
+        "rows": (metrics.get("data") or {}).get("train"), "steps": (metrics.get("train") or {}).get("steps"),
+        "loss_before": before, "loss_after": after, "benchmarks": bench, "status": _manifest.status(run),
+    }
 
 
 def write_index(root: str | Path | None = None, *, render_missing: bool = True) -> Path:
@@ -255,7 +267,10 @@ def write_index(root: str | Path | None = None, *, render_missing: bool = True) 
         for path in sorted(p.parent for p in root.glob("*/config.yaml")):
             run = RunDir(path)
             if not run.report_path.is_file():
-                write_report(run, index=False)
+                try:
+                    write_report(run, index=False)
+                except Exception as err:  # the index still lists it, as unreadable
+                    print(f"warning: no report for {run.path}: {type(err).__name__}: {err}")
     rows, names = index_rows(root)
     page = environment().get_template("index.html.j2").render(runs=rows, benchmarks=names, root=str(root))
     path = root / "index.html"

@@ -222,3 +222,26 @@ def test_report_and_index_of_a_failed_run_without_answers_or_plots(tmp_path, mon
     index = (root / "index.html").read_text()
     assert f'<a href="{run.run_id}/index.html">{run.run_id}</a>' in index
     assert '<span class="status failed">failed in 01_load_quantized_model</span>' in index
+
+
+def test_a_damaged_run_does_not_hide_the_others_in_the_index(two_runs, capsys):
+    """A truncated metrics.json (a disk that filled up, a copy cut short) gets a row that says so; the other runs'
+    reports and rows are written as usual (a tester's finding: one such run stopped every report)."""
+    from medtune.reports import render
+
+    a, b = two_runs
+    full = {**json.loads(a.manifest_path.read_text()), "seeds": {"seed": 42}}  # as the pipeline writes it
+    a.manifest_path.write_text(json.dumps(full))
+    text = b.metrics_path.read_text()
+    b.metrics_path.write_text(text[: len(text) // 2])
+    page = render.write_index(a.path.parent)
+    rows, _ = render.index_rows(a.path.parent)
+    by_id = {r["run_id"]: r for r in rows}
+    assert by_id[a.run_id]["loss_before"] == METRICS_A["baseline"]["loss"]
+    assert by_id[a.run_id]["href"] == f"{a.run_id}/index.html" and a.report_path.is_file()
+    bad = by_id[b.run_id]
+    assert bad["status"].state == "unreadable" and bad["href"] is None
+    assert bad["status"].text.startswith("unreadable: JSONDecodeError: Unterminated string")
+    assert bad["status"].text in page.read_text()
+    out = capsys.readouterr().out
+    assert f"warning: {b.path}: unreadable: JSONDecodeError" in out and f"warning: no report for {b.path}" in out
