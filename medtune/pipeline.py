@@ -33,18 +33,30 @@ class KernelDied(RuntimeError):
         self.notebook = notebook
 
 
-def kernel_manager_class():
-    """The kernel manager papermill starts each notebook's kernel with: jupyter_client's own, over IPC sockets.
+def kernel_manager_class(log: Path | None = None):
+    """The kernel manager papermill starts each notebook's kernel with: jupyter_client's own, over IPC sockets, its
+    process output to a log file.
 
     jupyter_client's default transport is TCP on loopback, which any process on the machine can reach (rented GPU
     boxes are often shared), and ipykernel 7 warns about it in every headless run ("Kernel is running over TCP
     without encryption"). Unix-domain (IPC) sockets sit beside the kernel's connection file, in Jupyter's per-user
     runtime folder (mode 0700). Windows has no IPC transport there: TCP is kept.
 
+    What a cell prints reaches the notebook over those sockets; the kernel process's own stdout and stderr (C
+    libraries' messages, ipykernel's log, a crash dump) would otherwise go to the terminal, between the pipeline's
+    lines. jupyter_client interrupts a kernel before shutting it down (``shutdown_kernel``), so at the end of a
+    notebook ipykernel 7.4 can log "KeyboardInterrupt caught in kernel", and after Ctrl-C it can print a ZMQError
+    traceback while its sockets close. ``log`` keeps all of that with the run instead.
+
+    Args:
+        log: append the kernel process's stdout and stderr to this file (None: inherit the terminal's).
+
     Returns:
         A subclass of ``jupyter_client.manager.AsyncKernelManager`` (nbclient's default) whose ``transport``
         defaults to ``"ipc"`` (``"tcp"`` on Windows).
     """
+    import subprocess
+
     from jupyter_client.manager import AsyncKernelManager
     from traitlets import default
 
@@ -52,6 +64,12 @@ def kernel_manager_class():
         @default("transport")
         def _default_transport(self) -> str:
             return "tcp" if os.name == "nt" else "ipc"
+
+        async def start_kernel(self, **kw):
+            if log is None or "stdout" in kw or "stderr" in kw:
+                return await super().start_kernel(**kw)
+            with open(log, "ab") as fh:  # the kernel keeps its own copy of the descriptor
+                return await super().start_kernel(stdout=fh, stderr=subprocess.STDOUT, **kw)
 
     return IPCKernelManager
 
@@ -229,11 +247,14 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     try:
         _execute(run, params, books, resumed=bool(resume))
         status, where = "finished", None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         status, error = "interrupted", "KeyboardInterrupt"
+        err.add_note(how_to_continue(run, books))
         raise
     except BaseException as err:
         error = type(err).__name__
+        if not isinstance(err, KernelDied):  # its message already says both
+            err.add_note(how_to_continue(run, books))
         raise
     finally:
         if status != "finished":
@@ -243,6 +264,16 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         if report:
             report_run(run)
     return run
+
+
+def how_to_continue(run: RunDir, books: list[Path]) -> str:
+    """Where the notebook that stopped a run is, and the command that continues the run (a note the pipeline adds
+    to the exception, which ``main`` prints)."""
+    completed = set(run.metrics().get("pipeline", {}).get("completed", []))
+    stopped = next((nb for nb in books if nb.name not in completed), None)
+    where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
+    return (f"{where}everything the run finished is kept in {run.path}; after fixing the cause, continue it with: "
+            f"make run-all RESUME={run.run_id}")
 
 
 def report_run(run: RunDir) -> Path | None:
@@ -287,7 +318,7 @@ def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool) -> 
                 str(nb), str(executed),
                 parameters={"PARAMS": str(params), "RUN_DIR": str(run.path)},
                 kernel_name="python3", cwd=str(nb.parent), progress_bar=False, log_output=False,
-                kernel_manager_class=kernel_manager_class(),
+                kernel_manager_class=kernel_manager_class(run.notebooks_dir / f"{nb.stem}.kernel.log"),
             )
         except DeadKernelError as err:
             count = mark_dead_kernel(nb, executed, run)
@@ -380,17 +411,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except PapermillExecutionError as err:
-        print(f"\nerror: notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue}", file=sys.stderr)
-        print("the executed notebook with the failing cell is in the run's notebooks/ folder (path above).",
-              file=sys.stderr)
+        _say(f"notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue}", err)
         return 1
     except KernelDied as err:
-        print(f"\nerror: {err}", file=sys.stderr)
+        _say(str(err), err)
         return 1
+    except KeyboardInterrupt as err:  # Ctrl-C: what to do next, not papermill's and asyncio's tracebacks
+        _say("interrupted (Ctrl-C)", err)
+        return 130
     except Exception as err:  # a missing run to resume and the like: say so, exit non-zero
-        print(f"\nerror: {type(err).__name__}: {err}", file=sys.stderr)
+        _say(f"{type(err).__name__}: {err}", err)
         return 1
     return 0
+
+
+def _say(message: str, err: BaseException) -> None:
+    """Print a run's error and the notes the pipeline added to it (where the notebook is, how to continue)."""
+    print(f"\nerror: {message}", file=sys.stderr)
+    for note in getattr(err, "__notes__", []):
+        print(note, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -71,3 +71,33 @@ def to_html(notebook: str | Path, out: str | Path | None = None, back: str | Non
     body, _ = exporter.from_filename(str(notebook), resources={"medtune_back": back})
     out.write_text(body, encoding="utf-8")
     return out
+
+
+def failure(notebook: str | Path) -> dict | None:
+    """Where and why an executed notebook stopped: the first error output papermill (or the pipeline, for a dead
+    kernel) recorded in it.
+
+    Args:
+        notebook: the executed ``.ipynb``.
+
+    Returns:
+        ``{"cell": <execution count, or None>, "ename": <exception type>, "evalue": <its message, ANSI colour codes
+        removed>}``; None when the notebook has no error output (it finished, or is still running) or does not exist.
+
+    Raises:
+        nbformat.reader.NotJSONError: the file is not a notebook.
+    """
+    import re
+
+    import nbformat
+
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        return None
+    nb = nbformat.read(notebook, as_version=4)
+    for cell in nb.cells:
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if out.get("output_type") == "error":
+                text = re.sub(r"\x1b\[[0-9;]*m", "", str(out.get("evalue", "")))
+                return {"cell": cell.get("execution_count"), "ename": out.get("ename", "Error"), "evalue": text}
+    return None

