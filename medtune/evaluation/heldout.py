@@ -31,12 +31,13 @@ def _device(model) -> torch.device:
     return next(p for p in model.parameters()).device
 
 
-def progress(iterable, total: int, desc: str):
-    """A text progress bar over ``iterable`` (``total`` items, labelled ``desc``) that reads both live in JupyterLab
-    and in the executed notebook (no widgets). Also used by :mod:`medtune.evaluation.multiple_choice`."""
+def progress(iterable, total: int, desc: str, unit: str = "it"):
+    """A text progress bar over ``iterable`` (``total`` items, labelled ``desc``, counted in ``unit``; ``iterable``
+    None: advanced by ``update(n)``) that reads both live in JupyterLab and in the executed notebook (no widgets).
+    Also used by :mod:`medtune.evaluation.multiple_choice`."""
     from tqdm.std import tqdm
 
-    return tqdm(iterable, total=total, desc=desc, file=sys.stdout, mininterval=2.0, ascii=True)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stdout, mininterval=2.0, ascii=True)
 
 
 def resolve_batch_size(batch_size: int | str, model, seq_len: int, items: int, *, full_logits: bool = False) -> int:
@@ -102,9 +103,10 @@ def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en"
     results: dict[int, dict] = {}
     try:
         batches = [order[i:i + size] for i in range(0, len(order), size)]
-        bar = progress(batches, len(batches), "generating")
+        # counted in questions, not batches: on a GPU all of them are often one batch, and "0/1" says nothing
+        bar = progress(None, len(rows), "generating", unit="answer")
         generated, started = 0, time.perf_counter()
-        for batch in bar:
+        for batch in batches:
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(_device(model))
             if fast:
                 new = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
@@ -124,6 +126,8 @@ def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en"
                               "new_tokens": n, "stopped": stopped}
             bar.set_postfix_str(f"{generated / max(time.perf_counter() - started, 1e-9):.1f} new tokens/s over all "
                                 f"sequences, batch {size}", refresh=False)
+            bar.update(len(batch))
+        bar.close()
     finally:
         tokenizer.padding_side = side
     return [results[i] for i in range(len(rows))]
@@ -282,9 +286,16 @@ def side_by_side(baseline: list[dict], finetuned: list[dict]) -> str:
         parts.append(
             f"### Dataset row {b['row']}\n\n**Question.** {_html_safe(b['question'])}\n\n"
             f"| baseline (un-tuned) | fine-tuned (LoRA) |\n|---|---|\n"
-            f"| {_cell(b['answer'])} | {_cell(f['answer'])} |\n"
+            f"| {_cell(b['answer'])}{_cut_note(b)} | {_cell(f['answer'])}{_cut_note(f)} |\n"
         )
     return "\n".join(parts)
+
+
+def _cut_note(answer: dict) -> str:
+    """A table cell's note for an answer cut off at max_new_tokens (no EOS), else nothing."""
+    if answer.get("stopped") is False:
+        return f"<br><br>*(cut off: {answer.get('new_tokens')} tokens, max_new_tokens, no EOS)*"
+    return ""
 
 
 def _html_safe(text: str) -> str:

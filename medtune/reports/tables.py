@@ -160,8 +160,13 @@ def settings(run: RunDir) -> dict:
 
 def settings_rows(run: RunDir) -> list[tuple[str, str]]:
     """The run's settings (config.yaml) as ``(key, value)`` in file order, nested sections flattened
-    (``sft.max_steps``); values written as JSON (``null``, ``true``, lists). Empty when config.yaml is unreadable."""
-    return [(k, show(v)) for k, v in flatten(settings(run)).items()]
+    (``sft.max_steps``); values written as JSON (``null``, ``true``, lists). Empty when config.yaml is unreadable.
+
+    ``sft.optim`` also says what training ran when 05 recorded another optimizer (``paged_adamw_32bit (ran as
+    adamw_torch: no CUDA)``: bitsandbytes' paged optimizers need CUDA, see :mod:`medtune.stages.train`)."""
+    rows = [(k, show(v)) for k, v in flatten(settings(run)).items()]
+    ran = (run.metrics().get("train") or {}).get("optim")
+    return [(k, f"{v} (ran as {ran}: no CUDA)" if k == "sft.optim" and ran and ran != v else v) for k, v in rows]
 
 
 def show(value) -> str:
@@ -170,21 +175,15 @@ def show(value) -> str:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """The rows of a JSONL file; ``[]`` when it does not exist. Blank lines are skipped.
+    """The rows of one of the run's JSONL files (:func:`medtune.stages.data.read_jsonl`); ``[]`` when it does not
+    exist (a run that has not reached 04 or 06).
 
     Raises:
-        ValueError: a line is not JSON (names the file and line).
+        medtune.stages.data.DataError: a line is not JSON (names the file and line); a ValueError.
     """
-    if not path.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {n}: not JSON ({err})") from err
-    return rows
+    from medtune.stages import data
+
+    return data.read_jsonl(path) if path.is_file() else []
 
 
 def answers_side_by_side(run: RunDir) -> list[dict]:
@@ -192,7 +191,8 @@ def answers_side_by_side(run: RunDir) -> list[dict]:
 
     Returns:
         One dict per question 04 or 06 answered, in 04's order: ``{"row", "question", "reference", "baseline",
-        "finetuned"}``; an answer that was not generated is None.
+        "finetuned", "baseline_cut", "finetuned_cut"}``; an answer that was not generated is None; ``*_cut`` is the
+        answer's token count when it hit ``max_new_tokens`` without EOS (cut off), else None.
     """
     base, tuned = read_jsonl(run.baseline_path), read_jsonl(run.finetuned_path)
     refs = {r.get("row"): r.get("Response") for r in read_jsonl(run.heldout_path)}
@@ -204,8 +204,16 @@ def answers_side_by_side(run: RunDir) -> list[dict]:
     for row in rows:
         b, f = first.get(row), by_row.get(row)
         out.append({"row": row, "question": (b or f).get("question"), "reference": refs.get(row),
-                    "baseline": b.get("answer") if b else None, "finetuned": f.get("answer") if f else None})
+                    "baseline": b.get("answer") if b else None, "finetuned": f.get("answer") if f else None,
+                    "baseline_cut": _cut(b), "finetuned_cut": _cut(f)})
     return out
+
+
+def _cut(answer: dict | None) -> int | None:
+    """The token count of an answer that ended at max_new_tokens without EOS, else None."""
+    if answer and answer.get("stopped") is False:
+        return answer.get("new_tokens")
+    return None
 
 
 def notebook_rows(run: RunDir, order: list[str] | None = None) -> list[dict]:

