@@ -45,8 +45,15 @@ class Comparison:
     status: tuple[str, str]
 
 
-def _missing(value) -> str:
-    return "(not set)" if value is None else tables.show(value)
+# The settings that choose the held-out questions (loss and perplexity are over the same rows only if these agree),
+# and those that also shape the generated answers (their length, EOS share, ROUGE-L).
+HELDOUT_SET_KEYS = ("dataset", "columns", "heldout_rows", "heldout_size", "seed", "language", "loss_on")
+ANSWER_KEYS = (*HELDOUT_SET_KEYS, "eval_questions", "max_new_tokens")
+SET_METRICS = ("loss", "perplexity")
+
+
+def _missing(value, absent: str = "(not in config.yaml)") -> str:
+    return absent if value is None else tables.show(value)
 
 
 def settings_diff(a: dict, b: dict) -> list[tuple[str, str, str]]:
@@ -59,6 +66,44 @@ def settings_diff(a: dict, b: dict) -> list[tuple[str, str, str]]:
     """
     fa, fb = tables.flatten(a), tables.flatten(b)
     return [(k, _missing(fa.get(k)), _missing(fb.get(k))) for k in dict.fromkeys([*fa, *fb]) if fa.get(k) != fb.get(k)]
+
+
+def _differ(fa: dict, fb: dict, keys) -> list[str]:
+    """The settings among ``keys`` (flattened names; a key also covers its sub-keys) whose values differ."""
+    return [k for k in keys if {n: v for n, v in fa.items() if n == k or n.startswith(k + ".")}
+            != {n: v for n, v in fb.items() if n == k or n.startswith(k + ".")}]
+
+
+def not_comparable(cfg_a: dict, cfg_b: dict, metrics_a: dict, metrics_b: dict) -> dict[str, str]:
+    """Why a metric of run A is not the same measurement as run B's, so that a difference is no improvement or
+    regression: the held-out questions differ (:data:`HELDOUT_SET_KEYS`; for the answers' metrics also
+    :data:`ANSWER_KEYS`), or a benchmark's source, item count or scoring mode differ.
+
+    Args:
+        cfg_a, cfg_b: the runs' settings (config.yaml). metrics_a, metrics_b: their metrics.json.
+
+    Returns:
+        ``{metrics.json key: reason}`` for each 04/06 metric that is not comparable, e.g.
+        ``{"finetuned.loss": "heldout_size differs", "baseline.benchmarks.medqa.accuracy": "items differ (8, 100)"}``.
+    """
+    fa, fb = tables.flatten(cfg_a), tables.flatten(cfg_b)
+    by_set, by_answers = _differ(fa, fb, HELDOUT_SET_KEYS), _differ(fa, fb, ANSWER_KEYS)
+    out = {}
+    for stage, _ in STAGES:
+        for _, key, _ in tables.HELDOUT_METRICS:
+            keys = by_set if key in SET_METRICS else by_answers
+            if keys:
+                out[f"{stage}.{key}"] = f"{', '.join(keys)} differ{'s' if len(keys) == 1 else ''}"
+        ba = (metrics_a.get(stage) or {}).get("benchmarks") or {}
+        bb = (metrics_b.get(stage) or {}).get("benchmarks") or {}
+        for name in tables.benchmark_names(metrics_a.get(stage) or {}, metrics_b.get(stage) or {}):
+            ea, eb = ba.get(name) or {}, bb.get(name) or {}
+            why = _differ(fa, fb, (f"benchmarks.{name}", "benchmark_limit"))
+            why += [f"{field} ({ea.get(field)}, {eb.get(field)})" for field in ("items", "mode")
+                    if ea.get(field) != eb.get(field) and ea and eb]
+            if why:
+                out[f"{stage}.benchmarks.{name}.accuracy"] = f"{', '.join(why)} differ{'s' if len(why) == 1 else ''}"
+    return out
 
 
 def _dig(data: dict, path: tuple[str, ...]):
@@ -80,26 +125,35 @@ def environment_diff(a: dict, b: dict) -> list[tuple[str, str, str]]:
     for path, label in ENVIRONMENT:
         x, y = _dig(a, path), _dig(b, path)
         if x != y:
-            out.append((label, _missing(x), _missing(y)))
+            out.append((label, _missing(x, "(not recorded)"), _missing(y, "(not recorded)")))
     gpus = [", ".join(g.get("name", "?") for g in (m.get("hardware") or {}).get("gpus") or []) or "none"
             for m in (a, b)]
     if gpus[0] != gpus[1]:
         out.append(("GPUs", gpus[0], gpus[1]))
     pa, pb = a.get("packages") or {}, b.get("packages") or {}
     for name in sorted(set(pa) | set(pb)):
+        if name in pa and name in pb and pa[name] is None and pb[name] is None:
+            continue
+        if name in OPTIONAL_TOOLS and (pa.get(name) is None or pb.get(name) is None):
+            continue  # JupyterLab in one environment and not the other does not change a headless run
         if pa.get(name) != pb.get(name):
             out.append((f"package {name}", pa.get(name) or "not installed", pb.get(name) or "not installed"))
     return out
 
 
+# Packages the manifest lists that a headless run does not use: installed in one run's environment and not the
+# other's, they are no difference (a different version of one still is).
+OPTIONAL_TOOLS = ("jupyterlab",)
+
 STAGES = (("baseline", "baseline (04)"), ("finetuned", "fine-tuned (06)"))
 
 
-def metric_diff(a: dict, b: dict) -> list[tables.MetricRow]:
+def metric_diff(a: dict, b: dict, apart: dict[str, str] | None = None) -> list[tables.MetricRow]:
     """Every metric either run recorded, A against B.
 
     Args:
-        a, b: the two runs' metrics.json.
+        a, b: the two runs' metrics.json. apart: :func:`not_comparable`'s reasons; such a row keeps its difference
+            but has no better/worse (``better`` None) and its label says why.
 
     Returns:
         :class:`~medtune.reports.tables.MetricRow` s (``first`` A, ``second`` B, ``difference`` B minus A): for 04
@@ -109,10 +163,15 @@ def metric_diff(a: dict, b: dict) -> list[tables.MetricRow]:
     """
     rows = []
 
+    apart = apart or {}
+
     def add(path: tuple[str, ...], label: str, better: str | None) -> None:
         x, y = _dig(a, path), _dig(b, path)
+        key = ".".join(path)
+        if key in apart:
+            label, better = f"{label} (not comparable: {apart[key]})", None
         if x is not None or y is not None:
-            rows.append(tables.MetricRow(label, ".".join(path), x, y, tables.difference(x, y), better))
+            rows.append(tables.MetricRow(label, key, x, y, tables.difference(x, y), better))
 
     for stage, name in STAGES:
         for label, key, better in tables.HELDOUT_METRICS:
@@ -137,8 +196,10 @@ def compare_runs(a: RunDir, b: RunDir) -> Comparison:
     if a.path.resolve() == b.path.resolve():
         raise ValueError(f"both runs are {a.path}: compare two different runs, RUNS=\"outputs/<a> outputs/<b>\".")
     ma, mb = _manifest.read(a), _manifest.read(b)
-    return Comparison(a, b, settings_diff(tables.settings(a), tables.settings(b)), environment_diff(ma, mb),
-                      metric_diff(a.metrics(), b.metrics()), (_manifest.status(a).text, _manifest.status(b).text))
+    sa, sb, xa, xb = tables.settings(a), tables.settings(b), a.metrics(), b.metrics()
+    return Comparison(a, b, settings_diff(sa, sb), environment_diff(ma, mb),
+                      metric_diff(xa, xb, not_comparable(sa, sb, xa, xb)),
+                      (_manifest.status(a).text, _manifest.status(b).text))
 
 
 def _cell(value) -> str:
@@ -168,8 +229,8 @@ def to_markdown(cmp: Comparison) -> str:
     lines += ["", "## Metrics (difference: B minus A)", ""]
     if cmp.metrics:
         lines += ["| metric | A | B | B - A |", "|---|---:|---:|---:|"]
-        lines += [f"| {_cell(r.label)} | {_cell(r.first)} | {_cell(r.second)} | {tables.signed(r.difference)} |"
-                  for r in cmp.metrics]
+        lines += [f"| {_cell(r.label)} | {_cell(render.short(r.first))} | {_cell(render.short(r.second))} | "
+                  f"{tables.signed(r.difference)} |" for r in cmp.metrics]
     else:
         lines.append("Neither run has recorded metrics yet.")
     return "\n".join(lines) + "\n"

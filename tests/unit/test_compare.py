@@ -75,7 +75,8 @@ def two_runs(tmp_path):
 
 def test_settings_that_differ_nested_keys_and_a_key_only_one_run_has(two_runs):
     cmp = compare.compare_runs(*two_runs)
-    assert cmp.settings == [("lora.r", "64", "16"), ("sft.max_steps", "4", "8"), ("bad_rows", "(not set)", "skip")]
+    assert cmp.settings == [("lora.r", "64", "16"), ("sft.max_steps", "4", "8"),
+                            ("bad_rows", "(not in config.yaml)", "skip")]
     assert compare.settings_diff({"a": {"b": [1, 2]}, "c": None}, {"a": {"b": [1, 2]}, "c": None}) == []
     assert compare.settings_diff({"c": None}, {}) == []  # null and not set mean the same here: the default
     assert compare.settings_diff({"x": True}, {"x": False}) == [("x", "true", "false")]
@@ -105,15 +106,41 @@ def test_metrics_side_by_side_with_the_exact_differences(two_runs):
     assert (total.first, total.second, total.difference, total.verdict) == (119.75, 190.0, 70.25, "worse")
 
 
+def test_metrics_over_different_heldout_or_benchmark_sets_are_not_called_better(tmp_path):
+    """A run with 20 held-out questions against one with 8, or a benchmark scored on 100 items against 8: the
+    difference is shown, but no colour, and the label says why (no improvement can be read from it)."""
+    root = tmp_path / "outputs"
+    metrics_b = json.loads(json.dumps(METRICS_B))
+    metrics_b["finetuned"]["benchmarks"]["medqa"]["items"] = 100
+    a = run_folder(root, "20261207-100000-000000-smoke-aaaaaa", CONFIG_A + "heldout_size: 8\nmax_new_tokens: 64\n",
+                   METRICS_A)
+    b = run_folder(root, "20261207-110000-000000-smoke-bbbbbb", CONFIG_A + "heldout_size: 20\nmax_new_tokens: 64\n",
+                   metrics_b)
+    rows = {r.key: r for r in compare.compare_runs(a, b).metrics}
+    loss = rows["finetuned.loss"]
+    assert loss.label == ("fine-tuned (06): response loss (nats/token, lower is better) "
+                          "(not comparable: heldout_size differs)")
+    assert (loss.better, loss.verdict, loss.difference) == (None, "", -0.21795)
+    medqa = rows["finetuned.benchmarks.medqa.accuracy"]
+    assert medqa.label.endswith("(not comparable: items (4, 100) differs)") and medqa.verdict == ""
+    assert rows["baseline.benchmarks.medqa.accuracy"].better == "higher"  # 04's items are the same in both
+
+    c = run_folder(root, "20261207-120000-000000-smoke-cccccc", CONFIG_A + "heldout_size: 8\nmax_new_tokens: 512\n",
+                   METRICS_B)
+    rows = {r.key: r for r in compare.compare_runs(a, c).metrics}
+    assert rows["finetuned.loss"].verdict == "better"  # the same questions: the loss compares
+    assert rows["finetuned.stopped_with_eos"].label.endswith("(not comparable: max_new_tokens differs)")
+
+
 def test_markdown_of_the_comparison(two_runs):
     text = compare.to_markdown(compare.compare_runs(*two_runs))
     assert text.startswith("# 20261207-100000-000000-smoke-aaaaaa (A) against 20261207-110000-000000-smoke-bbbbbb (B)")
-    assert "| lora.r | 64 | 16 |\n| sft.max_steps | 4 | 8 |\n| bad_rows | (not set) | skip |" in text
+    assert "| lora.r | 64 | 16 |\n| sft.max_steps | 4 | 8 |\n| bad_rows | (not in config.yaml) | skip |" in text
     assert "| fine-tuned (06): response loss (nats/token, lower is better) | 3.31795 | 3.1 | -0.21795 |" in text
     assert "| fine-tuned (06): medqa accuracy | 0.5 | 0.75 | +0.25 |" in text
     assert "| baseline (04): response loss (nats/token, lower is better) | 3.35974 | 3.35974 | 0 |" in text
     assert "| training (05): optimizer steps | 4 | 8 | +4 |" in text
-    assert "| notebooks' total wall time (s) | 119.75 | 190.0 | +70.25 |" in text
+    assert "| notebooks' total wall time (s) | 119.75 | 190 | +70.25 |" in text
     assert "| package torch | 2.13.0 | 2.13.1 |" in text
 
 
