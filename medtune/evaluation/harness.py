@@ -91,8 +91,8 @@ def _harness_model(model, tokenizer, batch_size: int):
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
-        raise HarnessError("benchmark_harness: true needs lm-eval: pip install lm-eval==0.4.13 (`make env` installs "
-                           "it with the dev extra; or pip install -e '.[harness]').") from None
+        raise HarnessError("benchmark_harness: true needs lm-eval: make env EXTRAS=harness (or pip install -e "
+                           "'.[harness]', which pins lm-eval 0.4.13).") from None
     device = next(model.parameters()).device
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=str(device))
 

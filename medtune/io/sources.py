@@ -214,7 +214,8 @@ def _import_modelscope():
     except ImportError as err:
         raise MissingExtra(
             f"source/push_to 'modelscope' needs the ModelScope SDK, which is not installed ({err.name or err}). "
-            f"Install the optional extra: `{EXTRA_INSTALL}` (pins modelscope==1.40.2), then restart the kernel.",
+            f"Install the optional extra: `make env EXTRAS=modelscope` (or `{EXTRA_INSTALL}` in the kernel's "
+            f"environment; it pins modelscope==1.40.2), then restart the kernel.",
             source="modelscope",
         ) from None
 

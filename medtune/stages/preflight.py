@@ -447,7 +447,7 @@ def check_harness(cfg: _config.RunConfig) -> Check:
     version = harness.lm_eval_version()
     if version is None:
         return Check("benchmark_harness", "error", "benchmark_harness is true, but lm-eval is not installed.",
-                     "pip install lm-eval==0.4.13 (`make env` installs it; or pip install -e '.[harness]'), or "
+                     "make env EXTRAS=harness (or pip install -e '.[harness]', which pins lm-eval 0.4.13), or "
                      "benchmark_harness: false.")
     tasks = ", ".join(f"{name} -> {harness.task_for(name) or 'same-prompt check only'}" for name in cfg.benchmarks)
     return Check("benchmark_harness", "ok", f"lm-eval {version}; {tasks or 'no benchmarks in this profile'}.")
@@ -541,8 +541,9 @@ def _local_row_count(dataset: str) -> int | None:
 
 def _checkpoint_bytes(cfg: _config.RunConfig, lora_params: int) -> int:
     """Disk for the run's checkpoints: each holds the LoRA weights (fp32) and AdamW's two states (3 x 4 B per
-    parameter); their number is ``save_total_limit``, else steps / ``save_steps`` (steps from ``max_steps``, or
-    ``max_rows`` rows; one checkpoint when unknown)."""
+    parameter); their number is steps / ``save_steps`` (steps from ``max_steps``, or ``max_rows`` rows; one
+    checkpoint when unknown), at most ``save_total_limit`` + 1 (transformers writes a checkpoint before it deletes the
+    oldest, ``Trainer._rotate_checkpoints``)."""
     steps = int(cfg.sft.get("max_steps", -1) or -1)
     rows = cfg.max_rows or _local_row_count(cfg.dataset)
     if steps <= 0 and rows:
@@ -550,7 +551,7 @@ def _checkpoint_bytes(cfg: _config.RunConfig, lora_params: int) -> int:
         steps = math.ceil(max(rows - cfg.heldout_size, 1) / batch) * math.ceil(float(_sft(cfg, "num_train_epochs")))
     count = math.ceil(steps / int(_sft(cfg, "save_steps"))) if steps > 0 else 1
     if cfg.sft.get("save_total_limit"):
-        count = min(count, int(cfg.sft["save_total_limit"]))
+        count = min(count, int(cfg.sft["save_total_limit"]) + 1)
     return (count + 1) * lora_params * 12  # + the final adapter (and slack)
 
 

@@ -509,8 +509,21 @@ def push(cfg: _config.RunConfig, run) -> dict:
 
 
 def card(run) -> str:
-    """The model card written by :func:`build_folder` (Markdown), for display in 07."""
-    return (run.push_dir / "README.md").read_text(encoding="utf-8")
+    """The model card written by :func:`build_folder` (``push/README.md``), as Markdown for display in 07: its YAML
+    metadata header (which the Hub reads into tags and widgets, and a Markdown renderer would show as a rule and a
+    run-on paragraph) as a fenced YAML block, then the card's text unchanged.
+
+    Raises:
+        FileNotFoundError: :func:`build_folder` has not written the card yet.
+    """
+    from huggingface_hub import ModelCard
+
+    text = (run.push_dir / "README.md").read_text(encoding="utf-8")
+    parsed = ModelCard(text, ignore_metadata_errors=True)
+    meta = parsed.data.to_yaml().strip()
+    if meta in ("", "{}"):  # no header
+        return text
+    return f"**Metadata** (the card's YAML header):\n\n```yaml\n{meta}\n```\n\n{parsed.text.lstrip()}"
 
 
 def list_folder(run) -> None:

@@ -420,3 +420,16 @@ def test_show_says_a_rehearsal_downloads_no_weights(capsys):
     out = capsys.readouterr().out
     assert "rehearsal: config.json and the tokenizer only are downloaded, not its 55 files of 217.80 GB" in out
     assert "GB to download" not in out
+
+
+def test_card_shows_its_yaml_header_as_a_code_block(tmp_path):
+    """07 displays the card as Markdown: the YAML header the Hub reads must not render as a rule and a run-on
+    paragraph ("--- base_model: ... license: ..."), but as a YAML block, with the card's text after it unchanged."""
+    push = tmp_path / "push"
+    push.mkdir()
+    (push / "README.md").write_text("---\nbase_model: x/y\nlicense: other\ntags:\n- medical\n---\n\n# Title\n\nBody.\n")
+    shown = H.card(dataclasses.make_dataclass("Run", [("push_dir", Path)])(push))
+    assert shown == ("**Metadata** (the card's YAML header):\n\n```yaml\nbase_model: x/y\nlicense: other\ntags:\n"
+                     "- medical\n```\n\n# Title\n\nBody.\n")
+    (push / "README.md").write_text("# No header\n")
+    assert H.card(dataclasses.make_dataclass("Run", [("push_dir", Path)])(push)) == "# No header\n"

@@ -181,7 +181,7 @@ def test_missing_lm_eval_stops_00(monkeypatch):
 
     monkeypatch.setattr(H, "lm_eval_version", lambda: None)
     check = preflight.check_harness(C.load(PARAMS / "smoke.yaml").replace(benchmark_harness=True))
-    assert check.status == "error" and "pip install lm-eval==0.4.13" in check.fix
+    assert check.status == "error" and "make env EXTRAS=harness" in check.fix and "lm-eval 0.4.13" in check.fix
 
 
 @pytest.mark.slow
