@@ -44,6 +44,9 @@ from medtune.bench.training import (  # noqa: E402
 from medtune.llama4 import kernels  # noqa: E402
 
 BW = {"H200": 4.8e12, "H100": 3.35e12}  # bytes/s, datasheet HBM bandwidth
+# The routed experts' path for the "after" setups, expert LoRA and the profile: "off" (dequantize + torch._grouped_mm,
+# the default) or "auto" (the NF4 grouped GEMM; measured 6-23x slower on 2026-12-07, docs/bench-h200.md).
+GEMM = "off"
 
 
 def cuda_ms(fn, reps=20) -> float:
@@ -124,8 +127,8 @@ def small(res, med, gen):
 def profile(res, med, gen, out):
     from torch.profiler import ProfilerActivity, profile
 
-    l4.Llama4NF4Experts.fused_gemm = "auto"
-    model = variant(2, "bf16lora_gemm")
+    l4.Llama4NF4Experts.fused_gemm = GEMM
+    model = variant(2, "bf16lora")
     b = rows_batch([med], gen)
     time_batches(model, [b])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
@@ -158,8 +161,11 @@ def full(res, lengths, gen, n_layers, n_rows, save):
     print("full", out, flush=True)
     lora_bf16_(model)
     out["bf16lora_dequant_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
-    l4.Llama4NF4Experts.fused_gemm = "auto"
-    out["after_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
+    l4.Llama4NF4Experts.fused_gemm = GEMM
+    if GEMM != "off":
+        out["after_batch1"] = time_batches(model, [rows_batch([n], gen) for n in rows])
+    else:
+        out["after_batch1"] = out["bf16lora_dequant_batch1"]
     print("full", out, flush=True)
     out["after_packed4096"] = dict(rows_per_pack=[len(p) for p in packs],
                                    **time_batches(model, [rows_batch(p, gen) for p in packs]))
@@ -189,7 +195,7 @@ def full(res, lengths, gen, n_layers, n_rows, save):
 def expert_lora(res, lengths, gen, n_layers, n_rows):
     """The full model with LoRA r=16 on every routed expert's gate_up/down as well (sparse, on the NF4 weights)."""
     rows = random.Random(0).sample(lengths, n_rows - 1) + [max(lengths)]
-    l4.Llama4NF4Experts.fused_gemm = "auto"
+    l4.Llama4NF4Experts.fused_gemm = GEMM
     model = lora_bf16_(add_lora_and_head(build_model(n_layers, "medtune")[0], expert_r=16))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     out = dict(trainable_params=trainable, batch1=time_batches(model, [rows_batch([n], gen) for n in rows]))
@@ -204,7 +210,10 @@ def main() -> None:
     ap.add_argument("--full", type=int, default=48)
     ap.add_argument("--rows", type=int, default=12)
     ap.add_argument("--parts", nargs="+", default=["kernel", "full", "expert_lora", "profile", "small"])
+    ap.add_argument("--gemm", choices=["off", "auto"], default="off")
     args = ap.parse_args()
+    global GEMM
+    GEMM = args.gemm
     args.out.mkdir(parents=True, exist_ok=True)
     lengths = read_lengths(args.lengths)
     med = int(statistics.median(lengths))
