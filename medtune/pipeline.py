@@ -14,9 +14,12 @@ last checkpoint. The run's ``manifest.json`` records what it ran with and how it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -231,6 +234,11 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
 
     if resume:
         run = resolve_run(resume)
+        live = manifest.live_process(run)
+        if live:  # two processes writing one run's checkpoints and notebooks would corrupt both
+            raise RuntimeError(f"run {run.run_id} is still running (process {live.get('pid')} on this machine): "
+                               "wait for it to finish, or stop it (Ctrl-C in its terminal, or kill that pid), then "
+                               f"continue it with: make run-all RESUME={run.run_id}")
         if params is not None:
             changed = update_resumed_config(run, Path(params).resolve())
             if changed:
@@ -257,19 +265,39 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
             err.add_note(how_to_continue(run, books))
         raise
     finally:
-        if status != "finished":
-            completed = set(run.metrics().get("pipeline", {}).get("completed", []))
-            where = next((nb.stem for nb in books if nb.name not in completed), None)
-        manifest.finish(run, status, where, error)
-        if report:
-            report_run(run)
+        with _sigint_ignored():  # a second Ctrl-C must not cut the manifest or the report short
+            if status != "finished":
+                try:
+                    completed = set(run.metrics().get("pipeline", {}).get("completed", []))
+                except ValueError:  # a damaged metrics.json: the error itself says so
+                    completed = set()
+                where = next((nb.stem for nb in books if nb.name not in completed), None)
+            manifest.finish(run, status, where, error)
+            if report:
+                report_run(run)
     return run
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ignore Ctrl-C while the pipeline records how a run ended (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def how_to_continue(run: RunDir, books: list[Path]) -> str:
     """Where the notebook that stopped a run is, and the command that continues the run (a note the pipeline adds
     to the exception, which ``main`` prints)."""
-    completed = set(run.metrics().get("pipeline", {}).get("completed", []))
+    try:
+        completed = set(run.metrics().get("pipeline", {}).get("completed", []))
+    except ValueError:
+        completed = set()
     stopped = next((nb for nb in books if nb.name not in completed), None)
     where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
     return (f"{where}everything the run finished is kept in {run.path}; after fixing the cause, continue it with: "
@@ -403,6 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-report", action="store_true",
                         help="do not write the HTML report at the end (make report writes it later)")
     args = parser.parse_args(argv)
+    if args.resume is not None and not args.resume.strip():  # e.g. --resume "$RUN" with RUN unset
+        print("error: --resume is empty: give the run to continue, outputs/<run-id> or its id "
+              "(without --resume a new run starts)", file=sys.stderr)
+        return 2
     from papermill.exceptions import PapermillExecutionError
 
     try:
@@ -411,7 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except PapermillExecutionError as err:
-        _say(f"notebook failed in cell {err.exec_count}: {err.ename}: {err.evalue}", err)
+        from medtune.reports.notebooks import plain
+
+        _say(f"notebook failed in cell {err.exec_count}: {plain(err.ename)}: {plain(err.evalue)}", err)
         return 1
     except KernelDied as err:
         _say(str(err), err)

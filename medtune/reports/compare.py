@@ -45,10 +45,15 @@ class Comparison:
     status: tuple[str, str]
 
 
-# The settings that choose the held-out questions (loss and perplexity are over the same rows only if these agree),
-# and those that also shape the generated answers (their length, EOS share, ROUGE-L).
-HELDOUT_SET_KEYS = ("dataset", "columns", "heldout_rows", "heldout_size", "seed", "language", "loss_on")
-ANSWER_KEYS = (*HELDOUT_SET_KEYS, "eval_questions", "max_new_tokens")
+# What decides the held-out questions when a run's data/heldout.jsonl cannot be read (a run stopped before 03): the
+# settings that choose the rows. When both files exist their sha256 decides instead, which also catches a dataset
+# that changed under the same settings.
+HELDOUT_SET_KEYS = ("dataset", "dataset_config", "dataset_split", "columns", "max_rows", "bad_rows", "heldout_rows",
+                    "heldout_size", "seed")
+# What changes the measurement on the same questions: the template's language, which tokens count, the truncation.
+MEASURE_KEYS = ("language", "loss_on", "sft.max_length")
+# What also shapes the generated answers (their length, EOS share, ROUGE-L).
+ANSWER_KEYS = ("eval_questions", "max_new_tokens")
 SET_METRICS = ("loss", "perplexity")
 
 
@@ -74,36 +79,66 @@ def _differ(fa: dict, fb: dict, keys) -> list[str]:
             != {n: v for n, v in fb.items() if n == k or n.startswith(k + ".")}]
 
 
-def not_comparable(cfg_a: dict, cfg_b: dict, metrics_a: dict, metrics_b: dict) -> dict[str, str]:
+def not_comparable(cfg_a: dict, cfg_b: dict, metrics_a: dict, metrics_b: dict,
+                   heldout_a: str | None = None, heldout_b: str | None = None) -> dict[str, str]:
     """Why a metric of run A is not the same measurement as run B's, so that a difference is no improvement or
-    regression: the held-out questions differ (:data:`HELDOUT_SET_KEYS`; for the answers' metrics also
-    :data:`ANSWER_KEYS`), or a benchmark's source, item count or scoring mode differ.
+    regression: the held-out questions differ (the sha256 of each run's data/heldout.jsonl, or, without both files,
+    :data:`HELDOUT_SET_KEYS`), they are measured differently (:data:`MEASURE_KEYS`; for the answers' metrics also
+    :data:`ANSWER_KEYS`), or a benchmark's source, item count, scoring mode or prompt language differ (in
+    ``generate`` mode also ``max_new_tokens``).
 
     Args:
         cfg_a, cfg_b: the runs' settings (config.yaml). metrics_a, metrics_b: their metrics.json.
+        heldout_a, heldout_b: sha256 of each run's data/heldout.jsonl, None where it cannot be read.
 
     Returns:
         ``{metrics.json key: reason}`` for each 04/06 metric that is not comparable, e.g.
-        ``{"finetuned.loss": "heldout_size differs", "baseline.benchmarks.medqa.accuracy": "items differ (8, 100)"}``.
+        ``{"finetuned.loss": "heldout_size differs", "baseline.benchmarks.medqa.accuracy": "items (8, 100) differs"}``.
     """
     fa, fb = tables.flatten(cfg_a), tables.flatten(cfg_b)
-    by_set, by_answers = _differ(fa, fb, HELDOUT_SET_KEYS), _differ(fa, fb, ANSWER_KEYS)
+    if heldout_a and heldout_b:
+        by_set = ["held-out questions (data/heldout.jsonl)"] if heldout_a != heldout_b else []
+    else:
+        by_set = _differ(fa, fb, HELDOUT_SET_KEYS)
+    by_set += _differ(fa, fb, MEASURE_KEYS)
+    by_answers = by_set + _differ(fa, fb, ANSWER_KEYS)
     out = {}
     for stage, _ in STAGES:
         for _, key, _ in tables.HELDOUT_METRICS:
             keys = by_set if key in SET_METRICS else by_answers
             if keys:
-                out[f"{stage}.{key}"] = f"{', '.join(keys)} differ{'s' if len(keys) == 1 else ''}"
-        ba = (metrics_a.get(stage) or {}).get("benchmarks") or {}
-        bb = (metrics_b.get(stage) or {}).get("benchmarks") or {}
-        for name in tables.benchmark_names(metrics_a.get(stage) or {}, metrics_b.get(stage) or {}):
-            ea, eb = ba.get(name) or {}, bb.get(name) or {}
+                out[f"{stage}.{key}"] = _reason(keys)
+        sa, sb = _section(metrics_a, stage), _section(metrics_b, stage)
+        ba, bb = _section(sa, "benchmarks"), _section(sb, "benchmarks")
+        for name in tables.benchmark_names(sa, sb):
+            ea, eb = _section(ba, name), _section(bb, name)
             why = _differ(fa, fb, (f"benchmarks.{name}", "benchmark_limit"))
-            why += [f"{field} ({ea.get(field)}, {eb.get(field)})" for field in ("items", "mode")
+            why += [f"{field} ({ea.get(field)}, {eb.get(field)})" for field in ("items", "mode", "language")
                     if ea.get(field) != eb.get(field) and ea and eb]
+            if "generate" in (ea.get("mode"), eb.get("mode")):
+                why += _differ(fa, fb, ("max_new_tokens",))
             if why:
-                out[f"{stage}.benchmarks.{name}.accuracy"] = f"{', '.join(why)} differ{'s' if len(why) == 1 else ''}"
+                out[f"{stage}.benchmarks.{name}.accuracy"] = _reason(why)
     return out
+
+
+def _reason(keys: list[str]) -> str:
+    return f"{', '.join(keys)} differ{'s' if len(keys) == 1 else ''}"
+
+
+def _section(data, key: str) -> dict:
+    """``data[key]`` when both are dicts, else ``{}`` (a damaged or hand-edited file reads as missing)."""
+    value = data.get(key) if isinstance(data, dict) else None
+    return value if isinstance(value, dict) else {}
+
+
+def _sha256(path: Path) -> str | None:
+    import hashlib
+
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def _dig(data: dict, path: tuple[str, ...]):
@@ -197,8 +232,8 @@ def compare_runs(a: RunDir, b: RunDir) -> Comparison:
         raise ValueError(f"both runs are {a.path}: compare two different runs, RUNS=\"outputs/<a> outputs/<b>\".")
     ma, mb = _manifest.read(a), _manifest.read(b)
     sa, sb, xa, xb = tables.settings(a), tables.settings(b), a.metrics(), b.metrics()
-    return Comparison(a, b, settings_diff(sa, sb), environment_diff(ma, mb),
-                      metric_diff(xa, xb, not_comparable(sa, sb, xa, xb)),
+    apart = not_comparable(sa, sb, xa, xb, _sha256(a.heldout_path), _sha256(b.heldout_path))
+    return Comparison(a, b, settings_diff(sa, sb), environment_diff(ma, mb), metric_diff(xa, xb, apart),
                       (_manifest.status(a).text, _manifest.status(b).text))
 
 

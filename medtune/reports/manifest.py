@@ -366,6 +366,17 @@ def _alive(process: dict) -> bool:
         return False
 
 
+def live_process(run: RunDir) -> dict | None:
+    """The process record (``{"pid", "host", "started"}``) of a run that is running now on this machine: its
+    manifest says running and a process with that pid and start time exists here. None otherwise, also for a run
+    recorded as running on another host (a pod restarted under a new name must still be able to resume)."""
+    data = read(run)
+    process = data.get("process") if isinstance(data, dict) and data.get("status") == "running" else None
+    if not isinstance(process, dict) or process.get("host") != socket.gethostname():
+        return None
+    return process if _alive(process) else None
+
+
 def status(run: RunDir) -> RunStatus:
     """The run's :class:`RunStatus`, from its manifest and the notebooks it completed (``metrics.json``,
     ``pipeline.completed``).

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -81,14 +82,12 @@ def failure(notebook: str | Path) -> dict | None:
         notebook: the executed ``.ipynb``.
 
     Returns:
-        ``{"cell": <execution count, or None>, "ename": <exception type>, "evalue": <its message, ANSI colour codes
-        removed>}``; None when the notebook has no error output (it finished, or is still running) or does not exist.
+        ``{"cell": <execution count, or None>, "ename": <exception type>, "evalue": <its message, :func:`plain`>}``;
+        None when the notebook has no error output (it finished, or is still running) or does not exist.
 
     Raises:
         nbformat.reader.NotJSONError: the file is not a notebook.
     """
-    import re
-
     import nbformat
 
     notebook = Path(notebook)
@@ -98,6 +97,21 @@ def failure(notebook: str | Path) -> dict | None:
     for cell in nb.cells:
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
             if out.get("output_type") == "error":
-                text = re.sub(r"\x1b\[[0-9;]*m", "", str(out.get("evalue", "")))
-                return {"cell": cell.get("execution_count"), "ename": out.get("ename", "Error"), "evalue": text}
+                return {"cell": cell.get("execution_count"), "ename": plain(out.get("ename")) or "Error",
+                        "evalue": plain(out.get("evalue"))}
     return None
+
+
+# Terminal escape sequences: CSI (colours, cursor moves) and OSC (hyperlinks, titles), ended by BEL or ESC \.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+
+
+def plain(text, limit: int = 4000) -> str:
+    """An error message as plain text for a page or a terminal: terminal escape sequences (colours, hyperlinks)
+    removed, and at most ``limit`` characters (the first and the last half, with how much was left out between), so
+    a huge message cannot bury what follows it. None gives ``""``."""
+    text = _ESCAPES.sub("", "" if text is None else str(text))
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    return f"{text[:half]}\n[... {len(text) - 2 * half:,} characters left out ...]\n{text[-half:]}"

@@ -192,8 +192,10 @@ def problem(run: RunDir, status: _manifest.RunStatus, rows: list[dict]) -> dict 
         run: the run. status: its :func:`medtune.reports.manifest.status`. rows: its notebook rows (with ``href``).
 
     Returns:
-        None for a finished or running run; else ``{"text", "notebook", "href", "cell", "ename", "evalue",
-        "resume"}`` (``cell``/``ename``/``evalue`` None when the notebook shows no error: a killed process).
+        None for a finished or running run; else ``{"state", "text", "notebook", "href", "cell", "ename", "evalue",
+        "recorded", "resume"}`` (``cell``/``ename``/``evalue`` None when the notebook shows no error: Ctrl-C before a
+        cell failed, a killed process, or an error before the notebook ran, which the manifest's ``error`` names:
+        ``recorded``).
     """
     if status.state not in ("failed", "interrupted", "stopped"):
         return None
@@ -204,8 +206,9 @@ def problem(run: RunDir, status: _manifest.RunStatus, rows: list[dict]) -> dict 
         except Exception as err:  # a half-written copy: the page still says where and how to go on
             error = {"cell": None, "ename": type(err).__name__, "evalue": f"the executed notebook is unreadable: {err}"}
     href = next((r["href"] for r in rows if r["name"] == status.notebook), None)
-    return {"text": status.text, "notebook": status.notebook, "href": href, **error,
-            "resume": f"make run-all RESUME={run.run_id}"}
+    recorded = _manifest.read(run).get("error") if status.state == "failed" else None
+    return {"state": status.state, "text": status.text, "notebook": status.notebook, "href": href, **error,
+            "recorded": _notebooks.plain(recorded) or None, "resume": f"make run-all RESUME={run.run_id}"}
 
 
 def write_report(run: RunDir, *, notebooks: bool = True, index: bool = True) -> Path:

@@ -114,10 +114,23 @@ class RunDir:
 
     # ---------------------------------------------------------------------------------------------------------
     def metrics(self) -> dict:
-        """All recorded metrics, ``{}`` if none yet."""
+        """All recorded metrics, ``{}`` if none yet.
+
+        Raises:
+            ValueError: metrics.json is not a JSON object (truncated by a full disk, edited by hand); the message
+                names the file and the fix.
+        """
         if not self.metrics_path.is_file():
             return {}
-        return json.loads(self.metrics_path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(self.metrics_path.read_text(encoding="utf-8"))
+        except ValueError as err:
+            raise ValueError(f"{self.metrics_path} is not valid JSON ({err}): restore it from a copy, or start a new "
+                             "run (the notebooks record into it)") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{self.metrics_path} holds a {type(data).__name__}, not a JSON object of sections: "
+                             "restore it from a copy, or start a new run")
+        return data
 
     def record(self, section: str, values: dict[str, Any]) -> dict:
         """Merge ``values`` into ``metrics.json[section]`` (written atomically) and return the section."""

@@ -45,11 +45,18 @@ METRICS_B = {
 }
 
 
-def run_folder(root: Path, name: str, config: str, metrics: dict, manifest: dict | None = None) -> RunDir:
+HELDOUT = '{"row": 0, "Question": "Q0?"}\n{"row": 10, "Question": "Q10?"}\n'
+
+
+def run_folder(root: Path, name: str, config: str, metrics: dict, manifest: dict | None = None,
+               heldout: str | None = HELDOUT) -> RunDir:
     path = root / name
     (path / "notebooks").mkdir(parents=True)
     (path / "config.yaml").write_text(config)
     (path / "metrics.json").write_text(json.dumps(metrics))
+    if heldout is not None:  # what 03 writes: the held-out rows (the same file in both runs: the same questions)
+        (path / "data").mkdir()
+        (path / "data" / "heldout.jsonl").write_text(heldout)
     if manifest is not None:
         (path / "manifest.json").write_text(json.dumps(manifest))
     return RunDir(path)
@@ -113,7 +120,7 @@ def test_metrics_over_different_heldout_or_benchmark_sets_are_not_called_better(
     metrics_b = json.loads(json.dumps(METRICS_B))
     metrics_b["finetuned"]["benchmarks"]["medqa"]["items"] = 100
     a = run_folder(root, "20261207-100000-000000-smoke-aaaaaa", CONFIG_A + "heldout_size: 8\nmax_new_tokens: 64\n",
-                   METRICS_A)
+                   METRICS_A, heldout=None)  # stopped before 03 wrote its held-out rows: the settings decide
     b = run_folder(root, "20261207-110000-000000-smoke-bbbbbb", CONFIG_A + "heldout_size: 20\nmax_new_tokens: 64\n",
                    metrics_b)
     rows = {r.key: r for r in compare.compare_runs(a, b).metrics}
@@ -126,10 +133,39 @@ def test_metrics_over_different_heldout_or_benchmark_sets_are_not_called_better(
     assert rows["baseline.benchmarks.medqa.accuracy"].better == "higher"  # 04's items are the same in both
 
     c = run_folder(root, "20261207-120000-000000-smoke-cccccc", CONFIG_A + "heldout_size: 8\nmax_new_tokens: 512\n",
-                   METRICS_B)
+                   METRICS_B, heldout=None)
     rows = {r.key: r for r in compare.compare_runs(a, c).metrics}
     assert rows["finetuned.loss"].verdict == "better"  # the same questions: the loss compares
     assert rows["finetuned.stopped_with_eos"].label.endswith("(not comparable: max_new_tokens differs)")
+
+
+def test_the_heldout_file_decides_which_questions_were_measured(tmp_path):
+    """Settings that look alike can pick other rows (max_rows changes the seeded sample; a dataset updated in place),
+    and settings that differ can pick the same ones (bad_rows: skip with nothing skipped): where both runs wrote
+    data/heldout.jsonl its sha256 decides. A benchmark scored with another prompt language is another measurement."""
+    root = tmp_path / "outputs"
+    a = run_folder(root, "20261207-100000-000000-smoke-aaaaaa", CONFIG_A, METRICS_A)
+    other = run_folder(root, "20261207-110000-000000-smoke-bbbbbb", CONFIG_A, METRICS_B,
+                       heldout=HELDOUT.replace("Q10?", "Q12?"))
+    rows = {r.key: r for r in compare.compare_runs(a, other).metrics}
+    assert rows["finetuned.loss"].label.endswith("(not comparable: held-out questions (data/heldout.jsonl) differs)")
+    assert rows["finetuned.loss"].verdict == "" and rows["finetuned.benchmarks.medqa.accuracy"].verdict == "better"
+
+    skip = run_folder(root, "20261207-120000-000000-smoke-cccccc", CONFIG_A + "bad_rows: skip\n", METRICS_B)
+    assert {r.key: r for r in compare.compare_runs(a, skip).metrics}["finetuned.loss"].verdict == "better"
+    shorter = run_folder(root, "20261207-130000-000000-smoke-dddddd", CONFIG_A + "sft:\n  max_length: 256\n",
+                         METRICS_B)  # the same rows, truncated otherwise: another measurement
+    assert "sft.max_length differs" in {r.key: r for r in compare.compare_runs(a, shorter).metrics}[
+        "finetuned.loss"].label
+
+    zh = json.loads(json.dumps(METRICS_B))
+    zh["finetuned"]["benchmarks"]["medqa"]["language"] = "zh"
+    en = json.loads(json.dumps(METRICS_A))
+    en["finetuned"]["benchmarks"]["medqa"]["language"] = "en"
+    a2 = run_folder(root, "20261207-140000-000000-smoke-eeeeee", CONFIG_A, en)
+    b2 = run_folder(root, "20261207-150000-000000-smoke-ffffff", CONFIG_A, zh)
+    medqa = {r.key: r for r in compare.compare_runs(a2, b2).metrics}["finetuned.benchmarks.medqa.accuracy"]
+    assert medqa.label.endswith("(not comparable: language (en, zh) differs)") and medqa.verdict == ""
 
 
 def test_markdown_of_the_comparison(two_runs):
@@ -268,7 +304,8 @@ def test_a_damaged_run_does_not_hide_the_others_in_the_index(two_runs, capsys):
     assert by_id[a.run_id]["href"] == f"{a.run_id}/index.html" and a.report_path.is_file()
     bad = by_id[b.run_id]
     assert bad["status"].state == "unreadable" and bad["href"] is None
-    assert bad["status"].text.startswith("unreadable: JSONDecodeError: Unterminated string")
+    assert bad["status"].text.startswith(f"unreadable: ValueError: {b.metrics_path} is not valid JSON (Unterminated")
     assert bad["status"].text in page.read_text()
     out = capsys.readouterr().out
-    assert f"warning: {b.path}: unreadable: JSONDecodeError" in out and f"warning: no report for {b.path}" in out
+    assert f"warning: {b.path}: unreadable: ValueError: {b.metrics_path} is not valid JSON" in out
+    assert f"warning: no report for {b.path}" in out
