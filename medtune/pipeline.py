@@ -114,7 +114,7 @@ FIRST_USED_BY = {
                      "language", "heldout_rows", "heldout_size", "seed"), "03_format_prompts.ipynb"),
     **dict.fromkeys(("max_new_tokens", "generation_batch_size", "eval_batch_size", "eval_questions", "benchmarks",
                      "benchmark_limit", "benchmark_mode", "benchmark_harness"), "04_baseline.ipynb"),
-    **dict.fromkeys(("lora", "sft", "loss_on"), "05_train_lora.ipynb"),
+    **dict.fromkeys(("lora", "sft", "loss_on", "num_processes"), "05_train_lora.ipynb"),
     **dict.fromkeys(("push", "hub_repo_id", "hub_private", "push_to", "export_merged"), "07_push.ipynb"),
 }
 # Keys of a section that an earlier notebook already uses: 03 drops rows longer than sft.max_length (and 04 truncates

@@ -182,16 +182,16 @@ NOTEBOOKS = {
         "LoRA (r=64, alpha=16, dropout 0.05 on q/k/v/o/gate/up/down_proj) on the 4-bit model, trained with TRL's "
         "`SFTTrainer` and the walkthrough's arguments. Checkpoints go into the run; re-running resumes from the last.",
         "from IPython.display import Image, display\n\nfrom medtune.settings import config, runs\n"
-        "from medtune.stages import modeling, train",
+        "from medtune.stages import distributed, train",
         PARAMS.format(empty=LATEST),
         [
-            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)\nmodel, tokenizer = modeling.load_model(cfg)"),
+            ("code", "cfg, run = runs.session(PARAMS, RUN_DIR)"),
             ("md", "## 1. LoRA and SFT configuration"),
             ("code", "config.lora_config(cfg)"),
-            ("code", "trainer = train.build_trainer(cfg, run, model, tokenizer)\n"
-                     "trainer.model.print_trainable_parameters()"),
-            ("md", "## 2. Train"),
-            ("code", "result = train.train(trainer, run)\nresult"),
+            ("md", "## 2. Train\n\nLoads the 4-bit model, puts LoRA on it and trains with `SFTTrainer`: in this "
+                   "kernel, or with `num_processes: N` in N data-parallel processes (`accelerate launch`, one per "
+                   "GPU; their output appears below as it comes; docs/multi-gpu.md)."),
+            ("code", "result = distributed.fit(cfg, run)\nresult"),
             ("md", "## 3. Loss curve"),
             ("code", "display(Image(filename=train.loss_curve(run)))"),
             ("md", "## Record"),

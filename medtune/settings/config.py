@@ -82,6 +82,11 @@ class RunConfig:
     quantization: dict = dataclasses.field(default_factory=dict)  # BitsAndBytesConfig kwargs
     lora: dict = dataclasses.field(default_factory=dict)  # LoraConfig kwargs
     sft: dict = dataclasses.field(default_factory=dict)  # SFTConfig kwargs
+    # 05: training processes (data parallel, accelerate launch; docs/multi-gpu.md). 1: in the notebook's kernel, as
+    # always. N > 1: N processes, each a whole copy of the model on its own GPU (nccl; N <= visible GPUs) or, with
+    # device: cpu, on the CPU (gloo). The sft arguments keep their per-process meaning: an optimizer step sees
+    # per_device_train_batch_size x gradient_accumulation_steps x num_processes rows (the global batch)
+    num_processes: int = 1
     # --- Llama 4 ------------------------------------------------------------------------------------------------
     llama4_fast: bool = True  # Llama 4 only: NF4 routed experts + sparse expert dispatch; False = walkthrough's path
     # Llama 4 only: a rehearsal of the run before the checkpoint is downloaded: the model's architecture at full size
@@ -297,6 +302,9 @@ def _check_values(cfg: RunConfig, source: str) -> None:
     if cfg.hub_endpoint is not None and not cfg.hub_endpoint.startswith(("https://", "http://")):
         raise ConfigError(f"{source}: 'hub_endpoint' must be a URL like https://hf-mirror.com, got "
                           f"{cfg.hub_endpoint!r}.")
+    if cfg.num_processes < 1:
+        raise ConfigError(f"{source}: 'num_processes' must be at least 1 (1: train in the notebook's own process; N: "
+                          f"N data-parallel processes, one per GPU), got {cfg.num_processes}.")
     for key in ("eval_questions", "benchmark_limit"):
         if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
             raise ConfigError(f"{source}: '{key}' must be at least 1 (or null for all), got {getattr(cfg, key)}.")
@@ -513,6 +521,36 @@ def _check_benchmarks(benchmarks: dict, source: str) -> None:
                 f"{source}: benchmarks.{name} must be a source (local JSONL, package:<pkg>/<file>, or Hub id) or "
                 f"{{source: ..., config: ..., split: ..., language: en|zh}}, got {spec!r}."
             ) from None
+
+
+def process_backend(cfg: RunConfig, visible_gpus: int) -> str | None:
+    """The ``torch.distributed`` backend the ``num_processes`` training processes of 05 use on this machine.
+
+    One process per GPU on CUDA (nccl), as accelerate's multi-GPU launcher places them (``LOCAL_RANK`` -> GPU);
+    gloo on the CPU (``device: cpu``, or ``device: auto`` where torch sees no GPU, as :func:`medtune.stages.modeling.
+    device_map` decides). Pure: the caller counts the GPUs (``torch.cuda.device_count()``).
+
+    Args:
+        cfg: run settings. visible_gpus: GPUs torch sees (after ``CUDA_VISIBLE_DEVICES``).
+
+    Returns:
+        ``None`` for one process (no process group), ``"nccl"`` or ``"gloo"``.
+
+    Raises:
+        ConfigError: more processes than visible GPUs, or ``device: cuda`` with none; names the key and the fix.
+    """
+    if cfg.num_processes == 1:
+        return None
+    on_cpu = cfg.device == "cpu" or (cfg.device == "auto" and visible_gpus == 0)
+    if on_cpu:
+        return "gloo"
+    if cfg.num_processes > visible_gpus:
+        raise ConfigError(
+            f"'num_processes' is {cfg.num_processes}, but torch sees {visible_gpus} GPU(s): data-parallel training "
+            f"puts one process on each GPU, with a whole copy of the model. Fix: num_processes: {max(visible_gpus, 1)}"
+            " (or fewer), or make more GPUs visible (CUDA_VISIBLE_DEVICES)"
+            + (", or device: cpu for CPU processes (gloo)." if cfg.device == "auto" else "."))
+    return "nccl"
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -69,6 +69,7 @@ class RunDir:
     checkpoints_dir = property(lambda self: self.path / "checkpoints")
     adapter_dir = property(lambda self: self.path / "adapter")
     train_log_path = property(lambda self: self.path / "train_log.json")
+    train_result_path = property(lambda self: self.path / "train_result.json")  # 05 with num_processes > 1
     loss_curve_path = property(lambda self: self.path / "loss_curve.png")
     push_dir = property(lambda self: self.path / "push")
 

@@ -257,6 +257,8 @@ def _token() -> str | None:
 
 def device_map(cfg: _config.RunConfig):
     """``"auto"`` over the visible GPUs, or everything on CPU when ``cfg.device`` is "cpu" or no GPU is visible.
+    In a data-parallel training process (``num_processes`` > 1, started by :mod:`medtune.stages.distributed`) the
+    whole model goes on the process's own GPU, ``cuda:<LOCAL_RANK>`` (the launcher sets ``LOCAL_RANK``).
 
     Raises:
         ConfigError: ``device: cuda`` but no GPU is visible.
@@ -265,6 +267,8 @@ def device_map(cfg: _config.RunConfig):
         return {"": "cpu"}
     if not torch.cuda.is_available():
         raise _config.ConfigError("device: 'cuda' but torch sees no GPU. Use device: auto or cpu, or check the driver.")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return {"": f"cuda:{int(os.environ['LOCAL_RANK'])}"}
     return "auto"
 
 

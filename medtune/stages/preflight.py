@@ -235,7 +235,8 @@ def _uses_gpu(cfg: _config.RunConfig) -> bool:
 
 def check_settings(cfg: _config.RunConfig) -> list[Check]:
     """Settings this machine cannot run: ``device: cuda`` without a GPU, ``sft.bf16``/``sft.fp16`` without a GPU
-    that supports them (TRL's SFTConfig trains in bf16 when neither is set), 4-bit without a working bitsandbytes.
+    that supports them (TRL's SFTConfig trains in bf16 when neither is set), 4-bit without a working bitsandbytes,
+    ``num_processes`` above the visible GPUs (:func:`medtune.settings.config.process_backend`).
     """
     import torch
 
@@ -266,6 +267,11 @@ def check_settings(cfg: _config.RunConfig) -> list[Check]:
         checks.append(Check("sft.fp16", "error", f"sft.fp16 is true, but {why_not}.",
                             "set fp16: false in the profile's sft section, or use params/default.yaml."))
     checks.extend(_check_bitsandbytes(cfg, gpu))
+    try:  # num_processes against the visible GPUs (05, data-parallel)
+        _config.process_backend(cfg, torch.cuda.device_count())
+    except _config.ConfigError as err:
+        checks.append(Check("num_processes", "error", str(err).split(" Fix: ")[0],
+                            str(err).split(" Fix: ")[-1] if " Fix: " in str(err) else "set num_processes: 1."))
     if not checks:
         checks.append(Check("settings", "ok", f"precision and quantization can run on this {'GPU' if gpu else 'CPU'}."))
     return checks

@@ -35,6 +35,7 @@ def _derived_args(cfg: _config.RunConfig, model) -> dict:
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+# a data-parallel run (num_processes > 1) writes one RNG state per process instead: rng_state_<rank>.pth
 
 
 def checkpoint_complete(folder: str | Path) -> bool:
@@ -44,10 +45,12 @@ def checkpoint_complete(folder: str | Path) -> bool:
     ``optimizer.pt`` and ``scheduler.pt``, ``rng_state.pth``, then ``trainer_state.json`` last. A process killed
     in between (pre-emption, out of memory) leaves a folder without it, and resuming from such a folder restarts at
     step 0 from half-saved weights, or fails on the missing optimizer. Complete means: all of
-    :data:`CHECKPOINT_FILES` present, adapter weights present, and ``trainer_state.json`` parses.
+    :data:`CHECKPOINT_FILES` present (``rng_state_0.pth`` for ``rng_state.pth`` after a data-parallel run,
+    transformers 5.23 ``Trainer._save_rng_state``), adapter weights present, and ``trainer_state.json`` parses.
     """
     folder = Path(folder)
-    if not all((folder / f).is_file() for f in CHECKPOINT_FILES):
+    rng = (folder / "rng_state.pth").is_file() or (folder / "rng_state_0.pth").is_file()
+    if not rng or not all((folder / f).is_file() for f in CHECKPOINT_FILES if f != "rng_state.pth"):
         return False
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         return False
@@ -146,8 +149,15 @@ def run_loss(history: list[dict], resumed_at: int, session_loss: float, session_
     return total / covered, covered
 
 
-def train(trainer, run) -> dict:
+def train(trainer, run, resume: str | None = "last", write: bool | None = None) -> dict:
     """Train (resuming from the run's last complete checkpoint if there is one), save adapter, tokenizer and log.
+
+    ``resume``: ``"last"`` (default) finds the run's last complete checkpoint (:func:`last_checkpoint`); a folder
+    resumes from it; None starts fresh. A data-parallel run (:mod:`medtune.stages.distributed`) picks it once, before
+    the processes start, and passes it to every rank, so that all ranks resume from the same checkpoint.
+    ``write``: whether this process writes the adapter, tokenizer and ``train_log.json``; None: only the main process
+    (``trainer.is_world_process_zero()``: always, with one process). The other ranks train the same and return their
+    own figures.
 
     Checkpoints go to ``<run>/checkpoints/checkpoint-N`` every ``sft.save_steps`` optimizer steps. A resumed run
     continues where the checkpoint stopped: LoRA weights, optimizer and scheduler states, the data order (the
@@ -166,8 +176,11 @@ def train(trainer, run) -> dict:
         ``torch.cuda.max_memory_allocated`` summed over GPUs, or the process's peak resident memory on CPU
         (``ru_maxrss``).
     """
-    resume = last_checkpoint(run)
-    if resume:
+    if resume == "last":
+        resume = last_checkpoint(run)
+    if write is None:
+        write = trainer.is_world_process_zero()
+    if resume and write:
         print(f"resuming from {resume}")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -178,15 +191,17 @@ def train(trainer, run) -> dict:
     steps_before = (json.loads((Path(resume) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
                     if resume else 0)
     steps_now = int(trainer.state.global_step) - int(steps_before)
-    trainer.save_model(str(run.adapter_dir))
-    trainer.processing_class.save_pretrained(str(run.adapter_dir))
-    # PEFT writes a template card ("[More Information Needed]", a local base path); the real one is 07's push/README.md
-    (run.adapter_dir / "README.md").write_text(
-        f"# LoRA adapter of medtune run `{run.run_id}`\n\nWritten by notebook 05. Its model card, with the training "
-        "settings, the evaluation and usage, is written by notebook 07 into the run's `push/README.md`.\n",
-        encoding="utf-8")
     history = trainer.state.log_history
-    run.train_log_path.write_text(json.dumps(history, indent=2), encoding="utf-8")
+    if write:
+        trainer.save_model(str(run.adapter_dir))
+        trainer.processing_class.save_pretrained(str(run.adapter_dir))
+        # PEFT writes a template card ("[More Information Needed]", a local base path); the real one is 07's
+        # push/README.md
+        (run.adapter_dir / "README.md").write_text(
+            f"# LoRA adapter of medtune run `{run.run_id}`\n\nWritten by notebook 05. Its model card, with the "
+            "training settings, the evaluation and usage, is written by notebook 07 into the run's `push/README.md`.\n",
+            encoding="utf-8")
+        run.train_log_path.write_text(json.dumps(history, indent=2), encoding="utf-8")
     epochs = float(trainer.state.epoch or 0)
     tokens_per_epoch = sum(len(ids) for ids in trainer.train_dataset["input_ids"])
     tokens = int(tokens_per_epoch * epochs)
