@@ -257,7 +257,7 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         status, where = "finished", None
     except KeyboardInterrupt as err:
         status, error = "interrupted", "KeyboardInterrupt"
-        err.add_note(how_to_continue(run, books))
+        err.add_note(how_to_continue(run, books, interrupted=True))
         raise
     except BaseException as err:
         error = type(err).__name__
@@ -291,16 +291,17 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def how_to_continue(run: RunDir, books: list[Path]) -> str:
+def how_to_continue(run: RunDir, books: list[Path], interrupted: bool = False) -> str:
     """Where the notebook that stopped a run is, and the command that continues the run (a note the pipeline adds
-    to the exception, which ``main`` prints)."""
+    to the exception, which ``main`` prints); ``interrupted``: Ctrl-C, so there is no cause to fix first."""
     try:
         completed = set(run.metrics().get("pipeline", {}).get("completed", []))
     except ValueError:
         completed = set()
     stopped = next((nb for nb in books if nb.name not in completed), None)
     where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
-    return (f"{where}everything the run finished is kept in {run.path}; after fixing the cause, continue it with: "
+    then = "continue it" if interrupted else "after fixing the cause, continue it"
+    return (f"{where}everything the run finished is kept in {run.path}; {then} with: "
             f"make run-all RESUME={run.run_id}")
 
 

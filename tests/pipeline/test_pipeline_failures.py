@@ -318,10 +318,12 @@ def test_ctrl_c_says_how_to_continue_without_a_traceback(tmp_path):
     assert "Traceback" not in err, err
     assert "error: interrupted (Ctrl-C)" in err
     assert f"the executed notebook: {run_dir / 'notebooks' / '01_slow.ipynb'}" in err
-    assert f"make run-all RESUME={run_dir.name}" in err
+    assert f"continue it with: make run-all RESUME={run_dir.name}" in err
+    assert "after fixing the cause" not in err  # Ctrl-C has no cause to fix
     assert len(err.strip().splitlines()) <= 8, err
     manifest = json.loads((run_dir / "manifest.json").read_text())
     recorded = (manifest["status"], manifest["notebook"], manifest["error"])
     assert recorded == ("interrupted", "01_slow", "KeyboardInterrupt")
     page = (run_dir / "index.html").read_text()
     assert "Status: interrupted in 01_slow." in page and f"make run-all RESUME={run_dir.name}" in page
+    assert "KeyboardInterrupt" in page and "Continue it (" in page and "stopped from outside" not in page
