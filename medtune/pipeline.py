@@ -267,11 +267,8 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     finally:
         with _sigint_ignored():  # a second Ctrl-C must not cut the manifest or the report short
             if status != "finished":
-                try:
-                    completed = set(run.metrics().get("pipeline", {}).get("completed", []))
-                except ValueError:  # a damaged metrics.json: the error itself says so
-                    completed = set()
-                where = next((nb.stem for nb in books if nb.name not in completed), None)
+                stopped = _stopped_at(run, books)
+                where = stopped.stem if stopped is not None else None
             manifest.finish(run, status, where, error)
             if report:
                 report_run(run)
@@ -291,14 +288,19 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def _stopped_at(run: RunDir, books: list[Path]) -> Path | None:
+    """The first of ``books`` the run has not completed (``metrics.json``'s ``pipeline.completed``), or None."""
+    try:
+        completed = set(run.metrics().get("pipeline", {}).get("completed", []))
+    except ValueError:  # a damaged metrics.json: the run's own error says so
+        completed = set()
+    return next((nb for nb in books if nb.name not in completed), None)
+
+
 def how_to_continue(run: RunDir, books: list[Path], interrupted: bool = False) -> str:
     """Where the notebook that stopped a run is, and the command that continues the run (a note the pipeline adds
     to the exception, which ``main`` prints); ``interrupted``: Ctrl-C, so there is no cause to fix first."""
-    try:
-        completed = set(run.metrics().get("pipeline", {}).get("completed", []))
-    except ValueError:
-        completed = set()
-    stopped = next((nb for nb in books if nb.name not in completed), None)
+    stopped = _stopped_at(run, books)
     where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
     then = "continue it" if interrupted else "after fixing the cause, continue it"
     return (f"{where}everything the run finished is kept in {run.path}; {then} with: "

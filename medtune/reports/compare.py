@@ -133,10 +133,9 @@ def _section(data, key: str) -> dict:
 
 
 def _sha256(path: Path) -> str | None:
-    import hashlib
-
+    """:func:`medtune.reports.manifest.file_sha256`, None where the file cannot be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return _manifest.file_sha256(path)
     except OSError:
         return None
 
