@@ -35,12 +35,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--generate", action="store_true",
                         help="the generation and log-likelihood benchmark instead (medtune.bench.generation)")
     parser.add_argument("--gen-layers", type=int, default=48)
-    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 20, 32],
+                        help="decode batch sizes (20: scout.yaml's held-out questions, answered as one batch)")
     parser.add_argument("--gen-prompt", type=int, default=256)
     parser.add_argument("--gen-new", type=int, default=256)
     parser.add_argument("--gen-baseline-new", type=int, default=16)
     parser.add_argument("--gen-baseline-batches", type=int, nargs="*", default=[1, 32])
-    parser.add_argument("--gen-lora-batches", type=int, nargs="*", default=[1, 32])
+    parser.add_argument("--gen-uncompiled-batches", type=int, nargs="*", default=[1, 20],
+                        help="decode batch sizes also timed with the step not compiled (the path compiling replaces)")
+    parser.add_argument("--gen-lora-batches", type=int, nargs="*", default=[1, 20])
     parser.add_argument("--ll-batches", type=int, nargs="*", default=[2, 8, 32, 64])
     parser.add_argument("--lengths", type=Path, default=None,
                         help="token counts of the training rows (--write-lengths): also time the real rows on the "
@@ -71,10 +74,12 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         raise SystemExit("medtune.bench needs a CUDA GPU")
     if args.generate:
+        args.out.mkdir(parents=True, exist_ok=True)
         res = generation.run(layers=args.gen_layers, batches=args.gen_batches, prompt=args.gen_prompt,
                                  new=args.gen_new, baseline_new=args.gen_baseline_new,
                                  baseline_batches=args.gen_baseline_batches, lora_batches=args.gen_lora_batches,
-                                 ll_batches=args.ll_batches)
+                                 uncompiled_batches=args.gen_uncompiled_batches,
+                                 ll_batches=args.ll_batches, partial=args.out / "generate.partial.json")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "generate.json").write_text(json.dumps(res, indent=2, default=str))
         md = generation.to_markdown(res)

@@ -19,8 +19,10 @@ dispatch, bf16 LM head. Measured in one run:
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -82,26 +84,36 @@ def _prompts(batch: int, prompt: int, seed: int) -> tuple[torch.Tensor, torch.Te
     return ids, torch.ones_like(ids)
 
 
-def time_medtune(model, batch: int, prompt: int, new: int) -> dict:
-    """Greedy decode with :func:`decode.greedy_decode`; EOS never matches (random weights), so every sequence
-    runs ``new`` tokens. Prefill and decode timed apart (CUDA sync around each)."""
+def time_medtune(model, batch: int, prompt: int, new: int, *, compile: bool = True) -> dict:
+    """Greedy decode with :func:`decode.greedy_decode` (``compile``: its step through ``torch.compile``); EOS never
+    matches (random weights), so every sequence runs ``new`` tokens. The first call (same shapes: it builds the
+    compiled step, then decodes) is timed as ``first_call_s``; then prefill and decode are timed apart (CUDA sync
+    around each)."""
+    from torch._dynamo.utils import counters
+
     ids, mask = _prompts(batch, prompt, seed=batch)
-    decode.greedy_decode(model, ids, mask, max_new_tokens=8, eos_token_ids=[-1], pad_token_id=0)  # warm-up
+    kw = dict(eos_token_ids=[-1], pad_token_id=0, compile=compile)
+    breaks = sum(counters["graph_break"].values())
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    decode.greedy_decode(model, ids, mask, max_new_tokens=new, check_every=new, **kw)  # builds, then decodes
+    torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    decode.greedy_decode(model, ids, mask, max_new_tokens=1, eos_token_ids=[-1], pad_token_id=0)
+    decode.greedy_decode(model, ids, mask, max_new_tokens=1, **kw)
     torch.cuda.synchronize()
     prefill_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    decode.greedy_decode(model, ids, mask, max_new_tokens=new, eos_token_ids=[-1], pad_token_id=0,
-                         check_every=new)
+    decode.greedy_decode(model, ids, mask, max_new_tokens=new, check_every=new, **kw)
     torch.cuda.synchronize()
     total_s = time.perf_counter() - t0
     decode_s = max(total_s - prefill_s, 1e-9)
-    return dict(path="medtune", batch=batch, prompt=prompt, new=new, prefill_s=prefill_s, total_s=total_s,
+    return dict(path="medtune" if compile else "medtune, step not compiled", batch=batch, prompt=prompt, new=new,
+                prefill_s=prefill_s, total_s=total_s, first_call_s=first_s,
                 tokens_per_s=batch * (new - 1) / decode_s, ms_per_step=decode_s / (new - 1) * 1e3,
-                peak_gib=torch.cuda.max_memory_allocated() / GIB)
+                peak_gib=torch.cuda.max_memory_allocated() / GIB, compiled=compile and decode.compile_failed() is None,
+                graph_breaks=sum(counters["graph_break"].values()) - breaks)
 
 
 def time_generate(model, batch: int, prompt: int, new: int) -> dict:
@@ -171,12 +183,13 @@ def to_markdown(res: dict) -> str:
              f"{env.get('fused_max_rows')} rows per layer, above that all experts dequantized + grouped GEMM.", "",
              "## Decode", "",
              "| path | batch | new tokens | tokens/s (total) | ms/step | limit tokens/s | share of limit | "
-             "prefill s | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "prefill s | first call s (build + decode) | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["decode"]:
+        first = f"{r['first_call_s']:.1f}" if "first_call_s" in r else ""
         lines.append(f"| {r['path']} | {r['batch']} | {r['new']} | {r['tokens_per_s']:,.1f} | {r['ms_per_step']:.1f} | "
                      f"{r['limit_tokens_per_s']:,.0f} | {r['tokens_per_s'] / r['limit_tokens_per_s']:.0%} | "
-                     f"{r['prefill_s']:.2f} | {r['peak_gib']:.1f} |")
+                     f"{r['prefill_s']:.2f} | {first} | {r['peak_gib']:.1f} |")
     lines += ["", f"## Log-likelihood scoring ({res['ll_tokens']}-token items, no-grad forward, logits_to_keep=1)",
               "", "| batch | items/s | peak GiB |", "|---|---|---|"]
     for r in res["loglik"]:
@@ -186,9 +199,11 @@ def to_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(*, layers: int = 48, batches=(1, 8, 32), prompt: int = 256, new: int = 256, baseline_new: int = 16,
-        baseline_batches=(1, 32), lora_batches=(1, 32), ll_tokens: int = 300, ll_batches=(2, 8, 32, 64)) -> dict:
-    """The whole benchmark (module doc); returns the results dict (``to_markdown`` renders it)."""
+def run(*, layers: int = 48, batches=(1, 20, 32), prompt: int = 256, new: int = 256, baseline_new: int = 16,
+        baseline_batches=(1, 32), uncompiled_batches=(1, 20), lora_batches=(1, 20), ll_tokens: int = 300,
+        ll_batches=(2, 8, 32, 64), partial: Path | None = None) -> dict:
+    """The whole benchmark (module doc); returns the results dict (``to_markdown`` renders it). ``partial``: a JSON
+    file rewritten after every measurement, so that a run cut short by a time limit keeps what it measured."""
     res = dict(environment=environment(), layers=layers, prompt=prompt, ll_tokens=ll_tokens, decode=[], loglik=[])
     try:
         import triton
@@ -208,14 +223,22 @@ def run(*, layers: int = 48, batches=(1, 8, 32), prompt: int = 256, new: int = 2
         row["limit_tokens_per_s"] = row["batch"] / (b["total"] / res["copy_bandwidth"])
         res["decode"].append(row)
         print(row, flush=True)
+        save()
+
+    def save():
+        if partial is not None:
+            partial.write_text(json.dumps(res, indent=2, default=str))
 
     for batch in batches:
         limit(time_medtune(model, batch, prompt, new), model)
+    for batch in uncompiled_batches:
+        limit(time_medtune(model, batch, prompt, new, compile=False), model)
     for batch in baseline_batches:
         limit(time_generate(model, batch, prompt, baseline_new), model)
     for batch in ll_batches:
         res["loglik"].append(time_loglik(model, batch, ll_tokens))
         print(res["loglik"][-1], flush=True)
+        save()
     free = torch.cuda.mem_get_info()[0]
     res["auto_batch"] = auto_batch_size(model, ll_tokens, free_bytes=free, limit=256)
     if res["auto_batch"] not in ll_batches:

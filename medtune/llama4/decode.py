@@ -14,12 +14,20 @@ and chunked attention with ``attention_chunk_size``), and passed as the ``{layer
 ``Llama4TextModel.forward`` accepts in place of a 2-D mask. Sequences are left-padded; positions count real tokens
 only, as ``generate`` does, so greedy tokens match ``generate``'s up to floating-point summation order.
 
+Inside the graph the step is still dozens of small kernels per layer (norms, rotary, routing, casts: about half of a
+batch-1 step, docs/bench-generate.md). On CUDA the step is therefore compiled with ``torch.compile`` (TorchInductor
+fuses that elementwise work; the bitsandbytes and Triton kernels stay as they are) before it is captured. The first
+step compiles (once per batch shape and cache length in a process; TorchInductor's on-disk cache makes later
+processes faster). If compiling fails on an untested torch, GPU or model, the step runs uncompiled, with one warning
+per process (:func:`compile_failed` says why).
+
 On the CPU (or ``cuda_graph=False``) the same loop runs eagerly; the tests compare it with ``generate``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 
 import torch
@@ -28,9 +36,17 @@ from medtune import families
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["KV_BYTES_PER_TOKEN_FACTOR", "fits_static_cache", "greedy_decode", "kv_cache_bytes"]
+__all__ = ["KV_BYTES_PER_TOKEN_FACTOR", "compile_failed", "fits_static_cache", "greedy_decode", "kv_cache_bytes"]
 
 KV_BYTES_PER_TOKEN_FACTOR = 2  # keys and values
+# default of greedy_decode's ``compile`` on CUDA; MEDTUNE_DECODE_COMPILE=0 turns it off (e.g. to compare)
+COMPILE_DEFAULT = os.environ.get("MEDTUNE_DECODE_COMPILE", "1") != "0"
+_COMPILE_FAILED: list[str] = []  # the error that turned compiling off for this process
+
+
+def compile_failed() -> str | None:
+    """The error that made :func:`greedy_decode` stop compiling its step in this process, or None."""
+    return _COMPILE_FAILED[0] if _COMPILE_FAILED else None
 
 
 def _text_config(model):
@@ -90,6 +106,7 @@ def greedy_decode(
     cuda_graph: bool = True,
     check_every: int = 32,
     on_tokens: Callable[[int], None] | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of a left-padded batch with a static KV cache (module doc).
 
@@ -106,6 +123,9 @@ def greedy_decode(
         cuda_graph: capture the decode step in a CUDA graph (CUDA only; ignored on the CPU).
         check_every: decode steps between host checks for "all sequences stopped".
         on_tokens: called with the number of new tokens per sequence generated so far (progress).
+        compile: compile the decode step with ``torch.compile`` before capturing it (module doc); None: on CUDA
+            unless ``MEDTUNE_DECODE_COMPILE=0`` or compiling already failed in this process. On the CPU only when
+            True (slow to build; the tests use it to check that the compiled step gives the same tokens).
 
     Returns:
         (B, max_new_tokens) int64 new tokens on the model's device; ``pad_token_id`` after each sequence's EOS and
@@ -116,7 +136,7 @@ def greedy_decode(
             the batch is right-padded; ``pad_token_id`` is None; P + max_new_tokens exceeds the attention chunk
             (:func:`fits_static_cache`; use ``model.generate`` then).
     """
-    from transformers import StaticCache
+    from transformers.cache_utils import Cache, StaticLayer
 
     if max_new_tokens < 1 or check_every < 1:
         raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
@@ -140,7 +160,10 @@ def greedy_decode(
                          f"({_text_config(model).attention_chunk_size}); decode with model.generate")
     device = input_ids.device
     chunk = getattr(_text_config(model), "attention_chunk_size", None)
-    cache = StaticCache(config=model.config, max_cache_len=total)
+    # one full-length static layer per decoder layer, the chunked ones included: with ``total`` within the chunk they
+    # hold the same keys, and transformers' StaticSlidingWindowLayer counts its length in a Python int, which a
+    # compiled step would guard on (a recompile per token) and a captured graph would not advance
+    cache = Cache(layers=[StaticLayer(max_cache_len=total) for _ in range(_text_config(model).num_hidden_layers)])
 
     kv_valid = torch.ones(batch, total, dtype=torch.bool, device=device)
     kv_valid[:, :prompt_len] = attention_mask.bool()
@@ -174,23 +197,36 @@ def greedy_decode(
     steps = max_new_tokens - 1
     graph = None
     done = 0
-    use_graph = cuda_graph and device.type == "cuda" and steps > 1
+    run = step
+    if compile is None:
+        compile = COMPILE_DEFAULT and device.type == "cuda" and not _COMPILE_FAILED
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+    if compile and steps > 1:
+        state = [t.clone() for t in (tokens, finished, ids, pos, cur, col)]
+        try:
+            compiled = torch.compile(step, dynamic=False)
+            _on_side_stream(side, compiled)  # the first step: compiles, then runs
+            run, done = compiled, 1
+        except Exception as err:  # noqa: BLE001 - any compiler failure: decode uncompiled, say so once
+            for t, saved in zip((tokens, finished, ids, pos, cur, col), state, strict=True):
+                t.copy_(saved)  # a step that failed part-way may have moved the counters
+            _COMPILE_FAILED.append(f"{type(err).__name__}: {str(err)[:500]}")
+            logger.warning("torch.compile of the decode step failed (%s); decoding uncompiled for the rest of this "
+                           "process", _COMPILE_FAILED[0])
+    use_graph = cuda_graph and device.type == "cuda" and steps - done > 1
     if use_graph:
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):  # warm-up, a real step: compiles kernels, sizes the workspace
-            step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        done = 1
+        if not done:  # warm-up, a real step: builds the kernels, sizes the workspace
+            _on_side_stream(side, run)
+            done = 1
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                step()
+                run()
         except RuntimeError as err:  # something in the forward needs the host: decode eagerly, say so once
             logger.warning("decode step could not be captured in a CUDA graph (%s); decoding eagerly", err)
             graph = None
     while done < steps:
-        graph.replay() if graph is not None else step()
+        graph.replay() if graph is not None else run()
         done += 1
         if done % check_every == 0 or done == steps:
             if on_tokens is not None:
@@ -198,3 +234,14 @@ def greedy_decode(
             if bool(finished.all()):
                 break
     return tokens
+
+
+def _on_side_stream(side: torch.cuda.Stream | None, fn: Callable[[], None]) -> None:
+    """``fn()`` on ``side`` (CUDA: warm-up before graph capture must not run on the capturing stream), or directly."""
+    if side is None:
+        fn()
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(side.device).wait_stream(side)

@@ -11,6 +11,7 @@ Scout-shaped model. Run on the device machine: ``python scripts/device/decode_gp
 3. A 2-layer Scout-shaped ``Llama4ForCausalLM`` (bf16, NF4 Linears and experts): 64 greedy tokens at batch 2 from
    ``greedy_decode`` (static cache, CUDA graph, fused kernel) against ``model.generate`` with the fused kernel off
    (the dequantize path); the first divergence, if any, with the reference's top-2 logit margin there.
+   ``--greedy-only`` runs this step alone.
 4. ``--profile``: CUDA kernel times of eager decode steps on a 4-layer model at batch 1 (OUT_DIR/profile.txt).
 Writes OUT_DIR/decode_gpu.json.
 """
@@ -206,7 +207,17 @@ def greedy_equality():
     ids = torch.randint(1000, 200000, (2, 40), device="cuda", generator=gen)
     mask = torch.ones_like(ids)
     ids[1, :7], mask[1, :7] = 0, 0
+    from torch._dynamo.utils import counters
+
     new = decode.greedy_decode(model, ids, mask, max_new_tokens=64, eos_token_ids=[-1], pad_token_id=0)
+    plain = decode.greedy_decode(model, ids, mask, max_new_tokens=64, eos_token_ids=[-1], pad_token_id=0,
+                                 compile=False)
+    compiled = dict(compile_failed=decode.compile_failed(), graph_breaks=sum(counters["graph_break"].values()),
+                    break_reasons=[k[:300] for k in counters["graph_break"]][:5],
+                    equal_to_uncompiled=bool(torch.equal(new, plain)),
+                    first_difference=[int((new[b] != plain[b]).nonzero()[0]) if (new[b] != plain[b]).any() else None
+                                      for b in range(2)])
+    print("compiled step", compiled, flush=True)
     l4.Llama4NF4Experts.fused = "off"
     try:
         ref = model.generate(ids, attention_mask=mask, max_new_tokens=64, min_new_tokens=64, do_sample=False,
@@ -214,7 +225,7 @@ def greedy_equality():
     finally:
         l4.Llama4NF4Experts.fused = "auto"
     ref_tokens = ref.sequences[:, ids.shape[1]:]
-    res = dict(equal=bool(torch.equal(new, ref_tokens)), rows=[])
+    res = dict(equal=bool(torch.equal(new, ref_tokens)), rows=[], compiled_step=compiled)
     for b in range(2):
         diff = (new[b] != ref_tokens[b]).nonzero()
         if diff.numel():
@@ -231,6 +242,9 @@ def greedy_equality():
 if __name__ == "__main__":
     report["gpu"] = torch.cuda.get_device_name()
     report["versions"] = dict(torch=torch.__version__)
+    if "--greedy-only" in sys.argv:  # the compiled-step equality alone (no kernel table)
+        greedy_equality()
+        sys.exit(0)
     experts = scout_experts(0)
     kernel_checks(experts)  # writes OUT/fused_max_rows
     greedy_equality()
