@@ -202,14 +202,15 @@ def greedy_decode(
         compile = COMPILE_DEFAULT and device.type == "cuda" and not _COMPILE_FAILED
     side = torch.cuda.Stream(device) if device.type == "cuda" else None
     if compile and steps > 1:
-        state = [t.clone() for t in (tokens, finished, ids, pos, cur, col)]
+        counters = [tokens, finished, ids, pos, cur, col] + [layer.cumulative_length for layer in cache.layers]
+        state = [t.clone() for t in counters]
         try:
             compiled = torch.compile(step, dynamic=False)
             _on_side_stream(side, compiled)  # the first step: compiles, then runs
             run, done = compiled, 1
         except Exception as err:  # noqa: BLE001 - any compiler failure: decode uncompiled, say so once
-            for t, saved in zip((tokens, finished, ids, pos, cur, col), state, strict=True):
-                t.copy_(saved)  # a step that failed part-way may have moved the counters
+            for t, saved in zip(counters, state, strict=True):
+                t.copy_(saved)  # a step that failed part-way may have moved the counters (the cache's own too)
             _COMPILE_FAILED.append(f"{type(err).__name__}: {str(err)[:500]}")
             logger.warning("torch.compile of the decode step failed (%s); decoding uncompiled for the rest of this "
                            "process", _COMPILE_FAILED[0])

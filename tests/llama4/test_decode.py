@@ -324,3 +324,62 @@ def test_a_kernel_that_fails_to_build_falls_back_to_the_library_path(monkeypatch
     with pytest.raises(ValueError, match="bad argument"):
         kernels.guarded("x", lambda: (_ for _ in ()).throw(ValueError("bad argument")))
     assert kernels.failed() == {}
+
+
+def _unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.slow
+def test_compiled_step_gives_the_same_tokens_and_compiles_once_per_shape():
+    """``compile=True`` (the CUDA default) gives the uncompiled step's tokens. The number of graphs TorchDynamo
+    builds does not grow with the tokens decoded: transformers' sliding-window static layer counts its length in a
+    Python int, which a compiled step guards on (a recompile per token); greedy_decode's own static layers do not.
+    On the reference model (transformers' dense MoE): the NF4 experts' CPU path reads the routing on the host, so
+    its graphs depend on which experts the tokens pick."""
+    import torch._dynamo
+
+    _, model = tiny_nf4_model(seed=3)
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, 256, (2, 7), generator=gen)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    built = []
+    for new in (6, 14):
+        torch._dynamo.reset()
+        before = _unique_graphs()
+        got = decode.greedy_decode(model, ids, mask, max_new_tokens=new, eos_token_ids=[255], pad_token_id=0,
+                                   compile=True)
+        built.append(_unique_graphs() - before)
+        want = decode.greedy_decode(model, ids, mask, max_new_tokens=new, eos_token_ids=[255], pad_token_id=0,
+                                    compile=False)
+        assert torch.equal(got, want)
+    assert decode.compile_failed() is None
+    assert built[0] == built[1] > 0, built
+
+
+def test_a_step_that_fails_to_compile_decodes_uncompiled(monkeypatch, caplog):
+    """A compiler failure (an untested torch or GPU) must not end the run: the tokens are those of the uncompiled
+    step, one warning says why, and later calls do not try again in this process."""
+    model, _ = tiny_nf4_model(seed=5)
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    want = decode.greedy_decode(model, ids, mask, max_new_tokens=9, eos_token_ids=[255], pad_token_id=0)
+    tries = []
+
+    def broken_compile(fn, **kwargs):
+        def run():
+            tries.append(1)
+            fn()  # moves the counters part-way, as a failure after some work would
+            raise RuntimeError("InductorError: a compiler error")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(decode, "_COMPILE_FAILED", [])
+    got = decode.greedy_decode(model, ids, mask, max_new_tokens=9, eos_token_ids=[255], pad_token_id=0, compile=True)
+    assert torch.equal(got, want)
+    assert "a compiler error" in decode.compile_failed()
+    assert "torch.compile of the decode step failed" in caplog.text
+    assert tries == [1]
