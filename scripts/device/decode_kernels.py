@@ -105,6 +105,8 @@ def main():
             cands = [("grouped", None, None, lambda: torch._grouped_mm(x, experts.dequantize_experts(name), offs=offs))]
             cands.append(("gemv", "default", None, lambda: kernels.nf4_moe_matmul(
                 x, counts, p["packed"], p["absmax"], code, k=k, n_out=cols, gated=False)))
+            cands.append(("gemv-unrounded", "default", None, lambda: kernels.nf4_moe_matmul(
+                x, counts, p["packed"], p["absmax"], code, k=k, n_out=cols, gated=False, round_weights=False)))
             default = kernels.pick_blocks(k, cols, n)
             gemv_cfgs = set()
             if n == 1:  # the decode-at-batch-1 case: tile width, K step, K split and warps
@@ -147,8 +149,8 @@ def main():
                 report["rows"].append(row)
             ok = [r for r in results if "ms" in r and r["rel_err"] < 2e-2]
             best = {kind: min((r for r in ok if r["kind"] == kind), key=lambda r: r["ms"], default=None)
-                    for kind in ("grouped", "gemv", "dot")}
-            dflt = next((r for r in results if r["blocks"] == "default"), None)
+                    for kind in ("grouped", "gemv", "gemv-unrounded", "dot")}
+            dflt = next((r for r in results if r["kind"] == "gemv" and r["blocks"] == "default"), None)
             print(f"{name} n={n} touched={touched}: default gemv {dflt.get('ms', dflt.get('error'))}; "
                   + "; ".join(f"{kind} {b['ms']:.4f} ms {b['gb_s']:.0f} GB/s {b['blocks']} w{b['warps']} "
                               f"err {b['rel_err']:.1e}" for kind, b in best.items() if b), flush=True)
