@@ -109,8 +109,15 @@ def generate_answers(model, tokenizer, rows: list[dict], *, language: str = "en"
         for batch in batches:
             enc = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True).to(_device(model))
             if fast:
+                def live(steps: int, batch_started: float = time.perf_counter(), n: int = len(batch)) -> None:
+                    # one batch is often every question: without this the bar says nothing for minutes
+                    rate = steps * n / max(time.perf_counter() - batch_started, 1e-9)
+                    bar.set_postfix_str(f"{steps}/{max_new_tokens} tokens per answer, {rate:.1f} new tokens/s "
+                                        f"over {n} sequences (counting finished ones)", refresh=True)
+
                 new = greedy_decode(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
-                                    eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+                                    eos_token_ids=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id,
+                                    on_tokens=live)
             else:
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)

@@ -383,3 +383,14 @@ def test_a_step_that_fails_to_compile_decodes_uncompiled(monkeypatch, caplog):
     assert "a compiler error" in decode.compile_failed()
     assert "torch.compile of the decode step failed" in caplog.text
     assert tries == [1]
+
+
+def test_progress_is_reported_in_tokens_per_sequence():
+    """``on_tokens`` (the notebooks' live tokens/s) gets the new tokens per sequence so far, every ``check_every``
+    steps and at the end: 10 tokens with checks every 4 steps -> 5, 9, 10."""
+    model, _ = tiny_nf4_model(seed=8)
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(9))
+    seen = []
+    decode.greedy_decode(model, ids, torch.ones_like(ids), max_new_tokens=10, eos_token_ids=[], pad_token_id=0,
+                         check_every=4, on_tokens=seen.append)
+    assert seen == [5, 9, 10]
