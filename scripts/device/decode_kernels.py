@@ -1,5 +1,6 @@
 """The NF4 routed-expert kernels one projection at a time, timed inside CUDA graphs (what decoding replays), on one
-GPU. Run on the device machine: ``python scripts/device/decode_kernels.py OUT_DIR [--quick]``.
+GPU. Run on the device machine: ``python scripts/device/decode_kernels.py OUT_DIR [--quick]`` (``--quick``: N = 1
+and 20, fewer tiles).
 
 For each Scout projection (gate_up 16 x 5120 x 16384, down 16 x 8192 x 5120; NF4, bf16 rows, random top-1 routing
 with one expert left empty from N = 4) and N routed rows in 1 ... 64:
@@ -87,7 +88,7 @@ def main():
         experts.quantize_(name, torch.empty(16, k, n, device="cuda", dtype=torch.bfloat16).normal_(0, 0.02))
     code = dispatch.nf4_code(torch.device("cuda"))
     expert_bytes = {name: experts.shapes[name][0] * experts.shapes[name][1] * (0.5 + 4 / 64) for name in experts.shapes}
-    ns = (1, 8, 20, 32) if QUICK else (1, 2, 4, 8, 16, 20, 32, 64)
+    ns = (1, 20) if QUICK else (1, 2, 4, 8, 16, 20, 32, 64)
     ws = {name: experts.dequantize_experts(name) for name in experts.shapes}  # (16, k, cols) bf16, the references
     for n in ns:  # rows outer: a time limit cuts the largest N, not a projection
         for name in ("gate_up", "down"):
@@ -116,7 +117,7 @@ def main():
                         steps = k // bk
                         for target in (default[3], default[3] * 2, default[3] * 4):
                             split = next(s for s in range(max(1, min(target, steps)), 0, -1) if steps % s == 0)
-                            for warps in (4, 8):
+                            for warps in (4,) if QUICK else (4, 8):
                                 gemv_cfgs.add(((1, bnb, bk, split), warps))
             else:  # rows per program and K step around the default
                 for bm in (1, 2, 4):
@@ -128,9 +129,9 @@ def main():
                 cands.append(("gemv", blocks, warps, lambda b=blocks, wp=warps: kernels.nf4_moe_matmul(
                     x, counts, p["packed"], p["absmax"], code, k=k, n_out=cols, gated=False, blocks=b, num_warps=wp)))
             if n >= 4:
-                for br in (32, 64, 128):
-                    for bc in (64, 128, 256):
-                        for warps in (4, 8):
+                for br in (32, 64) if QUICK else (32, 64, 128):
+                    for bc in (128, 256) if QUICK else (64, 128, 256):
+                        for warps in (4,) if QUICK else (4, 8):
                             def dot(b=(16, br, bc), wp=warps):
                                 return kernels.nf4_moe_gemm(x, counts, p["packed"], p["absmax"], code, w_rows=k,
                                                             w_cols=cols, blocks=b, num_warps=wp)
