@@ -40,9 +40,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--gen-prompt", type=int, default=256)
     parser.add_argument("--gen-new", type=int, default=256)
     parser.add_argument("--gen-baseline-new", type=int, default=16)
-    parser.add_argument("--gen-baseline-batches", type=int, nargs="*", default=[1, 32])
-    parser.add_argument("--gen-uncompiled-batches", type=int, nargs="*", default=[1, 20],
-                        help="decode batch sizes also timed with the step not compiled (the path compiling replaces)")
+    parser.add_argument("--gen-baseline-batches", type=int, nargs="*", default=[1, 20])
+    parser.add_argument("--gen-compiled-batches", type=int, nargs="*", default=[1],
+                        help="decode batch sizes also timed with the step compiled (greedy_decode(compile=True))")
     parser.add_argument("--gen-lora-batches", type=int, nargs="*", default=[1, 20])
     parser.add_argument("--ll-batches", type=int, nargs="*", default=[2, 8, 32, 64])
     parser.add_argument("--lengths", type=Path, default=None,
@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
         res = generation.run(layers=args.gen_layers, batches=args.gen_batches, prompt=args.gen_prompt,
                                  new=args.gen_new, baseline_new=args.gen_baseline_new,
                                  baseline_batches=args.gen_baseline_batches, lora_batches=args.gen_lora_batches,
-                                 uncompiled_batches=args.gen_uncompiled_batches,
+                                 compiled_batches=args.gen_compiled_batches,
                                  ll_batches=args.ll_batches, partial=args.out / "generate.partial.json")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "generate.json").write_text(json.dumps(res, indent=2, default=str))

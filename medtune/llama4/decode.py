@@ -14,12 +14,13 @@ and chunked attention with ``attention_chunk_size``), and passed as the ``{layer
 ``Llama4TextModel.forward`` accepts in place of a 2-D mask. Sequences are left-padded; positions count real tokens
 only, as ``generate`` does, so greedy tokens match ``generate``'s up to floating-point summation order.
 
-Inside the graph the step is still dozens of small kernels per layer (norms, rotary, routing, casts: about half of a
-batch-1 step, docs/bench-generate.md). On CUDA the step is therefore compiled with ``torch.compile`` (TorchInductor
-fuses that elementwise work; the bitsandbytes and Triton kernels stay as they are) before it is captured. The first
-step compiles (once per batch shape and cache length in a process; TorchInductor's on-disk cache makes later
-processes faster). If compiling fails on an untested torch, GPU or model, the step runs uncompiled, with one warning
-per process (:func:`compile_failed` says why).
+Inside the graph the step is still dozens of small kernels per layer (norms, rotary, routing, casts). ``compile=True``
+compiles the step with ``torch.compile`` before capturing it (TorchInductor fuses that elementwise work; the
+bitsandbytes and Triton kernels stay as they are). It is off by default: on the 48-layer Scout-shaped model it made a
+batch-1 step 1.35x faster but took 90-115 s to build per batch shape and cache length, and gave nothing at batch 20
+(docs/bench-generate.md), so it pays only for batch-1 decoding of many thousands of tokens in one process
+(``MEDTUNE_DECODE_COMPILE=1`` turns it on by default). If compiling fails on an untested torch, GPU or model, the step
+runs uncompiled, with one warning per process (:func:`compile_failed` says why).
 
 On the CPU (or ``cuda_graph=False``) the same loop runs eagerly; the tests compare it with ``generate``.
 """
@@ -39,8 +40,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["KV_BYTES_PER_TOKEN_FACTOR", "compile_failed", "fits_static_cache", "greedy_decode", "kv_cache_bytes"]
 
 KV_BYTES_PER_TOKEN_FACTOR = 2  # keys and values
-# default of greedy_decode's ``compile`` on CUDA; MEDTUNE_DECODE_COMPILE=0 turns it off (e.g. to compare)
-COMPILE_DEFAULT = os.environ.get("MEDTUNE_DECODE_COMPILE", "1") != "0"
+# default of greedy_decode's ``compile`` on CUDA (module doc: off, it rarely repays its build time)
+COMPILE_DEFAULT = os.environ.get("MEDTUNE_DECODE_COMPILE", "0") == "1"
 _COMPILE_FAILED: list[str] = []  # the error that turned compiling off for this process
 
 
@@ -124,8 +125,8 @@ def greedy_decode(
         check_every: decode steps between host checks for "all sequences stopped".
         on_tokens: called with the number of new tokens per sequence generated so far (progress).
         compile: compile the decode step with ``torch.compile`` before capturing it (module doc); None: on CUDA
-            unless ``MEDTUNE_DECODE_COMPILE=0`` or compiling already failed in this process. On the CPU only when
-            True (slow to build; the tests use it to check that the compiled step gives the same tokens).
+            when ``MEDTUNE_DECODE_COMPILE=1`` and compiling has not failed in this process. On the CPU only when
+            True (the tests use it to check that the compiled step gives the same tokens).
 
     Returns:
         (B, max_new_tokens) int64 new tokens on the model's device; ``pad_token_id`` after each sequence's EOS and

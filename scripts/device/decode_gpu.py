@@ -210,12 +210,12 @@ def greedy_equality():
     from torch._dynamo.utils import counters
 
     new = decode.greedy_decode(model, ids, mask, max_new_tokens=64, eos_token_ids=[-1], pad_token_id=0)
-    plain = decode.greedy_decode(model, ids, mask, max_new_tokens=64, eos_token_ids=[-1], pad_token_id=0,
-                                 compile=False)
+    comp = decode.greedy_decode(model, ids, mask, max_new_tokens=64, eos_token_ids=[-1], pad_token_id=0,
+                                compile=True)
     compiled = dict(compile_failed=decode.compile_failed(), graph_breaks=sum(counters["graph_break"].values()),
                     break_reasons=[k[:300] for k in counters["graph_break"]][:5],
-                    equal_to_uncompiled=bool(torch.equal(new, plain)),
-                    first_difference=[int((new[b] != plain[b]).nonzero()[0]) if (new[b] != plain[b]).any() else None
+                    equal_to_uncompiled=bool(torch.equal(new, comp)),
+                    first_difference=[int((new[b] != comp[b]).nonzero()[0]) if (new[b] != comp[b]).any() else None
                                       for b in range(2)])
     print("compiled step", compiled, flush=True)
     l4.Llama4NF4Experts.fused = "off"
