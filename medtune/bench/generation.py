@@ -242,13 +242,12 @@ def run(*, layers: int = 48, batches=(1, 20, 32), prompt: int = 256, new: int = 
     if res["auto_batch"] not in ll_batches:
         res["loglik"].append(dict(time_loglik(model, res["auto_batch"], ll_tokens), auto=True))
         save()
-    if lora_batches:
-        lora = add_lora(model)
-        for batch in lora_batches:
-            row = time_medtune(lora, batch, prompt, new)
-            row["path"] = "medtune + LoRA r=64 (unmerged)"
-            limit(row, lora)
-        lora.unload()  # the bare model again (PEFT: removes the adapter layers, nothing merged)
-    for batch in compiled_batches:  # last: each builds for 1.5-2 min
+    for batch in compiled_batches:  # each builds for 1.5-2 min
         limit(time_medtune(model, batch, prompt, new, compile=True), model)
+    if lora_batches:
+        model = add_lora(model)
+        for batch in lora_batches:
+            row = time_medtune(model, batch, prompt, new)
+            row["path"] = "medtune + LoRA r=64 (unmerged)"
+            limit(row, model)
     return res
