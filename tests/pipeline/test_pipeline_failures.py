@@ -1,6 +1,7 @@
 """The pipeline when things go wrong: a kernel that dies (out of memory), resuming a run only when asked, a run
-that does not exist, and secrets that must not reach the terminal or the run's files. Throwaway notebooks in a
-tmp folder stand in for the real ones (``pipeline.run_all(notebooks_dir=...)``), so each kernel does little."""
+that does not exist, Ctrl-C, a long notebook that must be seen working (the heartbeat), and secrets that must not
+reach the terminal or the run's files. Throwaway notebooks in a tmp folder stand in for the real ones
+(``pipeline.run_all(notebooks_dir=...)``), so each kernel does little."""
 
 from __future__ import annotations
 
@@ -327,3 +328,24 @@ def test_ctrl_c_says_how_to_continue_without_a_traceback(tmp_path):
     page = (run_dir / "index.html").read_text()
     assert "Status: interrupted in 01_slow." in page and f"make run-all RESUME={run_dir.name}" in page
     assert "KeyboardInterrupt" in page and "Continue it (" in page and "stopped from outside" not in page
+
+
+def test_the_heartbeat_shows_a_running_cells_progress_bar(tmp_path, monkeypatch, capsys):
+    """A real kernel, MEDTUNE_HEARTBEAT_S=1: while 01's cell runs, lines in the terminal with the time so far, the
+    cell, and the latest refresh of its tqdm bar (sent to stderr with carriage returns); the lines stop with the
+    notebook, before its "ok"."""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("MEDTUNE_HEARTBEAT_S", "1")
+    books = tmp_path / "notebooks"
+    notebook(books, "00_quick", "print('quick')")
+    notebook(books, "01_steps", "import sys, time\nfrom tqdm.std import tqdm\n"
+                                "for _ in tqdm(range(8), desc='training', file=sys.stderr, mininterval=0,\n"
+                                "              ascii=True):\n"
+                                "    time.sleep(0.5)")
+    pipeline.run_all(SMOKE, notebooks_dir=books)
+    out = capsys.readouterr().out.splitlines()
+    beats = [line for line in out if line.startswith("  01_steps") and " running " in line and "..." not in line]
+    bar = r"training: +\d+%\|[# ]{10}\| [0-8]/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(it/s|s/it)\]"
+    assert any(re.fullmatch(r"  01_steps {21}running \d s, In \[3\]: " + bar, line) for line in beats), out
+    ok = next(i for i, line in enumerate(out) if line.startswith("  01_steps") and " ok (" in line)
+    assert out.index(beats[-1]) < ok, out
