@@ -6,11 +6,13 @@ failing notebook stops the run; its executed copy keeps the failing cell and its
 non-zero. When the kernel dies (killed by the operating system, most often for memory), the executed copy says so
 in the cell that was running, with how to resume. While a notebook runs, a heartbeat line every minute
 (``$MEDTUNE_HEARTBEAT_S``) says how long it has run and what it showed last (its progress bar), so that a working
-run is told from a hung one. An existing run is continued only when asked: ``--resume <run-id or
-outputs/<run-id>>`` (``make run-all RESUME=...``) skips the notebooks that completed and training resumes from its
-last checkpoint. The run's ``manifest.json`` records what it ran with and how it ended; at the end, finished or not,
-``python -m medtune.pipeline`` writes the run's HTML report (``outputs/<run-id>/index.html``) and the index of runs
-(``outputs/index.html``), unless ``--no-report``.
+run is told from a hung one. Ctrl-C and SIGTERM (``kill``, ``docker stop``, a job scheduler) stop a run the same
+way: the kernel shut down, the end recorded, the report written, the command that continues the run printed. An
+existing run is continued only when asked: ``--resume <run-id or outputs/<run-id>>`` (``make run-all RESUME=...``)
+skips the notebooks that completed and training resumes from its last checkpoint. The run's ``manifest.json``
+records what it ran with and how it ended; at the end, finished or not, ``python -m medtune.pipeline`` writes the
+run's HTML report (``outputs/<run-id>/index.html``) and the index of runs (``outputs/index.html``), unless
+``--no-report``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from pathlib import Path
 
 from medtune.settings import config as _config
 from medtune.settings.runs import RunDir, outputs_root, project_root
+
+
+class Terminated(KeyboardInterrupt):
+    """The pipeline got SIGTERM (``kill <pid>``, ``docker stop``, Slurm's ``scancel`` or time limit): raised in the main
+    thread by :func:`main`'s handler. A KeyboardInterrupt, so that papermill, nbclient and asyncio stop as for Ctrl-C
+    (the kernel is shut down); the manifest records ``"stopped"`` and the process exits 143 (128 + SIGTERM)."""
 
 
 class KernelDied(RuntimeError):
@@ -210,8 +218,9 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     """Execute all notebooks headless into one run: a new one, or ``resume`` when given (and only then).
 
     The run's ``manifest.json`` (:mod:`medtune.reports.manifest`) records the code, versions, hardware, data and
-    times of each session, and how it ended: finished, failed in a notebook, or interrupted. Each executed copy is
-    tidied as papermill writes it, finished or not: every progress bar once, with its final line
+    times of each session, and how it ended: finished, failed in a notebook, interrupted (Ctrl-C) or stopped
+    (SIGTERM, which :func:`main` turns into :class:`Terminated`). Each executed copy is tidied as papermill writes
+    it, finished or not: every progress bar once, with its final line
     (:func:`medtune.reports.notebooks.coalesce_streams`). While a notebook runs, a :func:`heartbeat` line every
     :func:`heartbeat_interval` seconds.
 
@@ -234,6 +243,7 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         ConfigError: bad profile, a resumed run's profile changes settings it already used, or a bad
             ``$MEDTUNE_HEARTBEAT_S``.
         FileNotFoundError: no such run to resume.
+        KeyboardInterrupt: Ctrl-C; :class:`Terminated` for SIGTERM (both with a note saying how to continue).
     """
     from medtune.reports import manifest
 
@@ -261,8 +271,9 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     try:
         _execute(run, params, books, resumed=bool(resume), beat=beat)
         status, where = "finished", None
-    except KeyboardInterrupt as err:
-        status, error = "interrupted", "KeyboardInterrupt"
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): stopped on purpose, no cause to fix
+        status = "stopped" if isinstance(err, Terminated) else "interrupted"
+        error = type(err).__name__
         err.add_note(how_to_continue(run, books, interrupted=True))
         raise
     except BaseException as err:
@@ -271,7 +282,7 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
             err.add_note(how_to_continue(run, books))
         raise
     finally:
-        with _sigint_ignored():  # a second Ctrl-C must not cut the manifest or the report short
+        with _signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the manifest or the report short
             if status != "finished":
                 stopped = _stopped_at(run, books)
                 where = stopped.stem if stopped is not None else None
@@ -282,16 +293,37 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
-    """Ignore Ctrl-C while the pipeline records how a run ended (main thread only; elsewhere a no-op)."""
+def _signals_ignored():
+    """Ignore Ctrl-C and SIGTERM while the pipeline records how a run ended (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While the pipeline runs, SIGTERM raises :class:`Terminated` in the main thread, so the run ends as for
+    Ctrl-C (recorded, reported, how to continue printed) instead of dying with the manifest still "running". The
+    previous handler comes back afterwards; a SIGTERM the caller ignores (``SIG_IGN``) stays ignored, and outside
+    the main thread (where Python cannot set handlers) nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped_at(run: RunDir, books: list[Path]) -> Path | None:
@@ -305,7 +337,8 @@ def _stopped_at(run: RunDir, books: list[Path]) -> Path | None:
 
 def how_to_continue(run: RunDir, books: list[Path], interrupted: bool = False) -> str:
     """Where the notebook that stopped a run is, and the command that continues the run (a note the pipeline adds
-    to the exception, which ``main`` prints); ``interrupted``: Ctrl-C, so there is no cause to fix first."""
+    to the exception, which ``main`` prints); ``interrupted``: Ctrl-C or SIGTERM, so there is no cause to fix
+    first."""
     stopped = _stopped_at(run, books)
     where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
     then = "continue it" if interrupted else "after fixing the cause, continue it"
@@ -543,7 +576,7 @@ def heartbeat_line(name: str, elapsed: float, executed: Path, since: float | Non
 def heartbeat(name: str, executed: Path, interval: float, out=None):
     """While the ``with`` block runs a notebook, print :func:`heartbeat_line` every ``interval`` seconds from a
     background thread, so that a long notebook (05's training: half an hour) is seen working; the thread stops
-    when the block ends, however it ends (finished, failed, Ctrl-C). A block shorter than ``interval``
+    when the block ends, however it ends (finished, failed, Ctrl-C, SIGTERM). A block shorter than ``interval``
     prints nothing.
 
     Args:
@@ -651,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     try:
-        run_all(args.params, resume=args.resume, notebooks_dir=args.notebooks_dir, report=not args.no_report)
+        with _sigterm_stops_like_ctrl_c():
+            run_all(args.params, resume=args.resume, notebooks_dir=args.notebooks_dir, report=not args.no_report)
     except _config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -663,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     except KernelDied as err:
         _say(str(err), err)
         return 1
+    except Terminated as err:  # SIGTERM: as Ctrl-C, with the shell's code for it
+        _say("stopped by SIGTERM (kill, docker stop or the job scheduler)", err)
+        return 143
     except KeyboardInterrupt as err:  # Ctrl-C: what to do next, not papermill's and asyncio's tracebacks
         _say("interrupted (Ctrl-C)", err)
         return 130
