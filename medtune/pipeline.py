@@ -4,11 +4,15 @@
 time; no run is ever overwritten) and executes ``notebooks/NN_*.ipynb`` into ``outputs/<run-id>/notebooks/``. A
 failing notebook stops the run; its executed copy keeps the failing cell and its error, and the command exits
 non-zero. When the kernel dies (killed by the operating system, most often for memory), the executed copy says so
-in the cell that was running, with how to resume. An existing run is continued only when asked: ``--resume <run-id
-or outputs/<run-id>>`` (``make run-all RESUME=...``) skips the notebooks that completed and training resumes from its
-last checkpoint. The run's ``manifest.json`` records what it ran with and how it ended; at the end, finished or not,
-``python -m medtune.pipeline`` writes the run's HTML report (``outputs/<run-id>/index.html``) and the index of runs
-(``outputs/index.html``), unless ``--no-report``.
+in the cell that was running, with how to resume. While a notebook runs, a heartbeat line every minute
+(``$MEDTUNE_HEARTBEAT_S``) says how long it has run and what it showed last (its progress bar), so that a working
+run is told from a hung one. Ctrl-C and SIGTERM (``kill``, ``docker stop``, a job scheduler) stop a run the same
+way: the kernel shut down, the end recorded, the report written, the command that continues the run printed. An
+existing run is continued only when asked: ``--resume <run-id or outputs/<run-id>>`` (``make run-all RESUME=...``)
+skips the notebooks that completed and training resumes from its last checkpoint. The run's ``manifest.json``
+records what it ran with and how it ended; at the end, finished or not, ``python -m medtune.pipeline`` writes the
+run's HTML report (``outputs/<run-id>/index.html``) and the index of runs (``outputs/index.html``), unless
+``--no-report``.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import re
 import signal
 import sys
 import threading
@@ -25,6 +30,12 @@ from pathlib import Path
 
 from medtune.settings import config as _config
 from medtune.settings.runs import RunDir, outputs_root, project_root
+
+
+class Terminated(KeyboardInterrupt):
+    """The pipeline got SIGTERM (``kill <pid>``, ``docker stop``, Slurm's ``scancel`` or time limit): raised in the main
+    thread by :func:`main`'s handler. A KeyboardInterrupt, so that papermill, nbclient and asyncio stop as for Ctrl-C
+    (the kernel is shut down); the manifest records ``"stopped"`` and the process exits 143 (128 + SIGTERM)."""
 
 
 class KernelDied(RuntimeError):
@@ -207,9 +218,11 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     """Execute all notebooks headless into one run: a new one, or ``resume`` when given (and only then).
 
     The run's ``manifest.json`` (:mod:`medtune.reports.manifest`) records the code, versions, hardware, data and
-    times of each session, and how it ended: finished, failed in a notebook, or interrupted. Each executed copy is
-    tidied as papermill writes it, finished or not: every progress bar once, with its final line
-    (:func:`medtune.reports.notebooks.coalesce_streams`).
+    times of each session, and how it ended: finished, failed in a notebook, interrupted (Ctrl-C) or stopped
+    (SIGTERM, which :func:`main` turns into :class:`Terminated`). Each executed copy is tidied as papermill writes
+    it, finished or not: every progress bar once, with its final line
+    (:func:`medtune.reports.notebooks.coalesce_streams`). While a notebook runs, a :func:`heartbeat` line every
+    :func:`heartbeat_interval` seconds.
 
     Args:
         params: profile YAML for a new run (None: params/default.yaml). With ``resume``: None continues with the
@@ -227,11 +240,14 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     Raises:
         papermill.PapermillExecutionError: a cell failed (the executed copy shows it).
         KernelDied: the kernel died (the executed copy shows where, and how to resume).
-        ConfigError: bad profile, or a resumed run's profile changes settings it already used.
+        ConfigError: bad profile, a resumed run's profile changes settings it already used, or a bad
+            ``$MEDTUNE_HEARTBEAT_S``.
         FileNotFoundError: no such run to resume.
+        KeyboardInterrupt: Ctrl-C; :class:`Terminated` for SIGTERM (both with a note saying how to continue).
     """
     from medtune.reports import manifest
 
+    beat = heartbeat_interval()  # a wrong $MEDTUNE_HEARTBEAT_S stops here, before a run is made
     if resume:
         run = resolve_run(resume)
         live = manifest.live_process(run)
@@ -253,10 +269,11 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
     manifest.start(run, used, [nb.stem for nb in books], resumed=bool(resume))
     status, where, error = "failed", None, None
     try:
-        _execute(run, params, books, resumed=bool(resume))
+        _execute(run, params, books, resumed=bool(resume), beat=beat)
         status, where = "finished", None
-    except KeyboardInterrupt as err:
-        status, error = "interrupted", "KeyboardInterrupt"
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): stopped on purpose, no cause to fix
+        status = "stopped" if isinstance(err, Terminated) else "interrupted"
+        error = type(err).__name__
         err.add_note(how_to_continue(run, books, interrupted=True))
         raise
     except BaseException as err:
@@ -265,7 +282,7 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
             err.add_note(how_to_continue(run, books))
         raise
     finally:
-        with _sigint_ignored():  # a second Ctrl-C must not cut the manifest or the report short
+        with _signals_ignored():  # a second Ctrl-C or SIGTERM must not cut the manifest or the report short
             if status != "finished":
                 stopped = _stopped_at(run, books)
                 where = stopped.stem if stopped is not None else None
@@ -276,16 +293,37 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
-    """Ignore Ctrl-C while the pipeline records how a run ended (main thread only; elsewhere a no-op)."""
+def _signals_ignored():
+    """Ignore Ctrl-C and SIGTERM while the pipeline records how a run ended (main thread only; elsewhere a no-op)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated("SIGTERM")
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """While the pipeline runs, SIGTERM raises :class:`Terminated` in the main thread, so the run ends as for
+    Ctrl-C (recorded, reported, how to continue printed) instead of dying with the manifest still "running". The
+    previous handler comes back afterwards; a SIGTERM the caller ignores (``SIG_IGN``) stays ignored, and outside
+    the main thread (where Python cannot set handlers) nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _stopped_at(run: RunDir, books: list[Path]) -> Path | None:
@@ -299,7 +337,8 @@ def _stopped_at(run: RunDir, books: list[Path]) -> Path | None:
 
 def how_to_continue(run: RunDir, books: list[Path], interrupted: bool = False) -> str:
     """Where the notebook that stopped a run is, and the command that continues the run (a note the pipeline adds
-    to the exception, which ``main`` prints); ``interrupted``: Ctrl-C, so there is no cause to fix first."""
+    to the exception, which ``main`` prints); ``interrupted``: Ctrl-C or SIGTERM, so there is no cause to fix
+    first."""
     stopped = _stopped_at(run, books)
     where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
     then = "continue it" if interrupted else "after fixing the cause, continue it"
@@ -322,8 +361,9 @@ def report_run(run: RunDir) -> Path | None:
     return path
 
 
-def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool) -> None:
-    """Run each of ``books`` not yet completed into the run (see :func:`run_all`)."""
+def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool, beat: float = 0) -> None:
+    """Run each of ``books`` not yet completed into the run (see :func:`run_all`), with a :func:`heartbeat` line
+    every ``beat`` seconds (0: none)."""
     import papermill
     from nbclient.exceptions import DeadKernelError
 
@@ -344,13 +384,19 @@ def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool) -> 
         executed = run.notebooks_dir / nb.name
         try:
             # python3: this environment's own kernel (ipykernel's, argv "python" -> sys.executable), not the notebooks'
-            # "medtune" kernel (medtune.lab), which JupyterLab needs but a headless run does not
-            papermill.execute_notebook(
-                str(nb), str(executed),
-                parameters={"PARAMS": str(params), "RUN_DIR": str(run.path)},
-                kernel_name="python3", cwd=str(nb.parent), progress_bar=False, log_output=False,
-                kernel_manager_class=kernel_manager_class(run.notebooks_dir / f"{nb.stem}.kernel.log"),
-            )
+            # "medtune" kernel (medtune.lab), which JupyterLab needs but a headless run does not. The heartbeat reads
+            # what the cells show as it arrives (stdout_file, stderr_file: streams only) and the copy papermill
+            # saves while outputs arrive (every kind, at most every autosave_cell_every seconds: its default 30, less
+            # for a shorter heartbeat); the kernel.log gets only the kernel process's own output, no cell's.
+            with heartbeat(nb.stem, executed, beat) as printed:
+                papermill.execute_notebook(
+                    str(nb), str(executed),
+                    parameters={"PARAMS": str(params), "RUN_DIR": str(run.path)},
+                    kernel_name="python3", cwd=str(nb.parent), progress_bar=False, log_output=False,
+                    stdout_file=printed, stderr_file=printed,
+                    autosave_cell_every=max(1, min(30, int(beat / 2))) if beat > 0 else 30,
+                    kernel_manager_class=kernel_manager_class(run.notebooks_dir / f"{nb.stem}.kernel.log"),
+                )
         except DeadKernelError as err:
             count = mark_dead_kernel(nb, executed, run)
             raise KernelDied(
@@ -368,6 +414,203 @@ def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool) -> 
         run.record("pipeline", {"completed": sorted(done)})
         print(f"  {nb.stem:<28} ok ({time.perf_counter() - start:.0f} s)", flush=True)
     print(f"done: executed notebooks in {run.notebooks_dir}, metrics in {run.metrics_path}")
+
+
+HEARTBEAT_S = 60.0
+"""Seconds between two heartbeat lines while a notebook runs; ``$MEDTUNE_HEARTBEAT_S`` overrides it, 0 turns it off."""
+HEARTBEAT_CHARS = 150
+"""The most characters of a notebook's latest output a heartbeat line repeats."""
+# Terminal escape sequences (colours, cursor moves, window titles) and the control characters left after them
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_HIDDEN_HTML = re.compile(r"<(style|script)\b.*?</\1\s*>", re.S | re.I)
+
+
+def heartbeat_interval() -> float:
+    """Seconds between heartbeat lines: ``$MEDTUNE_HEARTBEAT_S`` when set, else :data:`HEARTBEAT_S`; 0 is off.
+
+    Raises:
+        ConfigError: the variable is not a number of seconds >= 0 (the message says what to set).
+    """
+    raw = os.environ.get("MEDTUNE_HEARTBEAT_S", "").strip()
+    if not raw:
+        return HEARTBEAT_S
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0 or seconds == float("inf"):
+        raise _config.ConfigError(f"MEDTUNE_HEARTBEAT_S={raw!r} is not a number of seconds: set it to e.g. 60 (a "
+                                  "line every minute while a notebook runs), or 0 to turn the heartbeat off")
+    return seconds
+
+
+def last_line(text: str) -> str:
+    """What a terminal would show last of ``text``: its last non-empty line, and of that line the part after its
+    last carriage return (a tqdm bar redraws itself with ``\\r``), without terminal escape sequences or control
+    characters, tabs as spaces, trimmed."""
+    text = _ESCAPES.sub("", text)
+    for line in reversed(text.split("\n")):
+        for segment in reversed(line.split("\r")):
+            segment = _CONTROLS.sub("", segment.replace("\t", " ")).strip()
+            if segment:
+                return segment
+    return ""
+
+
+def _output_text(output: dict) -> str:
+    """The latest line one notebook output shows (:func:`last_line`): a stream's text, an error's name and value,
+    a display's plain text, or, for HTML shown as ``<... object>`` (the Trainer's progress bar and loss table), the
+    HTML's text on one line."""
+    def joined(value) -> str:
+        return "".join(value) if isinstance(value, list) else str(value or "")
+
+    kind = output.get("output_type")
+    if kind == "stream":
+        return last_line(joined(output.get("text")))
+    if kind == "error":
+        return last_line(f"{output.get('ename', '')}: {output.get('evalue', '')}")
+    data = output.get("data") or {}
+    plain = last_line(joined(data.get("text/plain")))
+    if "text/html" in data and (not plain or re.fullmatch(r"<.* object>", plain)):
+        import html
+
+        text = re.sub(r"</?[A-Za-z!][^>]*>", " ", _HIDDEN_HTML.sub(" ", joined(data["text/html"])))
+        return " ".join(last_line(html.unescape(text).replace("\n", " ")).split())
+    return plain
+
+
+def latest_output(executed: Path) -> tuple[int, str] | None:
+    """The cell a notebook is running and the latest line it showed, read from the copy papermill saves while it runs
+    (at each cell's start and end, and while outputs arrive, at most every ``autosave_cell_every`` seconds).
+
+    Returns:
+        ``(execution count, latest line or "")`` of the cell papermill marked running; None when no cell is
+        (between cells, at the end) or the copy cannot be read (not written yet, or being written).
+    """
+    import json
+
+    try:
+        cells = json.loads(executed.read_text(encoding="utf-8")).get("cells", [])
+    except (OSError, ValueError, AttributeError):
+        return None
+    code = [c for c in cells if isinstance(c, dict) and c.get("cell_type") == "code"]
+    running = [c for c in code if (c.get("metadata") or {}).get("papermill", {}).get("status") == "running"]
+    if not running:
+        return None
+    cell = running[-1]
+    # saved at the cell's start, before the kernel numbered it: cells run in order in a fresh kernel
+    count = cell.get("execution_count") or code.index(cell) + 1
+    for output in reversed(cell.get("outputs") or []):
+        text = _output_text(output) if isinstance(output, dict) else ""
+        if text:
+            return count, text
+    return count, ""
+
+
+def _duration(seconds: float) -> str:
+    """``"45 s"``, ``"28 min 03 s"``, ``"2 h 05 min"``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+class Printed:
+    """What a running notebook printed last: papermill's ``stdout_file`` and ``stderr_file``, to which it copies each
+    stream output (print, a tqdm bar's refresh) as the kernel sends it. Keeps only ``latest``: ``(time.time() when
+    it arrived, its :func:`last_line`)``, ``(0.0, "")`` before any; read by the heartbeat thread."""
+
+    def __init__(self):
+        self.latest: tuple[float, str] = (0.0, "")
+
+    def write(self, text: str) -> None:
+        line = last_line(text)
+        if line:
+            self.latest = (time.time(), line)  # one assignment: the reading thread sees the old pair or the new
+
+    def flush(self) -> None:
+        pass
+
+
+def heartbeat_line(name: str, elapsed: float, executed: Path, since: float | None = None,
+                   printed: tuple[float, str] | None = None) -> str:
+    """The line the heartbeat prints: the notebook, how long it has run, the cell it runs and the latest line it
+    showed, at most :data:`HEARTBEAT_CHARS` of it, e.g. ``"  05_train_lora                running 28 min 03 s,
+    In [7]: [ 35/40 26:12 < 03:44, 0.02 it/s, Epoch 0.88/1]"``.
+
+    The latest line is the newer of two: the running cell's last output in the executed copy (:func:`latest_output`;
+    every kind of output, the Trainer's HTML bar too, but saved only as outputs arrive, at most every
+    ``autosave_cell_every`` seconds), and ``printed``, the last stream line as it arrived (:class:`Printed`; a line
+    printed before a long silence is in no saved copy yet).
+
+    Args:
+        name: the notebook's name without ``.ipynb``. elapsed: seconds since it started.
+        executed: its executed copy. since: a copy last written before this time (as ``time.time()``) is an
+            earlier run's and is not read. printed: :attr:`Printed.latest`.
+    """
+    line = f"  {name:<28} running {_duration(elapsed)}"
+    try:
+        saved = executed.stat().st_mtime
+    except OSError:
+        saved = None
+    if saved is not None and since is not None and saved < since:
+        saved = None
+    latest = latest_output(executed) if saved is not None else None
+    count, text = latest if latest is not None else (None, "")
+    if printed and printed[1] and printed[0] > (saved if saved is not None else since or 0.0):
+        text = printed[1]  # printed after the copy was saved: newer than anything in it
+    if latest is None and not text:
+        return line
+    cell = f", In [{count}]" if count is not None else ""
+    if not text:
+        return f"{line}{cell} (no output yet)"
+    if len(text) > HEARTBEAT_CHARS:
+        text = text[:HEARTBEAT_CHARS - 3].rstrip() + "..."
+    return f"{line}{cell}: {text}"
+
+
+@contextlib.contextmanager
+def heartbeat(name: str, executed: Path, interval: float, out=None):
+    """While the ``with`` block runs a notebook, print :func:`heartbeat_line` every ``interval`` seconds from a
+    background thread, so that a long notebook (05's training: half an hour) is seen working; the thread stops
+    when the block ends, however it ends (finished, failed, Ctrl-C, SIGTERM). A block shorter than ``interval``
+    prints nothing.
+
+    Args:
+        name: the notebook's name without ``.ipynb``. executed: its executed copy.
+        interval: seconds between lines; 0 (or less) prints none. out: where to print (default: ``sys.stdout`` at
+            the time of each line).
+
+    Yields:
+        A :class:`Printed` for papermill's ``stdout_file`` and ``stderr_file`` (None when the heartbeat is off).
+    """
+    if interval <= 0:
+        yield None
+        return
+    start, since, stop, printed = time.perf_counter(), time.time(), threading.Event(), Printed()
+
+    def beat() -> None:
+        while not stop.wait(interval):
+            try:
+                line = heartbeat_line(name, time.perf_counter() - start, executed, since, printed.latest)
+                stream = out or sys.stdout
+                encoding = getattr(stream, "encoding", None) or "utf-8"
+                line = line.encode(encoding, "replace").decode(encoding)  # a tqdm bar's blocks in an ASCII terminal
+                if not stop.is_set():
+                    print(line, file=stream, flush=True)
+            except Exception:  # a missed heartbeat must never disturb the run
+                pass
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {name}", daemon=True)
+    thread.start()
+    try:
+        yield printed
+    finally:
+        stop.set()
+        thread.join(timeout=5)
 
 
 def dead_kernel_message(run: RunDir) -> str:
@@ -441,7 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     from papermill.exceptions import PapermillExecutionError
 
     try:
-        run_all(args.params, resume=args.resume, notebooks_dir=args.notebooks_dir, report=not args.no_report)
+        with _sigterm_stops_like_ctrl_c():
+            run_all(args.params, resume=args.resume, notebooks_dir=args.notebooks_dir, report=not args.no_report)
     except _config.ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -453,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     except KernelDied as err:
         _say(str(err), err)
         return 1
+    except Terminated as err:  # SIGTERM: as Ctrl-C, with the shell's code for it
+        _say("stopped by SIGTERM (kill, docker stop or the job scheduler)", err)
+        return 143
     except KeyboardInterrupt as err:  # Ctrl-C: what to do next, not papermill's and asyncio's tracebacks
         _say("interrupted (Ctrl-C)", err)
         return 130

@@ -2,12 +2,14 @@
 
 ``outputs/<run-id>/manifest.json``, beside metrics.json, written by the pipeline (:mod:`medtune.pipeline`):
 :func:`start` when a run is created or resumed (one entry per session in ``sessions``), :func:`finish` when the session
-ends, finished or not (a failing notebook, a dead kernel, Ctrl-C). A run whose process was killed outright keeps
-``"status": "running"``; :func:`status` tells it from a live run by the recorded process.
+ends, finished or not (a failing notebook, a dead kernel, Ctrl-C, SIGTERM). A run whose process was killed outright
+(``kill -9``, a reboot) keeps ``"status": "running"``; :func:`status` tells it from a live run by the recorded
+process.
 
 What it records (and never: environment variables, tokens, the command line)::
 
-    run_id, status ("running" | "finished" | "failed" | "interrupted"), notebook (where it failed or stopped),
+    run_id, status ("running" | "finished" | "failed" | "interrupted" | "stopped"), notebook (where it failed or
+    stopped),
     error (the exception's type), started_at / ended_at (UTC, ISO 8601), notebooks (the run order),
     code:      git commit of the medtune checkout that ran, dirty flag (tracked files changed), medtune version
     python:    version, implementation;  platform
@@ -318,7 +320,8 @@ def finish(run: RunDir, status: str, notebook: str | None = None, error: str | N
     now (03 writes the rows during the session).
 
     Args:
-        run: the run. status: ``"finished"``, ``"failed"`` or ``"interrupted"`` (Ctrl-C).
+        run: the run. status: ``"finished"``, ``"failed"``, ``"interrupted"`` (Ctrl-C) or ``"stopped"`` (SIGTERM:
+            ``kill``, ``docker stop``, a job scheduler).
         notebook: where it failed or was interrupted (name without ``.ipynb``); None when finished.
         error: the exception's type name (never its message, which could quote anything).
 
@@ -328,8 +331,8 @@ def finish(run: RunDir, status: str, notebook: str | None = None, error: str | N
     Raises:
         ValueError: an unknown status, or the run has no manifest (:func:`start` was not called).
     """
-    if status not in ("finished", "failed", "interrupted"):
-        raise ValueError(f"status must be 'finished', 'failed' or 'interrupted', got {status!r}")
+    if status not in ("finished", "failed", "interrupted", "stopped"):
+        raise ValueError(f"status must be 'finished', 'failed', 'interrupted' or 'stopped', got {status!r}")
     data = read(run)
     if not data:
         raise ValueError(f"{run.path} has no manifest.json: call manifest.start first")
@@ -345,7 +348,8 @@ def finish(run: RunDir, status: str, notebook: str | None = None, error: str | N
 @dataclass(frozen=True)
 class RunStatus:
     """Where a run stands. ``state``: ``"finished"``, ``"failed"``, ``"interrupted"``, ``"running"``, ``"stopped"``
-    (recorded as running, but its process is gone: killed), ``"unknown"`` (no manifest) or, in the index of runs
+    (stopped from outside: by SIGTERM, recorded, or recorded as running but its process is gone: killed),
+    ``"unknown"`` (no manifest) or, in the index of runs
     only, ``"unreadable"`` (a file of the run could not be read). ``notebook``: where it
     failed, stopped or is running (name without ``.ipynb``), or None. ``text``: what a person reads, e.g.
     ``"failed in 04_baseline"``."""
@@ -382,7 +386,8 @@ def status(run: RunDir) -> RunStatus:
     ``pipeline.completed``).
 
     A run recorded as running whose process is gone on this machine (same host, no process with that pid and
-    start time) is ``"stopped"`` in the first notebook it did not complete. Without a manifest the state is
+    start time) is ``"stopped"`` in the first notebook it did not complete; one the pipeline recorded as stopped
+    (SIGTERM) is ``"stopped"`` in the notebook it recorded, its text saying SIGTERM. Without a manifest the state is
     ``"unknown"`` and the text counts the notebooks that recorded their resources.
     """
     data = read(run)
@@ -400,5 +405,7 @@ def status(run: RunDir) -> RunStatus:
         return RunStatus("running", notebook, f"running {notebook}" if notebook else "running")
     if state in ("failed", "interrupted"):
         return RunStatus(state, notebook, f"{state} in {notebook}" if notebook else state)
+    if state == "stopped":  # recorded by the pipeline on SIGTERM
+        return RunStatus(state, notebook, f"stopped in {notebook} (SIGTERM)" if notebook else "stopped (SIGTERM)")
     return RunStatus(state, notebook, state)
 

@@ -195,7 +195,7 @@ def problem(run: RunDir, status: _manifest.RunStatus, rows: list[dict]) -> dict 
         None for a finished or running run; else ``{"state", "text", "notebook", "href", "cell", "ename", "evalue",
         "recorded", "resume"}`` (``cell``/``ename``/``evalue`` None when the notebook shows no error: Ctrl-C before a
         cell failed, a killed process, or an error before the notebook ran, which the manifest's ``error`` names:
-        ``recorded``).
+        ``recorded``; for a stopped run it is ``"Terminated"`` when the pipeline recorded SIGTERM, else None).
     """
     if status.state not in ("failed", "interrupted", "stopped"):
         return None
@@ -206,7 +206,7 @@ def problem(run: RunDir, status: _manifest.RunStatus, rows: list[dict]) -> dict 
         except Exception as err:  # a half-written copy: the page still says where and how to go on
             error = {"cell": None, "ename": type(err).__name__, "evalue": f"the executed notebook is unreadable: {err}"}
     href = next((r["href"] for r in rows if r["name"] == status.notebook), None)
-    recorded = _manifest.read(run).get("error") if status.state == "failed" else None
+    recorded = _manifest.read(run).get("error") if status.state in ("failed", "stopped") else None
     return {"state": status.state, "text": status.text, "notebook": status.notebook, "href": href, **error,
             "recorded": _notebooks.plain(recorded) or None, "resume": f"make run-all RESUME={run.run_id}"}
 

@@ -1,6 +1,7 @@
 """The pipeline when things go wrong: a kernel that dies (out of memory), resuming a run only when asked, a run
-that does not exist, and secrets that must not reach the terminal or the run's files. Throwaway notebooks in a
-tmp folder stand in for the real ones (``pipeline.run_all(notebooks_dir=...)``), so each kernel does little."""
+that does not exist, Ctrl-C and SIGTERM, a long notebook that must be seen working (the heartbeat), and secrets that
+must not reach the terminal or the run's files. Throwaway notebooks in a tmp folder stand in for the real ones
+(``pipeline.run_all(notebooks_dir=...)``), so each kernel does little."""
 
 from __future__ import annotations
 
@@ -327,3 +328,76 @@ def test_ctrl_c_says_how_to_continue_without_a_traceback(tmp_path):
     page = (run_dir / "index.html").read_text()
     assert "Status: interrupted in 01_slow." in page and f"make run-all RESUME={run_dir.name}" in page
     assert "KeyboardInterrupt" in page and "Continue it (" in page and "stopped from outside" not in page
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_says_how_to_continue(tmp_path):
+    """SIGTERM to the pipeline's process alone (``kill <pid>``, ``docker stop``; the kernel gets none) while a
+    notebook runs: the kernel is shut down, the pipeline exits 143 with the same short message as for Ctrl-C (the
+    notebook, the RESUME command, no traceback), the manifest says stopped in that notebook, and the report is
+    written and says SIGTERM. Before it, the heartbeat printed what the cell printed last (then silent)."""
+    import os
+    import signal
+    import sys
+    import time
+
+    import psutil
+
+    books = tmp_path / "notebooks"
+    notebook(books, "00_quick", "print('quick')")
+    notebook(books, "01_slow", "import time\nprint('loading a model too large for this machine', flush=True)\n"
+                               "time.sleep(120)")
+    env = {**os.environ, "MEDTUNE_OUTPUTS": str(tmp_path / "outputs"), "MEDTUNE_HEARTBEAT_S": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "medtune.pipeline", "--params", str(SMOKE), "--notebooks-dir",
+                             str(books)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    started = time.monotonic()
+    lines = []
+    for line in proc.stdout:  # wait until 01's cell has printed and the heartbeat has repeated it
+        lines.append(line)
+        if "01_slow" in line and "loading a model" in line:
+            break
+    assert time.monotonic() - started < 120, lines
+    kernels = psutil.Process(proc.pid).children(recursive=True)
+    assert kernels, "no kernel process under the pipeline"
+    os.kill(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (out, err)
+    (run_dir,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
+    assert re.fullmatch(r"  01_slow {22}running \d+ s, In \[3\]: loading a model too large for this machine\n",
+                        lines[-1]), lines
+    assert "Traceback" not in err, err
+    assert "error: stopped by SIGTERM (kill, docker stop or the job scheduler)" in err
+    assert f"the executed notebook: {run_dir / 'notebooks' / '01_slow.ipynb'}" in err
+    assert f"continue it with: make run-all RESUME={run_dir.name}" in err
+    assert "after fixing the cause" not in err and len(err.strip().splitlines()) <= 8, err
+    assert f"report: {run_dir / 'index.html'}" in out
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    recorded = (manifest["status"], manifest["notebook"], manifest["error"], manifest["sessions"][-1]["status"])
+    assert recorded == ("stopped", "01_slow", "Terminated", "stopped")
+    page = (run_dir / "index.html").read_text()
+    assert "Status: stopped in 01_slow (SIGTERM)." in page and f"make run-all RESUME={run_dir.name}" in page
+    assert "Continue it (" in page and "After fixing the cause" not in page
+    gone, alive = psutil.wait_procs(kernels, timeout=10)
+    assert not alive, alive  # the kernel did not outlive the pipeline
+
+
+def test_the_heartbeat_shows_a_running_cells_progress_bar(tmp_path, monkeypatch, capsys):
+    """A real kernel, MEDTUNE_HEARTBEAT_S=1: while 01's cell runs, lines in the terminal with the time so far, the
+    cell, and the latest refresh of its tqdm bar (sent to stderr with carriage returns); the lines stop with the
+    notebook, before its "ok"."""
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("MEDTUNE_HEARTBEAT_S", "1")
+    books = tmp_path / "notebooks"
+    notebook(books, "00_quick", "print('quick')")
+    notebook(books, "01_steps", "import sys, time\nfrom tqdm.std import tqdm\n"
+                                "for _ in tqdm(range(8), desc='training', file=sys.stderr, mininterval=0,\n"
+                                "              ascii=True):\n"
+                                "    time.sleep(0.5)")
+    pipeline.run_all(SMOKE, notebooks_dir=books)
+    out = capsys.readouterr().out.splitlines()
+    beats = [line for line in out if line.startswith("  01_steps") and " running " in line and "..." not in line]
+    bar = r"training: +\d+%\|[# ]{10}\| [0-8]/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(it/s|s/it)\]"
+    assert any(re.fullmatch(r"  01_steps {21}running \d s, In \[3\]: " + bar, line) for line in beats), out
+    ok = next(i for i, line in enumerate(out) if line.startswith("  01_steps") and " ok (" in line)
+    assert out.index(beats[-1]) < ok, out

@@ -1,5 +1,5 @@
 """What a run that did not finish tells its user (tester's findings, stop 24): the report's box says why in each
-case (a failed cell, Ctrl-C, a dead kernel, an error before the notebook ran), error messages are plain text of
+case (a failed cell, Ctrl-C, SIGTERM, a dead kernel, an error before the notebook ran), error messages are plain text of
 bounded length, a run that is still running is not resumed a second time, and damaged or empty input is named."""
 
 from __future__ import annotations
@@ -73,6 +73,13 @@ def test_the_box_says_why_in_each_case(tmp_path, monkeypatch):
     run = failed_run(tmp_path / "d", "failed", "01_load_quantized_model", "KernelDied")
     assert "died (most often out of memory)" in box(run, monkeypatch)
 
+    run = failed_run(tmp_path / "e", "stopped", "01_load_quantized_model", "Terminated")  # SIGTERM, recorded
+    shown = box(run, monkeypatch)
+    assert "Status: stopped in 01_load_quantized_model (SIGTERM)." in shown
+    assert ("Stopped from outside with SIGTERM (<code>kill</code>, <code>docker stop</code> or a job scheduler) "
+            "while 01_load_quantized_model ran; no cell had failed.") in shown
+    assert "Continue it (" in shown and "After fixing" not in shown and "could not run" not in shown
+
 
 def test_a_run_that_is_still_running_is_not_resumed_twice(tmp_path, monkeypatch):
     """Two processes in one run would write the same checkpoints and notebooks."""
@@ -92,6 +99,34 @@ def test_a_run_that_is_still_running_is_not_resumed_twice(tmp_path, monkeypatch)
     data["process"] = {"pid": me.pid, "host": "another-pod", "started": me.create_time()}  # a restarted pod
     run.manifest_path.write_text(json.dumps(data))
     assert manifest.live_process(run) is None
+
+
+def test_sigterm_stops_main_with_143_and_its_handler_is_put_back(monkeypatch, capsys):
+    """A real SIGTERM to this process while main runs (run_all replaced by a wait): it becomes
+    pipeline.Terminated, main says so and returns 143; the handler that was there before (here the test's own, in
+    case the pipeline's were missing) is back afterwards, and SIGTERM reaches it again outside main."""
+    import signal
+    import time
+
+    def not_installed(signum, frame):
+        raise AssertionError("SIGTERM reached the previous handler: main installed none")
+
+    def run_all(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler raises here
+        raise AssertionError("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(pipeline, "run_all", run_all)
+    previous = signal.signal(signal.SIGTERM, not_installed)
+    try:
+        assert pipeline.main([]) == 143
+        assert signal.getsignal(signal.SIGTERM) is not_installed
+        with pytest.raises(AssertionError, match="reached the previous handler"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "error: stopped by SIGTERM (kill, docker stop or the job scheduler)" in capsys.readouterr().err
 
 
 def test_an_empty_resume_is_an_error_not_a_new_run(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,6 @@
 """The run manifest (medtune.reports.manifest): what it records is checked against git, importlib.metadata, the
 files themselves and the clock; it holds no environment variable; and a run's status (finished, failed in NN,
-running, stopped) is told right."""
+running, stopped by SIGTERM or with its process gone) is told right."""
 
 from __future__ import annotations
 
@@ -139,6 +139,10 @@ def test_status_running_stopped_and_no_manifest(tmp_path, make_run):
     run.manifest_path.write_text(json.dumps(data))
     assert manifest.status(run) == manifest.RunStatus("stopped", "02_check_gpu",
                                                       "stopped in 02_check_gpu (its process is gone)")
+    # the pipeline got SIGTERM and recorded it: stopped where it says, and no longer a live run
+    manifest.finish(run, "stopped", "02_check_gpu", "Terminated")
+    assert manifest.status(run) == manifest.RunStatus("stopped", "02_check_gpu", "stopped in 02_check_gpu (SIGTERM)")
+    assert manifest.live_process(run) is None
 
 
 def test_finish_refuses_an_unknown_status_and_a_run_without_manifest(tmp_path, make_run):
@@ -146,7 +150,7 @@ def test_finish_refuses_an_unknown_status_and_a_run_without_manifest(tmp_path, m
     with pytest.raises(ValueError, match="has no manifest.json"):
         manifest.finish(run, "finished")
     manifest.start(run, SMOKE, BOOKS)
-    with pytest.raises(ValueError, match="status must be 'finished', 'failed' or 'interrupted', got 'done'"):
+    with pytest.raises(ValueError, match="status must be 'finished', 'failed', 'interrupted' or 'stopped', got 'done'"):
         manifest.finish(run, "done")
 
 
