@@ -22,7 +22,7 @@ SHARED = Path(__file__).resolve().parents[3] / "shared"  # the checkout's ../sha
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medtune.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--layers", type=int, nargs=2, default=[1, 3], help="two model depths for per-layer time")
     parser.add_argument("--setups", nargs="+", default=["walkthrough", "medtune"])
@@ -71,6 +71,8 @@ def main(argv=None) -> dict:
         if args.real_rows < 1 or args.pack_to < max(1, min(lengths)) or args.full < 1:
             parser.error(f"--lengths needs --real-rows >= 1 (got {args.real_rows}), --pack-to of at least the "
                          f"shortest row ({min(lengths)} tokens; got {args.pack_to}) and --full >= 1 (got {args.full})")
+    if args.generate:  # checked before any GPU work: a bad flag must not cost the model's build or the rows before it
+        _check_generation_args(parser, args)
     if not torch.cuda.is_available():
         raise SystemExit("medtune.bench needs a CUDA GPU")
     if args.generate:
@@ -135,6 +137,26 @@ def main(argv=None) -> dict:
     (args.out / "results.md").write_text(md)
     print(md)
     return res
+
+
+def _check_generation_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--generate`` flags that would fail only once the benchmark runs (after the model is built, or after
+    every row before them): batch sizes and lengths below 1, fewer than 2 new tokens (the decode rate is over the
+    tokens after the first), or a prompt and answer longer than Scout's attention chunk (greedy_decode's limit)."""
+    wrong = []
+    for flag in ("gen_batches", "gen_baseline_batches", "gen_compiled_batches", "gen_lora_batches", "ll_batches"):
+        bad = [b for b in getattr(args, flag) if b < 1]
+        if bad:
+            wrong.append(f"--{flag.replace('_', '-')} must be batch sizes >= 1 (got {' '.join(map(str, bad))})")
+    for flag, least in (("gen_layers", 1), ("gen_prompt", 1), ("gen_new", 2), ("gen_baseline_new", 2)):
+        if getattr(args, flag) < least:
+            wrong.append(f"--{flag.replace('_', '-')} must be >= {least} (got {getattr(args, flag)})")
+    chunk = l4.scout_text_config().attention_chunk_size
+    if args.gen_prompt + args.gen_new > chunk:
+        wrong.append(f"--gen-prompt + --gen-new must fit Scout's attention chunk of {chunk} tokens (got "
+                     f"{args.gen_prompt} + {args.gen_new})")
+    if wrong:
+        parser.error("; ".join(wrong))
 
 
 if __name__ == "__main__":

@@ -88,3 +88,24 @@ def test_row_lengths_names_the_row_without_the_fields(tmp_path):
         T.row_lengths(f, SHARED / "tokenizers" / "llama4")
     with pytest.raises(FileNotFoundError, match="--tokenizer"):
         T.row_lengths(f, tmp_path)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--gen-new", "1"], "--gen-new must be >= 2 (got 1)"),
+    (["--gen-baseline-new", "0"], "--gen-baseline-new must be >= 2 (got 0)"),
+    (["--gen-batches", "1", "0"], "--gen-batches must be batch sizes >= 1 (got 0)"),
+    (["--gen-compiled-batches", "-1"], "--gen-compiled-batches must be batch sizes >= 1 (got -1)"),
+    (["--gen-lora-batches", "0"], "--gen-lora-batches must be batch sizes >= 1 (got 0)"),
+    (["--ll-batches", "0"], "--ll-batches must be batch sizes >= 1 (got 0)"),
+    (["--gen-prompt", "8000"], "--gen-prompt + --gen-new must fit Scout's attention chunk of 8192 tokens"),
+])
+def test_generation_flags_that_would_fail_mid_benchmark_are_refused_before_any_gpu_work(flags, message, capsys):
+    """A zero in --gen-compiled-batches or --gen-lora-batches failed only after every row before it (minutes of a
+    rented GPU, and no generate.md), --gen-new 1 divided by zero after the model was built: the parser refuses them
+    first, on a machine without a GPU too."""
+    from medtune.bench.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--generate", *flags])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
