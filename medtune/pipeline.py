@@ -418,6 +418,8 @@ def _execute(run: RunDir, params: Path, books: list[Path], *, resumed: bool, bea
 
 HEARTBEAT_S = 60.0
 """Seconds between two heartbeat lines while a notebook runs; ``$MEDTUNE_HEARTBEAT_S`` overrides it, 0 turns it off."""
+HEARTBEAT_MIN_S = 1.0
+"""The shortest interval ``$MEDTUNE_HEARTBEAT_S`` may set (0 aside: off)."""
 HEARTBEAT_CHARS = 150
 """The most characters of a notebook's latest output a heartbeat line repeats."""
 # Terminal escape sequences (colours, cursor moves, window titles) and the control characters left after them
@@ -430,7 +432,8 @@ def heartbeat_interval() -> float:
     """Seconds between heartbeat lines: ``$MEDTUNE_HEARTBEAT_S`` when set, else :data:`HEARTBEAT_S`; 0 is off.
 
     Raises:
-        ConfigError: the variable is not a number of seconds >= 0 (the message says what to set).
+        ConfigError: the variable is not a number of seconds, 0 or at least :data:`HEARTBEAT_MIN_S` (the message
+            says what to set).
     """
     raw = os.environ.get("MEDTUNE_HEARTBEAT_S", "").strip()
     if not raw:
@@ -442,6 +445,10 @@ def heartbeat_interval() -> float:
     if not seconds >= 0 or seconds == float("inf"):
         raise _config.ConfigError(f"MEDTUNE_HEARTBEAT_S={raw!r} is not a number of seconds: set it to e.g. 60 (a "
                                   "line every minute while a notebook runs), or 0 to turn the heartbeat off")
+    if 0 < seconds < HEARTBEAT_MIN_S:
+        raise _config.ConfigError(f"MEDTUNE_HEARTBEAT_S={raw!r} is under {HEARTBEAT_MIN_S:g} s: a line that often "
+                                  "would flood the terminal (and reread the notebook as often); set it to e.g. 60, "
+                                  "or 0 to turn the heartbeat off")
     return seconds
 
 
@@ -591,9 +598,10 @@ def heartbeat(name: str, executed: Path, interval: float, out=None):
         yield None
         return
     start, since, stop, printed = time.perf_counter(), time.time(), threading.Event(), Printed()
+    wait = min(interval, threading.TIMEOUT_MAX)  # longer: OverflowError in Event.wait (1e10 s is no heartbeat anyway)
 
     def beat() -> None:
-        while not stop.wait(interval):
+        while not stop.wait(wait):
             try:
                 line = heartbeat_line(name, time.perf_counter() - start, executed, since, printed.latest)
                 stream = out or sys.stdout

@@ -139,6 +139,26 @@ def test_the_interval_comes_from_the_environment_and_a_wrong_value_names_the_fix
         with pytest.raises(ConfigError, match=rf"MEDTUNE_HEARTBEAT_S='{wrong}' is not a number of seconds: set it to "
                                               r"e.g. 60 .*, or 0 to turn the heartbeat off"):
             pipeline.heartbeat_interval()
+    # a line every millisecond (a typo for 1, or "ms" meant) flooded the terminal: at least a second, or 0
+    for often in ("0.001", "1e-300", "0.5"):
+        monkeypatch.setenv("MEDTUNE_HEARTBEAT_S", often)
+        with pytest.raises(ConfigError, match=rf"MEDTUNE_HEARTBEAT_S='{often}' is under 1 s: .* set it to e.g. 60, "
+                                              r"or 0 to turn the heartbeat off"):
+            pipeline.heartbeat_interval()
+    monkeypatch.setenv("MEDTUNE_HEARTBEAT_S", "1")
+    assert pipeline.heartbeat_interval() == 1
+
+
+def test_an_interval_longer_than_threading_allows_is_no_error_in_the_thread(tmp_path, monkeypatch):
+    """MEDTUNE_HEARTBEAT_S=1e10 is accepted (a number of seconds, effectively off), but Event.wait raised
+    OverflowError for it: a traceback from the heartbeat thread in the terminal for every notebook."""
+    errors = []
+    monkeypatch.setattr(threading, "excepthook", errors.append)
+    out = io.StringIO()
+    with pipeline.heartbeat("05_train_lora", tmp_path / "05_train_lora.ipynb", 1e10, out=out):
+        time.sleep(0.2)
+    assert [e.exc_value for e in errors] == [] and out.getvalue() == ""
+    assert not heartbeat_threads()
 
 
 def heartbeat_threads() -> list[threading.Thread]:
