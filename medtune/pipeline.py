@@ -422,9 +422,12 @@ HEARTBEAT_MIN_S = 1.0
 """The shortest interval ``$MEDTUNE_HEARTBEAT_S`` may set (0 aside: off)."""
 HEARTBEAT_CHARS = 150
 """The most characters of a notebook's latest output a heartbeat line repeats."""
-# Terminal escape sequences (colours, cursor moves, window titles) and the control characters left after them
-_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-Z\\-_]")
-_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# Terminal escape sequences (colours, cursor moves, window titles; 8-bit CSI; the two- and three-character ones such
+# as tput sgr0's ESC ( B or ESC 7), and the control characters left after them: C0, DEL, C1 and the bidirectional
+# overrides that would reorder the rest of the line
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?"
+                      r"|\x1b[ -/]*[0-~]")
+_CONTROLS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _HIDDEN_HTML = re.compile(r"<(style|script)\b.*?</\1\s*>", re.S | re.I)
 
 

@@ -122,6 +122,11 @@ def test_a_line_printed_after_the_copy_was_saved_is_newer_than_the_copy(tmp_path
     ("done\r", "done"),
     ("\x1b[1mbold\x1b[0m\tand tab\x07", "bold and tab"),
     ("\r\n \r", ""),
+    # tput sgr0 (ESC ( B then CSI m), save and restore the cursor, 8-bit CSI and C1 controls, a right-to-left override
+    ("\x1b[31mred\x1b(B\x1b[m done\n", "red done"),
+    ("\x1b7saved\x1b8\n", "saved"),
+    ("abc\x9b31mred\x85\x90\n", "abcred"),
+    ("file \u202egnp.exe\n", "file gnp.exe"),
 ])
 def test_last_line_is_what_a_terminal_would_show_last(text, line):
     assert pipeline.last_line(text) == line
