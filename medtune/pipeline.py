@@ -266,9 +266,12 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
         params = used = Path(params or project_root() / "params" / "default.yaml").resolve()
         run = RunDir.create(_config.load(params), outputs)
     books = notebooks(notebooks_dir)
-    manifest.start(run, used, [nb.stem for nb in books], resumed=bool(resume))
-    status, where, error = "failed", None, None
+    status, where, error, started = "failed", None, None, False
     try:
+        # inside the try: Ctrl-C or SIGTERM while it gathers the environment (torch's import, git, nvidia-smi: seconds
+        # on a GPU machine) must still say which run was made and how to continue it
+        manifest.start(run, used, [nb.stem for nb in books], resumed=bool(resume))
+        started = True
         _execute(run, params, books, resumed=bool(resume), beat=beat)
         status, where = "finished", None
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Terminated): stopped on purpose, no cause to fix
@@ -286,8 +289,9 @@ def run_all(params: str | Path | None, resume: str | Path | None = None, noteboo
             if status != "finished":
                 stopped = _stopped_at(run, books)
                 where = stopped.stem if stopped is not None else None
-            manifest.finish(run, status, where, error)
-            if report:
+            if started:  # else this session never began: nothing of it to record (a new run has no manifest yet)
+                manifest.finish(run, status, where, error)
+            if report and (started or run.manifest_path.is_file()):
                 report_run(run)
     return run
 
@@ -340,7 +344,8 @@ def how_to_continue(run: RunDir, books: list[Path], interrupted: bool = False) -
     to the exception, which ``main`` prints); ``interrupted``: Ctrl-C or SIGTERM, so there is no cause to fix
     first."""
     stopped = _stopped_at(run, books)
-    where = f"the executed notebook: {run.notebooks_dir / stopped.name}\n" if stopped is not None else ""
+    executed = run.notebooks_dir / stopped.name if stopped is not None else None
+    where = f"the executed notebook: {executed}\n" if executed is not None and executed.is_file() else ""
     then = "continue it" if interrupted else "after fixing the cause, continue it"
     return (f"{where}everything the run finished is kept in {run.path}; {then} with: "
             f"make run-all RESUME={run.run_id}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import nbformat
 import psutil
@@ -145,3 +146,32 @@ def test_a_damaged_metrics_file_is_named(tmp_path):
     run.metrics_path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="metrics.json holds a list, not a JSON object"):
         run.metrics()
+
+
+def test_sigterm_while_the_session_starts_still_names_the_run_and_it_resumes(tmp_path, monkeypatch, capsys):
+    """SIGTERM (or Ctrl-C) while manifest.start gathers the environment (importing torch, git, nvidia-smi: seconds on
+    a GPU machine), after the run folder was made: main exits 143 and says how to continue that run (it said only
+    "stopped by SIGTERM", and the folder it left had no manifest and no id shown); the run then resumes."""
+    from medtune.reports import manifest
+
+    monkeypatch.setenv("MEDTUNE_OUTPUTS", str(tmp_path / "outputs"))
+    monkeypatch.setenv("MEDTUNE_HEARTBEAT_S", "0")
+    books, none = tmp_path / "notebooks", tmp_path / "none"
+    none.mkdir()
+    books.mkdir()
+    nbformat.write(new_notebook(cells=[new_code_cell("print('never runs')")]), books / "00_quick.ipynb")
+    real = manifest.environment
+
+    def stopped():
+        raise pipeline.Terminated("SIGTERM")
+
+    monkeypatch.setattr(manifest, "environment", stopped)
+    smoke = Path(__file__).resolve().parents[2] / "params" / "smoke.yaml"
+    assert pipeline.main(["--params", str(smoke), "--notebooks-dir", str(books), "--no-report"]) == 143
+    (run_dir,) = [p for p in (tmp_path / "outputs").iterdir() if p.is_dir()]
+    err = capsys.readouterr().err
+    assert "error: stopped by SIGTERM" in err and f"continue it with: make run-all RESUME={run_dir.name}" in err
+    assert "the executed notebook" not in err  # none was written
+    monkeypatch.setattr(manifest, "environment", real)
+    assert pipeline.main(["--resume", run_dir.name, "--notebooks-dir", str(none), "--no-report"]) == 0  # no kernel
+    assert manifest.status(RunDir.open(run_dir)).state == "finished"
