@@ -118,8 +118,8 @@ def greedy_decode(
         attention_mask: (B, P) 0/1, 0 on the left padding; the last column is 1 in every row. A row of padding only
             except its last token still decodes from that token.
         max_new_tokens: tokens to generate per sequence (>= 1).
-        eos_token_ids: ids that end a sequence (the EOS itself is kept in the output); an int or a sequence, which
-            may be empty (then every sequence runs ``max_new_tokens``).
+        eos_token_ids: ids that end a sequence (the EOS itself is kept in the output); an int (Python, NumPy or a
+            0-d tensor) or a sequence, which may be empty (then every sequence runs ``max_new_tokens``).
         pad_token_id: written after a sequence's EOS.
         cuda_graph: capture the decode step in a CUDA graph (CUDA only; ignored on the CPU).
         check_every: decode steps between host checks for "all sequences stopped".
@@ -134,12 +134,13 @@ def greedy_decode(
 
     Raises:
         ValueError: ``max_new_tokens`` or ``check_every`` < 1; shapes differ or are empty; the model is not Llama 4;
-            the batch is right-padded; ``pad_token_id`` is None; P + max_new_tokens exceeds the attention chunk
+            a row is all padding; the batch is right-padded; ``eos_token_ids`` or ``pad_token_id`` is None;
+            P + max_new_tokens exceeds the attention chunk
             (:func:`fits_static_cache`; use ``model.generate`` then).
     """
     from transformers.cache_utils import Cache, StaticLayer
 
-    if max_new_tokens < 1 or check_every < 1:
+    if not (max_new_tokens >= 1 and check_every >= 1):  # NaN too: it never equals a step, so no early stop
         raise ValueError(f"max_new_tokens and check_every must be >= 1, got {max_new_tokens} and {check_every}")
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2 or 0 in input_ids.shape:
         raise ValueError(f"input_ids {tuple(input_ids.shape)} and attention_mask {tuple(attention_mask.shape)} "
@@ -147,11 +148,17 @@ def greedy_decode(
     if not _accepts_mask_mapping(model):
         raise ValueError(f"greedy_decode serves Llama 4 models; {type(model).__name__} is not one: use model.generate")
     real = attention_mask.bool()
+    empty = (~real.any(-1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"rows {empty} of attention_mask are all padding (an empty prompt): give every row at least "
+                         "one token")
     if not bool(real[:, -1].all()):
         raise ValueError("the batch is right-padded (attention_mask is 0 in the last column): tokenize with "
                          "tokenizer.padding_side = 'left'")
-    if isinstance(eos_token_ids, int):
-        eos_token_ids = [eos_token_ids]
+    if eos_token_ids is None:
+        raise ValueError("eos_token_ids is None: give the tokenizer's eos_token_id, or [] to decode max_new_tokens "
+                         "tokens for every sequence")
+    eos_token_ids = torch.as_tensor(eos_token_ids).reshape(-1).tolist()  # an int, a NumPy or 0-d tensor id, a list
     if pad_token_id is None:
         raise ValueError("pad_token_id is None: give the tokenizer's pad token id (Llama 4: <|finetune_right_pad|>)")
     batch, prompt_len = input_ids.shape

@@ -295,6 +295,32 @@ def test_greedy_decode_refuses_right_padding_other_models_and_no_pad():
         decode.greedy_decode(llama, ids, torch.ones_like(ids), max_new_tokens=4, eos_token_ids=[1], pad_token_id=0)
 
 
+def test_greedy_decode_names_an_empty_row_and_takes_an_eos_id_of_any_integer_kind():
+    """A row that is all padding was reported as a right-padded batch; eos_token_ids=None (a tokenizer without an
+    EOS) and a NumPy or 0-d tensor id failed with "object is not iterable"; check_every=NaN was taken and never
+    checked for stopped sequences."""
+    import numpy as np
+
+    model, _ = tiny_nf4_model(seed=5)
+    ids = torch.randint(1, 256, (2, 5), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    kw = dict(max_new_tokens=12, pad_token_id=0)
+    empty = mask.clone()
+    empty[1] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] of attention_mask are all padding \(an empty prompt\)"):
+        decode.greedy_decode(model, ids, empty, eos_token_ids=[1], **kw)
+    with pytest.raises(ValueError, match="eos_token_ids is None: give the tokenizer's eos_token_id, or \\[\\]"):
+        decode.greedy_decode(model, ids, mask, eos_token_ids=None, **kw)
+    with pytest.raises(ValueError, match="check_every must be >= 1, got 12 and nan"):
+        decode.greedy_decode(model, ids, mask, eos_token_ids=[1], check_every=float("nan"), **kw)
+    free = decode.greedy_decode(model, ids, mask, eos_token_ids=[], **kw)
+    eos = int(free[0, 3])
+    want = decode.greedy_decode(model, ids, mask, eos_token_ids=[eos], **kw)
+    assert int((want == 0).sum()) > 0  # the EOS stopped a sequence
+    for kind in (eos, np.int64(eos), torch.tensor(eos), [torch.tensor(eos)], (eos, eos, -1)):
+        assert torch.equal(decode.greedy_decode(model, ids, mask, eos_token_ids=kind, **kw), want), kind
+
+
 def test_a_kernel_that_fails_to_build_falls_back_to_the_library_path(monkeypatch, caplog):
     """A Triton build or launch failure (an untested GPU or driver) must not end the run: the experts take the
     dequantize path, with one warning, and the kernel is not tried again in the process; a wrong argument (a bug in
