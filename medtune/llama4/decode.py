@@ -40,8 +40,21 @@ logger = logging.getLogger(__name__)
 __all__ = ["KV_BYTES_PER_TOKEN_FACTOR", "compile_failed", "fits_static_cache", "greedy_decode", "kv_cache_bytes"]
 
 KV_BYTES_PER_TOKEN_FACTOR = 2  # keys and values
+
+
+def _compile_default(raw: str | None) -> bool:
+    """``$MEDTUNE_DECODE_COMPILE`` as a switch: 1/true/yes/on, or 0/false/no/off/unset; anything else is off with a
+    warning (``true`` used to be off silently: only ``1`` counted)."""
+    value = (raw or "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        logger.warning("MEDTUNE_DECODE_COMPILE=%r is not 1 or 0: the decode step stays uncompiled", raw)
+    return False
+
+
 # default of greedy_decode's ``compile`` on CUDA (module doc: off, it rarely repays its build time)
-COMPILE_DEFAULT = os.environ.get("MEDTUNE_DECODE_COMPILE", "0") == "1"
+COMPILE_DEFAULT = _compile_default(os.environ.get("MEDTUNE_DECODE_COMPILE"))
 _COMPILE_FAILED: list[str] = []  # the error that turned compiling off for this process
 
 

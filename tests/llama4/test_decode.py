@@ -420,3 +420,14 @@ def test_progress_is_reported_in_tokens_per_sequence():
     decode.greedy_decode(model, ids, torch.ones_like(ids), max_new_tokens=10, eos_token_ids=[], pad_token_id=0,
                          check_every=4, on_tokens=seen.append)
     assert seen == [5, 9, 10]
+
+
+def test_the_compile_switch_reads_like_a_switch(caplog):
+    """MEDTUNE_DECODE_COMPILE=true (or yes, on, " 1") left the step uncompiled without a word: only "1" counted."""
+    for on in ("1", " 1 ", "true", "True", "yes", "on"):
+        assert decode._compile_default(on) is True, on
+    for off in (None, "", "0", "false", "no", "off"):
+        assert decode._compile_default(off) is False, off
+    assert not caplog.text
+    assert decode._compile_default("compile") is False
+    assert "MEDTUNE_DECODE_COMPILE='compile' is not 1 or 0: the decode step stays uncompiled" in caplog.text
