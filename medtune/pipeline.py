@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import re
 import signal
@@ -310,8 +311,29 @@ def _signals_ignored():
             signal.signal(sig, handler)
 
 
+_STOPPING = threading.Event()  # set by SIGTERM and Ctrl-C while the pipeline runs: see _QuietAfterStop
+# loggers that report the kernel's shutdown after a stop as errors: nbclient's (through papermill's logger) "Kernel
+# died while waiting for execute reply", and asyncio's "Task exception was never retrieved" with a DeadKernelError
+# traceback, depending on when the interrupted task is collected
+_SHUTDOWN_LOGGERS = ("papermill", "asyncio")
+
+
+class _QuietAfterStop(logging.Filter):
+    """Drops the records of :data:`_SHUTDOWN_LOGGERS` once a run was stopped on purpose: the kernel's shutdown is
+    what was asked for, and the pipeline prints what happened and how to continue itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not _STOPPING.is_set()
+
+
 def _terminate(signum, frame) -> None:
+    _STOPPING.set()
     raise Terminated("SIGTERM")
+
+
+def _interrupt(signum, frame) -> None:
+    _STOPPING.set()
+    signal.default_int_handler(signum, frame)  # raises KeyboardInterrupt, as Ctrl-C always did
 
 
 @contextlib.contextmanager
@@ -319,15 +341,25 @@ def _sigterm_stops_like_ctrl_c():
     """While the pipeline runs, SIGTERM raises :class:`Terminated` in the main thread, so the run ends as for
     Ctrl-C (recorded, reported, how to continue printed) instead of dying with the manifest still "running". The
     previous handler comes back afterwards; a SIGTERM the caller ignores (``SIG_IGN``) stays ignored, and outside
-    the main thread (where Python cannot set handlers) nothing changes."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    the main thread (where Python cannot set handlers) nothing changes. After either signal the kernel's shutdown is
+    not reported as an error (:class:`_QuietAfterStop`)."""
+    quiet = _QuietAfterStop()
+    for name in _SHUTDOWN_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    _STOPPING.clear()
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {}
     try:
+        if main and signal.getsignal(signal.SIGTERM) != signal.SIG_IGN:
+            handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _terminate)
+        if main and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            handlers[signal.SIGINT] = signal.signal(signal.SIGINT, _interrupt)
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+        for name in _SHUTDOWN_LOGGERS:
+            logging.getLogger(name).removeFilter(quiet)
 
 
 def _stopped_at(run: RunDir, books: list[Path]) -> Path | None:

@@ -175,3 +175,31 @@ def test_sigterm_while_the_session_starts_still_names_the_run_and_it_resumes(tmp
     monkeypatch.setattr(manifest, "environment", real)
     assert pipeline.main(["--resume", run_dir.name, "--notebooks-dir", str(none), "--no-report"]) == 0  # no kernel
     assert manifest.status(RunDir.open(run_dir)).state == "finished"
+
+
+def test_after_a_stop_the_kernels_shutdown_is_not_reported_as_an_error(monkeypatch, capsys, caplog):
+    """After SIGTERM (or Ctrl-C) main prints its own message only: nbclient's "Kernel died while waiting for execute
+    reply" (through papermill's logger) and asyncio's "Task exception was never retrieved" traceback, which the
+    kernel's shutdown can cause depending on when the interrupted task is collected, are dropped. Before a stop,
+    and after main returns, those loggers speak as usual."""
+    import logging
+    import signal
+    import time
+
+    def stopped(*args, **kwargs):
+        try:
+            logging.getLogger("papermill").error("before the stop: still reported")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(10)  # the handler raises here
+        finally:  # what nbclient and asyncio log while the kernel is shut down
+            logging.getLogger("papermill").error("Kernel died while waiting for execute reply.")
+            logging.getLogger("asyncio").error("Task exception was never retrieved")
+
+    monkeypatch.setattr(pipeline, "run_all", stopped)
+    with caplog.at_level(logging.ERROR):
+        assert pipeline.main([]) == 143
+        logging.getLogger("asyncio").error("after main: reported again")
+    assert "before the stop: still reported" in caplog.text
+    assert "Kernel died" not in caplog.text and "never retrieved" not in caplog.text, caplog.text
+    assert "after main: reported again" in caplog.text
+    assert "error: stopped by SIGTERM" in capsys.readouterr().err
