@@ -459,6 +459,8 @@ HEARTBEAT_MIN_S = 1.0
 """The shortest interval ``$MEDTUNE_HEARTBEAT_S`` may set (0 aside: off)."""
 HEARTBEAT_CHARS = 150
 """The most characters of a notebook's latest output a heartbeat line repeats."""
+HEARTBEAT_HEAD = 60
+"""Of a longer output, the characters kept from its start (the rest from its end, where a loss table's last step is)."""
 # Terminal escape sequences (colours, cursor moves, window titles; 8-bit CSI; the two- and three-character ones such
 # as tput sgr0's ESC ( B or ESC 7), and the control characters left after them: C0, DEL, C1 and the bidirectional
 # overrides that would reorder the rest of the line
@@ -614,8 +616,12 @@ def heartbeat_line(name: str, elapsed: float, executed: Path, since: float | Non
     cell = f", In [{count}]" if count is not None else ""
     if not text:
         return f"{line}{cell} (no output yet)"
-    if len(text) > HEARTBEAT_CHARS:
-        text = text[:HEARTBEAT_CHARS - 3].rstrip() + "..."
+    if len(text) > HEARTBEAT_CHARS:  # its start (the Trainer's bar) and its end (the loss table's latest step)
+        keep = HEARTBEAT_CHARS - HEARTBEAT_HEAD - 5
+        tail = text[-keep:]
+        if text[-keep - 1] != " " and " " in tail:  # begin at a whole word, not inside a number
+            tail = tail.split(" ", 1)[1]
+        text = text[:HEARTBEAT_HEAD].rstrip() + " ... " + tail.lstrip()
     return f"{line}{cell}: {text}"
 
 
