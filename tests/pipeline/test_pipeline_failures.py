@@ -397,7 +397,7 @@ def test_the_heartbeat_shows_a_running_cells_progress_bar(tmp_path, monkeypatch,
     pipeline.run_all(SMOKE, notebooks_dir=books)
     out = capsys.readouterr().out.splitlines()
     beats = [line for line in out if line.startswith("  01_steps") and " running " in line and "..." not in line]
-    bar = r"training: +\d+%\|[# ]{10}\| [0-8]/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(it/s|s/it)\]"
+    bar = r"training: +\d+%\|[#0-9 ]{10}\| [0-8]/8 \[\d\d:\d\d<\d\d:\d\d, +[\d.]+(it/s|s/it)\]"
     assert any(re.fullmatch(r"  01_steps {21}running \d s, In \[3\]: " + bar, line) for line in beats), out
     ok = next(i for i, line in enumerate(out) if line.startswith("  01_steps") and " ok (" in line)
     assert out.index(beats[-1]) < ok, out
